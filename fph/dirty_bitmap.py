@@ -1,0 +1,507 @@
+"""Pages still to send to the migration destination, per guest.
+
+One bit per 4 KiB guest-physical page, stored as ``uint64`` words with page ``p`` at bit ``p & 63`` of word
+``p >> 6``: the layout of the vhost-user dirty log and of fph's write logs, so a log merges with one OR.
+
+Why hints carry an epoch
+------------------------
+A free page hint says "page P was free at some moment after command id E was issued". Each precopy round
+is one epoch: ``close_epoch()`` (the device sends STOP), the write log is harvested into the bitmap with
+``merge_write_log()``, then ``open_epoch(E)`` issues a new id. A hint of epoch E may clear bits only
+while E is open. A stale hint would be wrong: the guest hints P (epoch E), its shrinker hands P back
+early, the guest writes P, the harvest that closed E records that write as a dirty bit, and then the late
+hint of E arrives and clears it -- P never reaches the destination. Because the harvest always comes
+before the id is issued, every write made after the id is in the log and re-marks its page at the next
+harvest; a hint clears the bitmap only, never the log. ``merge_write_log()`` therefore refuses to run
+while an epoch is open. (The shared notes' protocol-model.md checks this order exhaustively.)
+
+The class is safe to call from several threads (one lock); the kernels release the GIL.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from numba import njit
+
+from fph.bitops import ctz64, popcount64
+from fph.ram_layout import PAGE_SHIFT, PAGE_SIZE, LayoutError, RamLayout
+
+Words = npt.NDArray[np.uint64]
+
+CMD_ID_MIN = 2
+"""Command ids 0 (STOP) and 1 (DONE) are reserved by the virtio spec."""
+CMD_ID_MAX = 0xFFFF_FFFF
+
+SEND_DATA = 0
+"""``plan_send`` verdict: the page holds data and must be sent."""
+SEND_ZERO = 1
+"""The page is zero but the destination may hold something else: send a zero marker."""
+SKIP_ZERO = 2
+"""The page is zero and the destination is known to hold zeros: send nothing."""
+
+_ALL = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+_ZERO = np.uint64(0)
+_U64_6 = np.uint64(6)
+_U64_63 = np.uint64(63)
+_U64_64 = np.uint64(64)
+
+_BAD_EMPTY, _BAD_ALIGN, _BAD_OVERFLOW, _BAD_OUTSIDE = 1, 2, 3, 4
+_BAD_REASONS = {
+    _BAD_EMPTY: "has zero length",
+    _BAD_ALIGN: f"is not {PAGE_SIZE}-byte aligned",
+    _BAD_OVERFLOW: "overflows the 64-bit address space",
+    _BAD_OUTSIDE: "is not inside guest RAM",
+}
+
+
+class BitmapError(ValueError):
+    """Bad input to the bitmap (a range outside RAM, a log of the wrong size, an epoch misuse).
+
+    Raised before anything changes: the bitmap is exactly as it was.
+    """
+
+
+@dataclass(slots=True)
+class BitmapStats:
+    """Counters for the migration report; names follow anchors.md's fph-specific list."""
+
+    hinted_pages: int = 0
+    hint_bits_cleared: int = 0
+    hints_dropped_stale: int = 0
+    hints_rejected_invalid: int = 0
+    redirtied_after_hint: int = 0
+    log_pages_marked: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mask(lo: Any, hi: Any) -> Any:
+    """Bits [lo, hi) of a word, 0 <= lo < hi <= 64."""
+    return (_ALL >> np.uint64(64 - (hi - lo))) << np.uint64(lo)
+
+
+@njit(cache=True, nogil=True)
+def _validate_ranges(ranges: Any, ram_lo: Any, ram_hi: Any) -> Any:
+    """Index * 8 + reason of the first bad (gpa, length) byte range, or -1 if all are RAM pages."""
+    for i in range(ranges.shape[0]):
+        gpa = ranges[i, 0]
+        length = ranges[i, 1]
+        if length == 0:
+            return i * 8 + _BAD_EMPTY
+        if (gpa | length) & np.uint64(PAGE_SIZE - 1):
+            return i * 8 + _BAD_ALIGN
+        end = gpa + length
+        if end < gpa:
+            return i * 8 + _BAD_OVERFLOW
+        inside = False
+        for r in range(ram_lo.shape[0]):
+            if ram_lo[r] <= gpa and end <= ram_hi[r]:
+                inside = True
+                break
+        if not inside:
+            return i * 8 + _BAD_OUTSIDE
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def _clear_ranges(words: Any, hinted: Any, ranges: Any) -> Any:
+    """Clear the pages of validated (gpa, length) byte ranges; mark them hinted; return bits cleared."""
+    cleared = 0
+    shift = np.uint64(PAGE_SHIFT)
+    for i in range(ranges.shape[0]):
+        start = np.int64(ranges[i, 0] >> shift)
+        end = start + np.int64(ranges[i, 1] >> shift)
+        w0 = start >> 6
+        w1 = (end - 1) >> 6
+        for w in range(w0, w1 + 1):
+            lo = start - w * 64 if w == w0 else 0
+            hi = end - w * 64 if w == w1 else 64
+            m = _mask(lo, hi)
+            old = words[w]
+            hit = old & m
+            if hit != _ZERO:
+                cleared += popcount64(hit)
+                words[w] = old & ~m
+            hinted[w] |= m
+    return cleared
+
+
+@njit(cache=True, nogil=True)
+def _merge_log(words: Any, hinted: Any, ram_mask: Any, log: Any) -> Any:
+    """OR a write log into the bitmap; return (pages marked, newly dirty, re-dirtied after a hint)."""
+    marked = 0
+    newly = 0
+    redirtied = 0
+    for w in range(words.shape[0]):
+        lw = log[w] & ram_mask[w]
+        if lw != _ZERO:
+            old = words[w]
+            marked += popcount64(lw)
+            newly += popcount64(lw & ~old)
+            h = hinted[w]
+            if h & lw:
+                redirtied += popcount64(h & lw)
+                hinted[w] = h & ~lw
+            words[w] = old | lw
+    return marked, newly, redirtied
+
+
+@njit(cache=True, nogil=True)
+def _mark_all(words: Any, ram_mask: Any) -> Any:
+    newly = 0
+    for w in range(words.shape[0]):
+        old = words[w]
+        new = old | ram_mask[w]
+        newly += popcount64(new & ~old)
+        words[w] = new
+    return newly
+
+
+@njit(cache=True, nogil=True)
+def _count(words: Any) -> Any:
+    n = 0
+    for w in range(words.shape[0]):
+        n += popcount64(words[w])
+    return n
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _next_set(words: Any, pos: Any, limit: Any) -> Any:
+    """First set bit at or after ``pos`` and before ``limit`` (``limit`` if none)."""
+    if pos >= limit:
+        return limit
+    w = pos >> 6
+    cur = words[w] & (_ALL << np.uint64(pos & 63))
+    last = (limit - 1) >> 6
+    while cur == _ZERO:
+        w += 1
+        if w > last:
+            return limit
+        cur = words[w]
+    found = w * 64 + np.int64(ctz64(cur))
+    return min(found, limit)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _next_clear(words: Any, pos: Any, limit: Any) -> Any:
+    """First clear bit at or after ``pos`` and before ``limit`` (``limit`` if none)."""
+    if pos >= limit:
+        return limit
+    w = pos >> 6
+    cur = ~words[w] & (_ALL << np.uint64(pos & 63))
+    last = (limit - 1) >> 6
+    while cur == _ZERO:
+        w += 1
+        if w > last:
+            return limit
+        cur = ~words[w]
+    found = w * 64 + np.int64(ctz64(cur))
+    return min(found, limit)
+
+
+@njit(cache=True, nogil=True)
+def _set_bits(words: Any, start: Any, end: Any, value: Any) -> Any:
+    w0 = start >> 6
+    w1 = (end - 1) >> 6
+    for w in range(w0, w1 + 1):
+        lo = start - w * 64 if w == w0 else 0
+        hi = end - w * 64 if w == w1 else 64
+        m = _mask(lo, hi)
+        if value:
+            words[w] |= m
+        else:
+            words[w] &= ~m
+
+
+@njit(cache=True, nogil=True)
+def _take_runs(words: Any, sent: Any, nbits: Any, cursor: Any, budget: Any, out: Any) -> Any:
+    """Take dirty runs from ``cursor`` on (wrapping once), at most ``budget`` pages and ``len(out)`` runs.
+
+    Taken pages are cleared and marked sent. Returns (runs, pages taken, new cursor).
+    """
+    n = 0
+    taken = 0
+    max_runs = out.shape[0]
+    for rnd in range(2):
+        lo = cursor if rnd == 0 else 0
+        hi = nbits if rnd == 0 else cursor
+        p = _next_set(words, lo, hi)
+        while p < hi:
+            if n == max_runs or taken == budget:
+                return n, taken, p
+            e = _next_clear(words, p, hi)
+            length = min(e - p, budget - taken)
+            _set_bits(words, p, p + length, False)
+            _set_bits(sent, p, p + length, True)
+            out[n, 0] = p
+            out[n, 1] = length
+            n += 1
+            taken += length
+            cursor_after = p + length
+            if cursor_after < e:
+                return n, taken, cursor_after
+            p = _next_set(words, cursor_after, hi)
+    return n, taken, 0
+
+
+@njit(cache=True, nogil=True)
+def _zero_page_flags(ram: Any, out: Any) -> Any:
+    """out[p] = 1 where 4 KiB page p of ``ram`` (uint64 words) is all zero; returns the zero count."""
+    zeros = 0
+    for p in range(out.shape[0]):
+        base = p * 512
+        acc = _ZERO
+        for block in range(8):
+            b = base + block * 64
+            for k in range(64):
+                acc |= ram[b + k]
+            if acc != _ZERO:
+                break
+        if acc == _ZERO:
+            out[p] = 1
+            zeros += 1
+        else:
+            out[p] = 0
+    return zeros
+
+
+@njit(cache=True, nogil=True)
+def _plan_send(known_zero: Any, start: Any, zero_flags: Any, out: Any) -> Any:
+    """Decide per page SEND_DATA / SEND_ZERO / SKIP_ZERO and record what the destination will hold."""
+    skipped = 0
+    for i in range(zero_flags.shape[0]):
+        p = start + i
+        w = p >> 6
+        bit = np.uint64(1) << np.uint64(p & 63)
+        if zero_flags[i]:
+            if known_zero[w] & bit:
+                out[i] = SKIP_ZERO
+                skipped += 1
+            else:
+                out[i] = SEND_ZERO
+                known_zero[w] |= bit
+        else:
+            out[i] = SEND_DATA
+            known_zero[w] &= ~bit
+    return skipped
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def zero_page_flags(ram: npt.NDArray[Any], out: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.uint8]:
+    """Classify whole 4 KiB pages of a mapped RAM buffer as zero (1) or not (0), at memory speed."""
+    buf = np.asarray(ram)
+    if buf.dtype != np.uint64:
+        if buf.nbytes % PAGE_SIZE:
+            raise BitmapError(f"RAM buffer of {buf.nbytes} bytes is not a whole number of pages")
+        buf = buf.reshape(-1).view(np.uint64)
+    npages = buf.shape[0] * 8 // PAGE_SIZE
+    if buf.shape[0] * 8 % PAGE_SIZE:
+        raise BitmapError(f"RAM buffer of {buf.nbytes} bytes is not a whole number of pages")
+    if out is None:
+        out = np.empty(npages, dtype=np.uint8)
+    elif out.shape != (npages,) or out.dtype != np.uint8:
+        raise BitmapError(f"zero-flag output must be uint8[{npages}], got {out.dtype}{list(out.shape)}")
+    _zero_page_flags(buf, out)
+    return out
+
+
+class DirtyBitmap:
+    """The set of guest pages that still have to be sent, with hint epochs and accounting."""
+
+    def __init__(self, layout: RamLayout, *, destination_zeroed: bool = True) -> None:
+        self.layout = layout
+        self.nbits = layout.span_pages
+        nwords = (self.nbits + 63) // 64
+        self.dirty: Words = np.zeros(nwords, dtype=np.uint64)
+        self.sent: Words = np.zeros(nwords, dtype=np.uint64)
+        """Pages sent at least once in this migration."""
+        self.hinted: Words = np.zeros(nwords, dtype=np.uint64)
+        """Pages hinted free and not written since (the source of ``redirtied_after_hint``)."""
+        self.ram_mask: Words = np.zeros(nwords, dtype=np.uint64)
+        for r in layout:
+            _set_bits(self.ram_mask, r.gpa >> PAGE_SHIFT, r.end >> PAGE_SHIFT, True)
+        self.known_zero_at_destination: Words = (
+            self.ram_mask.copy() if destination_zeroed else np.zeros(nwords, dtype=np.uint64)
+        )
+        self._ram_lo = np.array([r.gpa for r in layout], dtype=np.uint64)
+        self._ram_hi = np.array([r.end for r in layout], dtype=np.uint64)
+        self.stats = BitmapStats()
+        self.epoch: int | None = None
+        self._cursor = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nwords(self) -> int:
+        return int(self.dirty.shape[0])
+
+    # ---------------------------------------------------------------------------------------- epochs
+
+    def open_epoch(self, cmd_id: int) -> None:
+        """Start accepting hints of ``cmd_id``; call only after the write log was harvested."""
+        if not isinstance(cmd_id, int) or not CMD_ID_MIN <= cmd_id <= CMD_ID_MAX:
+            raise BitmapError(
+                f"hint command id must be an int in [{CMD_ID_MIN}, {CMD_ID_MAX:#x}], got {cmd_id!r}"
+            )
+        with self._lock:
+            if self.epoch is not None:
+                raise BitmapError(f"hint epoch {self.epoch} is still open; close it before opening {cmd_id}")
+            self.epoch = cmd_id
+
+    def close_epoch(self) -> int | None:
+        """Stop accepting hints (before every harvest). Returns the epoch closed, if any."""
+        with self._lock:
+            closed, self.epoch = self.epoch, None
+            return closed
+
+    # ----------------------------------------------------------------------------------------- hints
+
+    def apply_hints(self, epoch: int, ranges: Sequence[tuple[int, int]] | npt.NDArray[Any]) -> int:
+        """Clear the pages of (GPA, length-in-bytes) ranges hinted free in ``epoch``.
+
+        Returns the number of dirty bits really cleared. Hints of an epoch that is not open are
+        dropped and counted; a batch with any range that is not whole RAM pages raises BitmapError
+        and changes nothing.
+        """
+        try:
+            arr = self._as_ranges(ranges)
+        except BitmapError:
+            with self._lock:
+                self.stats.hints_rejected_invalid += len(ranges)
+            raise
+        with self._lock:
+            bad = int(_validate_ranges(arr, self._ram_lo, self._ram_hi))
+            if bad >= 0:
+                self.stats.hints_rejected_invalid += arr.shape[0]
+                i, reason = divmod(bad, 8)
+                gpa, length = int(arr[i, 0]), int(arr[i, 1])
+                raise BitmapError(
+                    f"hint range {i} [{gpa:#x}, +{length:#x}) {_BAD_REASONS[reason]}; batch of "
+                    f"{arr.shape[0]} rejected"
+                )
+            if self.epoch is None or epoch != self.epoch:
+                self.stats.hints_dropped_stale += arr.shape[0]
+                return 0
+            cleared = int(_clear_ranges(self.dirty, self.hinted, arr))
+            self.stats.hinted_pages += int(arr[:, 1].sum() >> np.uint64(PAGE_SHIFT)) if arr.shape[0] else 0
+            self.stats.hint_bits_cleared += cleared
+            return cleared
+
+    @staticmethod
+    def _as_ranges(ranges: Sequence[tuple[int, int]] | npt.NDArray[Any]) -> npt.NDArray[np.uint64]:
+        if isinstance(ranges, np.ndarray):
+            if ranges.ndim != 2 or ranges.shape[1] != 2:
+                raise BitmapError(f"hint ranges must have shape (n, 2), got {ranges.shape}")
+            if ranges.dtype == np.uint64:
+                return np.ascontiguousarray(ranges)
+            if ranges.dtype.kind == "i" and ranges.size and ranges.min() < 0:
+                raise BitmapError("hint ranges contain a negative address or length")
+            if ranges.dtype.kind not in "iu":
+                raise BitmapError(f"hint ranges must be integers, got {ranges.dtype}")
+            return ranges.astype(np.uint64)
+        try:
+            arr = np.array(list(ranges), dtype=np.uint64).reshape(-1, 2)
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise BitmapError(
+                f"hint ranges must be (gpa, length) pairs of 64-bit unsigned ints: {exc}"
+            ) from None
+        for gpa, length in ranges:
+            if not isinstance(gpa, int | np.integer) or not isinstance(length, int | np.integer):
+                raise BitmapError(f"hint range ({gpa!r}, {length!r}) is not a pair of ints")
+        return arr
+
+    # ------------------------------------------------------------------------------------ write log
+
+    def merge_write_log(self, log: npt.NDArray[np.uint64]) -> int:
+        """Mark every page written since the last harvest (a harvested log snapshot) dirty again.
+
+        Returns the number of pages newly dirty. Refused while a hint epoch is open.
+        """
+        if not isinstance(log, np.ndarray) or log.dtype != np.uint64 or log.ndim != 1:
+            raise BitmapError(f"write log must be a 1-d uint64 array, got {type(log).__name__}")
+        if log.shape[0] != self.nwords:
+            raise BitmapError(
+                f"write log has {log.shape[0]} words, the bitmap {self.nwords} "
+                f"({self.nbits} pages of guest-physical space)"
+            )
+        with self._lock:
+            if self.epoch is not None:
+                raise BitmapError(f"close hint epoch {self.epoch} before merging the write log")
+            marked, newly, redirtied = _merge_log(self.dirty, self.hinted, self.ram_mask, log)
+            self.stats.log_pages_marked += int(marked)
+            self.stats.redirtied_after_hint += int(redirtied)
+            return int(newly)
+
+    # --------------------------------------------------------------------------------------- sender
+
+    def mark_all(self) -> int:
+        """Every RAM page dirty (round 0). Returns the number of pages newly dirty."""
+        with self._lock:
+            return int(_mark_all(self.dirty, self.ram_mask))
+
+    def count_dirty(self) -> int:
+        return int(_count(self.dirty))
+
+    def take_dirty_runs(self, budget_bytes: int, max_runs: int = 4096) -> npt.NDArray[np.int64]:
+        """Next dirty runs, as (first page, page count) rows, up to ``budget_bytes``; they leave the bitmap.
+
+        The scan resumes where the previous call stopped and wraps once, like QEMU's ``last_seen``.
+        """
+        if budget_bytes < PAGE_SIZE:
+            raise BitmapError(f"send budget of {budget_bytes} bytes is less than one page")
+        if max_runs < 1:
+            raise BitmapError(f"max_runs must be at least 1, got {max_runs}")
+        out = np.empty((max_runs, 2), dtype=np.int64)
+        with self._lock:
+            n, _taken, self._cursor = _take_runs(
+                self.dirty, self.sent, self.nbits, self._cursor, budget_bytes // PAGE_SIZE, out
+            )
+        return out[:n]
+
+    def plan_send(self, first_page: int, zero_flags: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+        """Per page of a run: SEND_DATA, SEND_ZERO or SKIP_ZERO; records what the destination will hold."""
+        n = int(zero_flags.shape[0])
+        if first_page < 0 or first_page + n > self.nbits:
+            raise BitmapError(f"pages [{first_page}, +{n}) are outside the bitmap of {self.nbits} pages")
+        out = np.empty(n, dtype=np.uint8)
+        with self._lock:
+            _plan_send(self.known_zero_at_destination, first_page, zero_flags, out)
+        return out
+
+    def is_dirty(self, page: int) -> bool:
+        return bool(self.dirty[page >> 6] >> np.uint64(page & 63) & np.uint64(1))
+
+    def page_of(self, gpa: int) -> int:
+        """Bitmap index of a RAM GPA (BitmapError if it is not RAM)."""
+        try:
+            self.layout.range_of(gpa)
+        except LayoutError as exc:
+            raise BitmapError(str(exc)) from None
+        return gpa >> PAGE_SHIFT
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's on-disk cache) every kernel, so the first real call is fast."""
+    layout = RamLayout.flat(128 * PAGE_SIZE)
+    bm = DirtyBitmap(layout)
+    bm.mark_all()
+    bm.count_dirty()
+    bm.open_epoch(CMD_ID_MIN)
+    bm.apply_hints(CMD_ID_MIN, np.array([[0, PAGE_SIZE]], dtype=np.uint64))
+    bm.close_epoch()
+    bm.merge_write_log(np.zeros(bm.nwords, dtype=np.uint64))
+    runs = bm.take_dirty_runs(8 * PAGE_SIZE, max_runs=2)
+    flags = zero_page_flags(np.zeros(2 * PAGE_SIZE, dtype=np.uint8))
+    bm.plan_send(int(runs[0, 0]) if len(runs) else 0, flags)
