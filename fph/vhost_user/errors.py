@@ -1,0 +1,45 @@
+"""One error tree for the vhost-user back-end and the virtio device side.
+
+Callers catch :class:`VhostUserError`; the subclass says who is at fault and what the loop does:
+``ProtocolError`` (the front-end broke the wire protocol: close that connection), ``GuestError`` (the guest
+put bad data in a ring or a hint: mark that device broken), ``StateError`` (a control call made at the wrong
+time: tell the caller, change nothing), ``ConnectError`` (the socket side).
+"""
+
+from __future__ import annotations
+
+
+class VhostUserError(Exception):
+    """Base of every error raised by fph.vhost_user and fph.virtio."""
+
+
+class ProtocolError(VhostUserError):
+    """The front-end sent something the protocol forbids; the connection is closed."""
+
+
+class MessageError(ProtocolError):
+    """Malformed framing: header flags, payload size, fd count."""
+
+
+class UnknownRequestError(ProtocolError):
+    """A request id this back-end does not implement."""
+
+
+class GuestError(VhostUserError):
+    """The guest driver put invalid data where the device reads it; the device is marked broken."""
+
+
+class GuestMemoryError(GuestError):
+    """An address or length outside the guest memory the front-end shared."""
+
+
+class VirtQueueError(GuestError):
+    """A malformed descriptor chain or ring index."""
+
+
+class StateError(VhostUserError):
+    """A call that is not valid in the current run state."""
+
+
+class ConnectError(VhostUserError):
+    """The transport could not listen, accept or talk on the socket."""

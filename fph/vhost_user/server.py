@@ -1,0 +1,142 @@
+"""A Unix-socket server for vhost-user devices: one listening socket per device (one device per VM), all on
+one asyncio event loop. fph listens, QEMU connects (and reconnects with ``reconnect-ms``).
+
+A device keeps its state across connections of its socket; a new connection while one is live is refused
+(QEMU opens exactly one per chardev). Run states: IDLE -> RUNNING -> DISCONNECTING -> CLOSED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+
+from fph.vhost_user.backend import VhostUserBackend
+from fph.vhost_user.connection import Runstate, VhostUserConnection
+from fph.vhost_user.errors import ConnectError, StateError
+from fph.vhost_user.handler import VhostUserHandler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Listener:
+    path: str
+    name: str
+    backend: VhostUserBackend
+    sock: socket.socket
+    connection: VhostUserConnection | None = None
+    connections_served: int = 0
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class VhostUserServer:
+    def __init__(self) -> None:
+        self.runstate = Runstate.IDLE
+        self.listeners: dict[str, Listener] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self.runstate in (Runstate.DISCONNECTING, Runstate.CLOSED):
+            raise StateError(f"server is {self.runstate.value}")
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self.runstate = Runstate.RUNNING
+        return self._loop
+
+    async def add_device(self, path: str, backend: VhostUserBackend, name: str | None = None) -> Listener:
+        """Listen on ``path`` for the front-end of ``backend``."""
+        loop = self._require_loop()
+        if path in self.listeners:
+            raise StateError(f"already listening on {path}")
+        _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(path)
+            sock.listen(4)
+        except OSError as exc:
+            sock.close()
+            raise ConnectError(f"cannot listen on {path}: {exc}") from exc
+        sock.setblocking(False)
+        listener = Listener(path, name or os.path.basename(path), backend, sock)
+        self.listeners[path] = listener
+        loop.add_reader(sock.fileno(), self._accept, listener)
+        log.info("%s: listening on %s", listener.name, path)
+        return listener
+
+    def _accept(self, listener: Listener) -> None:
+        try:
+            conn_sock, _ = listener.sock.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.error("%s: accept failed: %s", listener.name, exc)
+            return
+        if listener.connection is not None:
+            log.error("%s: refusing a second front-end connection while one is live", listener.name)
+            conn_sock.close()
+            return
+        assert self._loop is not None
+        listener.connections_served += 1
+        handler = VhostUserHandler(listener.backend, name=listener.name)
+        listener.connection = VhostUserConnection(
+            conn_sock, handler, self._loop, on_closed=functools.partial(self._closed, listener)
+        )
+        listener.connected.set()
+        log.info("%s: front-end connected (connection %d)", listener.name, listener.connections_served)
+
+    @staticmethod
+    def _closed(listener: Listener, conn: VhostUserConnection) -> None:
+        if listener.connection is conn:
+            listener.connection = None
+            listener.connected.clear()
+
+    async def remove_device(self, path: str) -> None:
+        listener = self.listeners.pop(path)
+        loop = self._require_loop()
+        loop.remove_reader(listener.sock.fileno())
+        listener.sock.close()
+        if listener.connection is not None:
+            listener.connection.close("device removed from fph")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    async def close(self) -> None:
+        if self.runstate in (Runstate.DISCONNECTING, Runstate.CLOSED):
+            return
+        if self._loop is None:
+            self.runstate = Runstate.CLOSED
+            return
+        self.runstate = Runstate.DISCONNECTING
+        for path in list(self.listeners):
+            listener = self.listeners.pop(path)
+            self._loop.remove_reader(listener.sock.fileno())
+            listener.sock.close()
+            if listener.connection is not None:
+                listener.connection.close("fph shutting down")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self.runstate = Runstate.CLOSED
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConnectError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: left over from a crashed instance
+        return
+    finally:
+        probe.close()
+    raise ConnectError(f"another process is already listening on {path}")

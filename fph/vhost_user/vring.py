@@ -1,0 +1,61 @@
+"""A vring as the vhost-user protocol sees it: the split queue plus its kick/call/err eventfds and the
+started/enabled states (vhost-user.md §5: rings start stopped and disabled; start on a kick fd, stop on
+GET_VRING_BASE, enable with SET_VRING_ENABLE)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fph.virtio.memory import GuestMemory
+from fph.virtio.queue import SplitQueue
+
+log = logging.getLogger(__name__)
+
+
+class Vring:
+    def __init__(self, index: int, max_size: int) -> None:
+        self.index = index
+        self.queue = SplitQueue(max_size)
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.started = False
+        self.enabled = False
+        #: Front-end virtual addresses from SET_VRING_ADDR, kept to re-translate after SET_MEM_TABLE.
+        self.uva: tuple[int, int, int] | None = None
+        self.log_flag = False
+        self.log_guest_addr = 0
+
+    @property
+    def active(self) -> bool:
+        """Started and enabled: the device may pop, push and notify."""
+        return self.started and self.enabled and self.queue.ready
+
+    def signal_used(self, mem: GuestMemory) -> None:
+        """Interrupt the driver if it asked for one (suppression honoured)."""
+        if self.call_fd is not None and self.queue.needs_notification(mem):
+            try:
+                os.eventfd_write(self.call_fd, 1)
+            except OSError as exc:
+                log.error("vring %d: call eventfd write failed: %s", self.index, exc)
+
+    def signal_error(self) -> None:
+        if self.err_fd is not None:
+            try:
+                os.eventfd_write(self.err_fd, 1)
+            except OSError as exc:
+                log.error("vring %d: err eventfd write failed: %s", self.index, exc)
+
+    def replace_fd(self, name: str, fd: int | None) -> None:
+        old = getattr(self, name)
+        if old is not None and old != fd:
+            os.close(old)
+        setattr(self, name, fd)
+
+    def close(self) -> None:
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            self.replace_fd(name, None)
+        self.started = False
+        self.enabled = False
+        self.queue.ready = False
