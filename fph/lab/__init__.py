@@ -1,0 +1,1 @@
+"""The QEMU lab: provisioning (QEMU 11.1, guest kernel, initramfs), lab VMs, guest control over serial."""

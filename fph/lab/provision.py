@@ -1,0 +1,557 @@
+"""Provision the QEMU lab: QEMU 11.1, a Debian guest kernel, a busybox initramfs with fph's guest programs.
+
+Every claim fph makes is measured on real guests under real QEMU; this module makes that possible from a
+fresh Debian machine, idempotently: each step writes a stamp with the inputs it was built from, so a second
+run only checks stamps. ``python -m fph.lab.provision [--refresh]``; cache in ``$FPH_LAB_DIR``
+(default ``/var/cache/fph-lab``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fph.lab.errors import LabError
+
+DEFAULT_LAB_DIR = Path("/var/cache/fph-lab")
+SUITE = "testing"
+MIRROR = "http://deb.debian.org/debian"
+# One QEMU for every mode: 11.1.x (forky/testing), or a host QEMU >= 10.2 with the generic vhost-user device.
+QEMU_ACCEPT = re.compile(r"^11\.1\.\d+$")
+HOST_QEMU_MIN = (10, 2)
+VHOST_USER_DEVICE = "vhost-user-test-device-pci"
+GUEST_MODULES = ("virtio_pci", "virtio_balloon")
+GUEST_PROGRAMS = ("fill", "memhog", "hold", "dirty", "meminfo")
+HOST_PACKAGES = (
+    "mmdebstrap",
+    "busybox-static",
+    "cpio",
+    "kmod",
+    "xz-utils",
+    "zstd",
+    "gzip",
+    "gcc",
+    "libc6-dev",
+    "binutils",
+)
+GUEST_SRC = Path(__file__).with_name("guest")
+_MANIFEST = "lab.json"
+
+
+def lab_dir() -> Path:
+    """The lab cache directory: ``$FPH_LAB_DIR`` or ``/var/cache/fph-lab``."""
+    return Path(os.environ.get("FPH_LAB_DIR") or DEFAULT_LAB_DIR)
+
+
+@dataclass(frozen=True)
+class QemuInstall:
+    """How to run the lab's QEMU.
+
+    ``kind="chroot"``: the chroot's binary is run on the host through the chroot's own dynamic loader, with
+    its libraries, modules (``QEMU_MODULE_DIR``) and firmware (``-L``). No mounts and no path translation:
+    every path (sockets, RAM files, plugins) is a host path.
+    """
+
+    kind: str
+    version: str
+    package_version: str
+    binary: str
+    argv_prefix: tuple[str, ...]
+    data_dirs: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    root: str | None = None
+
+    def command(self, *args: str) -> list[str]:
+        """The argv that runs this QEMU with ``args`` (firmware dirs already added)."""
+        out = [*self.argv_prefix, self.binary]
+        for d in self.data_dirs:
+            out += ["-L", d]
+        return out + list(args)
+
+    def environ(self) -> dict[str, str]:
+        """The environment to run QEMU in: the caller's plus the module directory."""
+        return {**os.environ, **self.env}
+
+    @property
+    def plugin_header_dir(self) -> str | None:
+        """Directory holding ``qemu/qemu-plugin.h`` for this QEMU, when its package ships one."""
+        base = Path(self.root or "/") / "usr/include"
+        return str(base) if (base / "qemu/qemu-plugin.h").exists() else None
+
+
+@dataclass(frozen=True)
+class Lab:
+    """The provisioned artifacts, as host paths. Load with :meth:`Lab.load` once :func:`provision` ran."""
+
+    root: str
+    qemu: QemuInstall
+    kernel: str
+    kernel_version: str
+    kernel_package: str
+    initramfs: str
+    guest_programs: dict[str, str]
+    guest_sources: str
+
+    @classmethod
+    def load(cls, root: Path | None = None) -> Lab:
+        """Read the manifest of a provisioned lab; fail clearly when there is none."""
+        root = root or lab_dir()
+        path = root / _MANIFEST
+        if not path.exists():
+            raise LabError(
+                f"no provisioned lab in {root}: run `python -m fph.lab.provision` (or scripts/setup --lab)"
+            )
+        data = json.loads(path.read_text())
+        data["qemu"] = QemuInstall(
+            **{
+                **data["qemu"],
+                "argv_prefix": tuple(data["qemu"]["argv_prefix"]),
+                "data_dirs": tuple(data["qemu"]["data_dirs"]),
+            }
+        )
+        lab = cls(**data)
+        for p in (lab.kernel, lab.initramfs, lab.qemu.binary):
+            if not Path(p).exists():
+                raise LabError(f"lab artifact missing: {p}; run `python -m fph.lab.provision --refresh`")
+        return lab
+
+
+Log = Callable[[str], None]
+
+
+def _run(
+    cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, what: str | None = None
+) -> str:
+    """Run a command, return stdout; on failure raise LabError with its stderr (the actual reason)."""
+    try:
+        p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    except FileNotFoundError as e:
+        raise LabError(f"{what or cmd[0]}: {e}") from e
+    if p.returncode != 0:
+        tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-15:])
+        raise LabError(f"{what or ' '.join(cmd)} failed (exit {p.returncode}):\n{tail}")
+    return p.stdout
+
+
+@contextlib.contextmanager
+def _step(name: str, log: Log) -> Iterator[None]:
+    t0 = time.monotonic()
+    yield
+    log(f"[provision] {name}: {time.monotonic() - t0:.1f} s")
+
+
+def _stamp_ok(stamp: Path, key: dict[str, object]) -> bool:
+    try:
+        return bool(json.loads(stamp.read_text()) == key)
+    except (OSError, ValueError):
+        return False
+
+
+def _write_stamp(stamp: Path, key: dict[str, object]) -> None:
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stamp.with_suffix(".tmp")
+    tmp.write_text(json.dumps(key, indent=1, sort_keys=True))
+    tmp.replace(stamp)
+
+
+def _sha256(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+# host tools
+
+
+def _missing_host_packages() -> list[str]:
+    missing = []
+    for pkg in HOST_PACKAGES:
+        p = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True, check=False
+        )
+        if "install ok installed" not in p.stdout:
+            missing.append(pkg)
+    return missing
+
+
+def ensure_host_tools(log: Log) -> None:
+    """Install the host packages provisioning needs (mmdebstrap, busybox-static, gcc, ...) when missing."""
+    missing = _missing_host_packages()
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise LabError(f"missing host packages {missing}; install them as root (apt-get install ...)")
+    log(f"[provision] installing host packages: {' '.join(missing)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    _run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "update", "-qq"], env=env, what="apt-get update")
+    _run(
+        [
+            "apt-get",
+            "-o",
+            "DPkg::Lock::Timeout=600",
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            *missing,
+        ],
+        env=env,
+        what="apt-get install",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- QEMU
+
+
+def _qemu_version(cmd: list[str], env: dict[str, str]) -> str:
+    out = _run([*cmd, "--version"], env=env, what="qemu --version")
+    m = re.search(r"version (\d+\.\d+\.\d+)", out)
+    if not m:
+        raise LabError(f"cannot parse QEMU version from: {out.strip()!r}")
+    return m.group(1)
+
+
+def _check_device(q: QemuInstall) -> None:
+    out = _run(q.command("-machine", "none", "-device", "help"), env=q.environ(), what="qemu -device help")
+    if f'"{VHOST_USER_DEVICE}"' not in out:
+        raise LabError(f"QEMU {q.version} at {q.binary} has no {VHOST_USER_DEVICE}; fph needs QEMU >= 10.2")
+
+
+def _host_qemu() -> QemuInstall | None:
+    """A host QEMU >= 10.2 with the generic vhost-user device, if one is installed."""
+    binary = shutil.which("qemu-system-x86_64")
+    if not binary:
+        return None
+    try:
+        version = _qemu_version([binary], dict(os.environ))
+    except LabError:
+        return None
+    if tuple(int(x) for x in version.split(".")[:2]) < HOST_QEMU_MIN:
+        return None
+    q = QemuInstall(
+        kind="host", version=version, package_version=version, binary=binary, argv_prefix=(), data_dirs=()
+    )
+    try:
+        _check_device(q)
+    except LabError:
+        return None
+    return q
+
+
+def _dpkg_version(root: Path, package: str) -> str:
+    text = (root / "var/lib/dpkg/status").read_text()
+    for block in text.split("\n\n"):
+        if re.search(rf"^Package: {re.escape(package)}$", block, re.M):
+            m = re.search(r"^Version: (\S+)$", block, re.M)
+            if m:
+                return m.group(1)
+    raise LabError(f"{package} is not installed in {root}")
+
+
+def chroot_qemu(chroot: Path) -> QemuInstall:
+    """Describe the chroot's QEMU, run through the chroot's dynamic loader (no chroot(2), no mounts)."""
+    libdirs = [chroot / "lib/x86_64-linux-gnu", chroot / "usr/lib/x86_64-linux-gnu"]
+    loader = chroot / "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+    pkg = _dpkg_version(chroot, "qemu-system-x86")
+    upstream = re.sub(r"^\d+:", "", pkg).split("+")[0].split("-")[0]
+    return QemuInstall(
+        kind="chroot",
+        version=upstream,
+        package_version=pkg,
+        binary=str(chroot / "usr/bin/qemu-system-x86_64"),
+        argv_prefix=(str(loader), "--library-path", ":".join(map(str, libdirs))),
+        data_dirs=(str(chroot / "usr/share/qemu"), str(chroot / "usr/share/seabios")),
+        env={"QEMU_MODULE_DIR": str(chroot / "usr/lib/x86_64-linux-gnu/qemu")},
+        root=str(chroot),
+    )
+
+
+def ensure_qemu(root: Path, refresh: bool, log: Log) -> QemuInstall:
+    """QEMU 11.1.x from Debian testing in an mmdebstrap chroot (or a host QEMU >= 10.2), checked."""
+    if os.environ.get("FPH_QEMU", "auto") != "chroot":
+        host = _host_qemu()
+        if host is not None:
+            log(f"[provision] using host QEMU {host.version} at {host.binary}")
+            return host
+    chroot = root / "qemu" / "chroot"
+    stamp = root / "stamps" / "qemu.json"
+    key: dict[str, object] = {"suite": SUITE, "mirror": MIRROR, "include": "qemu-system-x86"}
+    if refresh or not _stamp_ok(stamp, key) or not chroot.exists():
+        with _step("QEMU chroot (mmdebstrap testing, qemu-system-x86)", log):
+            tmp = root / "qemu" / "chroot.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            _run(
+                [
+                    "mmdebstrap",
+                    "--quiet",
+                    "--variant=apt",
+                    "--include=qemu-system-x86",
+                    '--aptopt=APT::Install-Recommends "false"',
+                    '--aptopt=Acquire::Check-Valid-Until "false"',
+                    SUITE,
+                    str(tmp),
+                    MIRROR,
+                ],
+                what="mmdebstrap",
+            )
+            shutil.rmtree(chroot, ignore_errors=True)
+            tmp.rename(chroot)
+            _write_stamp(stamp, key)
+    q = chroot_qemu(chroot)
+    if not QEMU_ACCEPT.match(q.version):
+        raise LabError(
+            f"QEMU in {chroot} is {q.package_version}; fph's lab is pinned to 11.1.x. "
+            f"Debian {SUITE} moved on: update QEMU_ACCEPT in fph/lab/provision.py after re-validating"
+        )
+    actual = _qemu_version(q.command(), q.environ())
+    if actual != q.version:
+        raise LabError(f"QEMU binary reports {actual}, package says {q.package_version}")
+    check_stamp = root / "stamps" / "qemu-check.json"
+    ckey: dict[str, object] = {"package": q.package_version, "device": VHOST_USER_DEVICE}
+    if refresh or not _stamp_ok(check_stamp, ckey):
+        _check_device(q)
+        _write_stamp(check_stamp, ckey)
+    return q
+
+
+# kernel
+
+
+def _kernel_package() -> str:
+    def depends() -> str:
+        return _run(["apt-cache", "depends", "linux-image-amd64"], what="apt-cache depends linux-image-amd64")
+
+    try:
+        out = depends()
+    except LabError:
+        _run(["apt-get", "update", "-qq"], what="apt-get update")
+        out = depends()
+    m = re.search(r"Depends: (linux-image-\S+-amd64)", out)
+    if not m:
+        raise LabError(f"cannot find the kernel ABI package behind linux-image-amd64:\n{out}")
+    return m.group(1)
+
+
+def ensure_kernel(root: Path, refresh: bool, log: Log) -> tuple[Path, str, str, Path]:
+    """Debian's kernel (host suite) extracted with dpkg-deb, depmod'ed: (vmlinuz, version, package, kroot)."""
+    stamp = root / "stamps" / "kernel.json"
+    kdir = root / "kernel"
+    if not refresh and stamp.exists():
+        key = json.loads(stamp.read_text())
+        vmlinuz = Path(key["vmlinuz"])
+        if vmlinuz.exists():
+            return vmlinuz, key["version"], key["package"], Path(key["kroot"])
+    with _step("guest kernel (apt-get download, dpkg-deb -x, depmod)", log):
+        pkg = _kernel_package()
+        shutil.rmtree(kdir, ignore_errors=True)
+        (kdir / "deb").mkdir(parents=True)
+        _run(["apt-get", "download", pkg], cwd=kdir / "deb", what=f"apt-get download {pkg}")
+        debs = list((kdir / "deb").glob("*.deb"))
+        if len(debs) != 1:
+            raise LabError(f"expected one .deb in {kdir / 'deb'}, found {debs}")
+        kroot = kdir / "root"
+        _run(["dpkg-deb", "-x", str(debs[0]), str(kroot)], what="dpkg-deb -x")
+        versions = [p.name for p in (kroot / "lib/modules").iterdir()]
+        if len(versions) != 1:
+            raise LabError(f"expected one kernel version in {kroot}/lib/modules, found {versions}")
+        kver = versions[0]
+        _run(["depmod", "-b", str(kroot), kver], what="depmod")
+        vmlinuz = kroot / "boot" / f"vmlinuz-{kver}"
+        debs[0].unlink()
+        _write_stamp(stamp, {"package": pkg, "version": kver, "vmlinuz": str(vmlinuz), "kroot": str(kroot)})
+    return vmlinuz, kver, pkg, kroot
+
+
+def module_load_order(kroot: Path, kver: str, names: tuple[str, ...] = GUEST_MODULES) -> list[Path]:
+    """Module files for ``names`` and their dependencies, dependencies first (from modules.dep)."""
+    moddir = kroot / "lib/modules" / kver
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+        base = Path(path).name.split(".ko")[0].replace("-", "_")
+        by_name[base] = path
+    builtin = (moddir / "modules.builtin").read_text() if (moddir / "modules.builtin").exists() else ""
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path in order:
+            return
+        for d in reversed(deps.get(path, [])):
+            visit(d)
+        order.append(path)
+
+    for name in names:
+        if name in by_name:
+            visit(by_name[name])
+        elif f"/{name}.ko" not in builtin:
+            raise LabError(f"kernel {kver} has no module {name} (neither loadable nor built in)")
+    return [moddir / p for p in order]
+
+
+# guest programs, initramfs
+
+
+def ensure_guest_programs(root: Path, refresh: bool, log: Log) -> dict[str, Path]:
+    """Build the static guest programs from fph/lab/guest/*.c (never committed as binaries)."""
+    sources = sorted(GUEST_SRC.glob("*.[ch]"))
+    key: dict[str, object] = {"sources": _sha256(*sources), "programs": list(GUEST_PROGRAMS)}
+    bindir = root / "guest" / "bin"
+    stamp = root / "stamps" / "guest-programs.json"
+    out = {name: bindir / name for name in GUEST_PROGRAMS}
+    if not refresh and _stamp_ok(stamp, key) and all(p.exists() for p in out.values()):
+        return out
+    with _step("guest programs (gcc -static)", log):
+        bindir.mkdir(parents=True, exist_ok=True)
+        for name, path in out.items():
+            _run(
+                ["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", str(path), str(GUEST_SRC / f"{name}.c")],
+                what=f"gcc -static {name}.c",
+            )
+        _write_stamp(stamp, key)
+    return out
+
+
+def _decompress_module(src: Path, dst: Path) -> None:
+    data = src.read_bytes()
+    if src.name.endswith(".xz"):
+        data = lzma.decompress(data)
+    elif src.name.endswith(".zst"):
+        data = subprocess.run(["zstd", "-dc", str(src)], capture_output=True, check=True).stdout
+    elif src.name.endswith(".gz"):
+        data = gzip.decompress(data)
+    dst.write_bytes(data)
+
+
+def ensure_initramfs(
+    root: Path, refresh: bool, log: Log, kroot: Path, kver: str, programs: dict[str, Path]
+) -> Path:
+    """busybox-static + /init + decompressed virtio modules + guest programs, as a gzip'ed newc cpio."""
+    busybox = Path("/bin/busybox")
+    modules = module_load_order(kroot, kver)
+    key: dict[str, object] = {
+        "init": _sha256(GUEST_SRC / "init"),
+        "programs": _sha256(*programs.values()),
+        "busybox": _sha256(busybox),
+        "modules": [str(m) for m in modules],
+        "kver": kver,
+    }
+    out = root / "guest" / "initramfs.cpio.gz"
+    stamp = root / "stamps" / "initramfs.json"
+    if not refresh and _stamp_ok(stamp, key) and out.exists():
+        return out
+    with _step("initramfs (busybox, virtio modules, guest programs)", log):
+        if not _is_static(busybox):
+            raise LabError(
+                f"{busybox} is not static: install busybox-static (a dynamic busybox fails as /init)"
+            )
+        with tempfile.TemporaryDirectory(prefix="fph-initramfs-") as tmp:
+            st = Path(tmp)
+            for d in ("bin", "sbin", "usr/bin", "proc", "sys", "dev", "tmp", "lib/modules"):
+                (st / d).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(busybox, st / "bin/busybox")
+            shutil.copy2(GUEST_SRC / "init", st / "init")
+            (st / "init").chmod(0o755)
+            for name, path in programs.items():
+                shutil.copy2(path, st / "bin" / name)
+            names = []
+            for m in modules:
+                name = m.name.split(".ko")[0] + ".ko"
+                _decompress_module(m, st / "lib/modules" / name)
+                names.append(name)
+            (st / "lib/modules/load-order").write_text("\n".join(names) + "\n")
+            os.mknod(st / "dev/console", 0o600 | 0o020000, os.makedev(5, 1))
+            files = sorted(str(p.relative_to(st)) for p in st.rglob("*"))
+            cpio = subprocess.run(
+                ["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"],
+                cwd=st,
+                input=("\n".join([".", *files]) + "\n").encode(),
+                capture_output=True,
+                check=False,
+            )
+            if cpio.returncode != 0:
+                raise LabError(f"cpio failed: {cpio.stderr.decode()}")
+            tmp_out = out.with_suffix(".tmp")
+            tmp_out.write_bytes(gzip.compress(cpio.stdout, compresslevel=9))
+            tmp_out.replace(out)
+        _write_stamp(stamp, key)
+    return out
+
+
+def _is_static(path: Path) -> bool:
+    out = subprocess.run(["ldd", str(path)], capture_output=True, text=True, check=False)
+    return "not a dynamic executable" in (out.stdout + out.stderr)
+
+
+# entry point
+
+
+def provision(root: Path | None = None, *, refresh: bool = False, log: Log = print) -> Lab:
+    """Make the lab complete (idempotent; stamps make a second run cheap) and return its artifacts."""
+    root = (root or lab_dir()).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent provisioning (two test runs) waits here
+        with _step("host tools", log):
+            ensure_host_tools(log)
+        qemu = ensure_qemu(root, refresh, log)
+        vmlinuz, kver, kpkg, kroot = ensure_kernel(root, refresh, log)
+        programs = ensure_guest_programs(root, refresh, log)
+        initramfs = ensure_initramfs(root, refresh, log, kroot, kver, programs)
+        lab = Lab(
+            root=str(root),
+            qemu=qemu,
+            kernel=str(vmlinuz),
+            kernel_version=kver,
+            kernel_package=kpkg,
+            initramfs=str(initramfs),
+            guest_programs={k: str(v) for k, v in programs.items()},
+            guest_sources=str(GUEST_SRC),
+        )
+        manifest = root / _MANIFEST
+        tmp = manifest.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(lab), indent=1))
+        tmp.replace(manifest)
+    log(
+        f"[provision] lab ready in {root} ({time.monotonic() - t0:.1f} s): QEMU {qemu.package_version} "
+        f"({qemu.kind}), kernel {kver}"
+    )
+    return lab
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fph.lab.provision", description=__doc__)
+    ap.add_argument("--refresh", action="store_true", help="rebuild every artifact, ignoring stamps")
+    ap.add_argument(
+        "--dir", type=Path, default=None, help=f"lab directory (default $FPH_LAB_DIR or {DEFAULT_LAB_DIR})"
+    )
+    args = ap.parse_args(argv)
+    try:
+        provision(args.dir, refresh=args.refresh)
+    except LabError as e:
+        print(f"fph.lab.provision: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
