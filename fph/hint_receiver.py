@@ -553,9 +553,9 @@ class BalloonDevice:
         self.state = HintState.STOP
         self._notify_config()
 
-    def done(self) -> None:
-        """Tell the guest to take back every hinted block."""
-        if self.state is HintState.DONE:
+    def done(self, *, force: bool = False) -> None:
+        """Tell the guest to take back every hinted block (``force``: announce again even if DONE)."""
+        if self.state is HintState.DONE and not force:
             return
         if self.state in (HintState.REQUESTED, HintState.START) and self._run_end is None:
             self._run_end = time.monotonic()
@@ -643,8 +643,7 @@ class HintReceiver:
         for path, device in self.devices.items():
             if self.connection(path) is None or device.channel is None or not device.acked & F_FREE_PAGE_HINT:
                 continue
-            if device.state is not HintState.DONE:
-                device.done()
+            device.done(force=True)  # even if already DONE: an earlier interrupt may have gone unheard
             if device.config_unread:
                 waiting.append(device)
         deadline = time.monotonic() + timeout

@@ -3,6 +3,14 @@ the Linux driver model. Fast: no QEMU, no guest."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +27,7 @@ from fph.hint_receiver import (
     ThreadedHintReceiver,
 )
 from fph.vhost_user import message as m
+from fph.vhost_user.message import FrontendReq as R
 from tests.fake_frontend import HINT_BLOCK, FakeFrontend, GuestRam, LinuxBalloonDriver, MiB
 
 pytestmark = pytest.mark.timeout(60)
@@ -100,3 +109,225 @@ def test_hint_round_stop_second_round_done(
     assert drv.held == [] and len(drv.free) == len(ram.blocks)
     assert ctl.status().held_bytes == 0
     fe.close()
+
+
+def hint_round(ctl: object, fe: FakeFrontend, drv: LinuxBalloonDriver) -> int:
+    cmd = ctl.request_hints()  # type: ignore[attr-defined]
+    assert fe.wait_config_change()
+    drv.config_changed()
+    drv.drain()
+    return int(cmd)
+
+
+def bad_input(fe: FakeFrontend, kind: str) -> None:
+    if kind == "malformed_header":
+        fe.sock.sendall(m.HEADER.pack(R.GET_FEATURES, 0x0, 0))
+    elif kind == "wrong_payload_size":
+        fe.sock.sendall(m.encode(R.SET_FEATURES, bytes(4)))
+    elif kind == "unknown_request":
+        fe.sock.sendall(m.encode(26, bytes(8)))
+    elif kind == "too_many_fds":
+        fds = [os.eventfd(0) for _ in range(9)]
+        socket.send_fds(fe.sock, [m.encode(R.SET_VRING_CALL, m.encode_u64(0))], fds)
+        for fd in fds:
+            os.close(fd)
+    elif kind == "oversized_payload":
+        fe.sock.sendall(m.HEADER.pack(R.SET_CONFIG, 1, 1 << 20))
+    elif kind == "reply_flag_on_request":
+        fe.sock.sendall(m.encode(R.SET_OWNER, b"", m.REPLY_FLAGS))
+    elif kind == "mem_table_without_fds":
+        fe.sock.sendall(m.encode(R.SET_MEM_TABLE, m.encode_mem_table([m.MemoryRegionMsg(0, 1 << 20, 0, 0)])))
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["malformed_header", "wrong_payload_size", "unknown_request", "too_many_fds", "oversized_payload",
+     "reply_flag_on_request", "mem_table_without_fds"],
+)  # fmt: skip
+def test_bad_input_closes_only_that_connection(
+    receiver: ThreadedHintReceiver, ram: GuestRam, tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad_path, good_path = str(tmp_path / "bad.sock"), str(tmp_path / "good.sock")
+    receiver.add_vm(bad_path)
+    good = receiver.add_vm(good_path, RecordingSink())
+    fe_good, drv = boot(good_path, ram)
+    assert fe_good.wait_config_change()
+    drv.config_changed()
+
+    fe_bad = FakeFrontend(bad_path, GuestRam(8 * MiB))
+    fe_bad.realize()
+    bad_input(fe_bad, kind)
+    assert fe_bad.is_closed(), "fph should close a connection that broke the protocol"
+    assert "closing the vhost-user connection" in caplog.text
+
+    # The other VM's device is untouched, and the bad socket accepts a fresh connection.
+    hint_round(good, fe_good, drv)
+    assert good.status().blocks == len(ram.blocks)
+    again = FakeFrontend(bad_path, fe_bad.ram)
+    again.realize()
+    again.close()
+    fe_bad.close()
+    fe_bad.ram.close()
+    fe_good.close()
+
+
+def test_disconnect_mid_message(
+    receiver: ThreadedHintReceiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = str(tmp_path / "vu.sock")
+    receiver.add_vm(path)
+    ram = GuestRam(8 * MiB)
+    fe = FakeFrontend(path, ram)
+    fe.realize()
+    fe.sock.sendall(m.HEADER.pack(R.SET_FEATURES, 1, 8) + bytes(3))
+    fe.sock.close()
+    conn = None
+    for _ in range(200):
+        conn = receiver.receiver.connection(path)
+        if conn is None:
+            break
+        time.sleep(0.01)
+    assert conn is None
+    assert "disconnected in the middle of a message (5 bytes missing)" in caplog.text
+    fe2 = FakeFrontend(path, ram)
+    fe2.realize()
+    fe2.close()
+    ram.close()
+
+
+def test_descriptor_loop_breaks_the_device_not_the_process(
+    receiver: ThreadedHintReceiver, ram: GuestRam, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "vu.sock")
+    ctl = receiver.add_vm(path)
+    fe, drv = boot(path, ram)
+    assert fe.wait_config_change()
+    cmd = ctl.request_hints()
+    assert fe.wait_config_change()
+    q = drv.queue(QueueRole.FREE_PAGE)
+    block = ram.blocks[0]
+    q.write_desc(0, block, 4096, 1 | 2, 1)
+    q.write_desc(1, block, 4096, 1 | 2, 0)
+    q.publish(0)
+    fe.kick(drv.roles[QueueRole.FREE_PAGE])
+    fe.wait_until(lambda: ctl.status().broken is not None, what="device broken")
+    assert "loop" in str(ctl.status().broken)
+    assert fe.wait_config_change()  # DONE: the guest gives back whatever it held
+    assert fe.config_cmd_id() == CMD_ID_DONE
+    assert os.eventfd_read(fe.errs[drv.roles[QueueRole.FREE_PAGE]]) >= 1
+    assert not fe.is_closed(0.05)  # the connection stays: QEMU keeps a (broken) device
+    assert cmd >= 0x8000_0000
+    fe.close()
+
+
+def test_replug_on_the_same_connection(receiver: ThreadedHintReceiver, ram: GuestRam, tmp_path: Path) -> None:
+    path = str(tmp_path / "vu.sock")
+    sink = RecordingSink()
+    ctl = receiver.add_vm(path, sink)
+    fe, drv = boot(path, ram)
+    assert fe.wait_config_change()
+    drv.config_changed()
+    for _ in range(3):  # advance the used index of the first instance's rings
+        hint_round(ctl, fe, drv)
+        ctl.done()
+        assert fe.wait_config_change()
+        drv.config_changed()
+    bases = fe.stop()  # device_del: disable + GET_VRING_BASE
+    assert bases[drv.roles[QueueRole.FREE_PAGE]] > 0
+    # device_add on the same chardev: the whole handshake again, new rings whose used index starts at 0.
+    fe.realize()
+    drv2 = LinuxBalloonDriver(fe)
+    drv2.probe()
+    assert fe.wait_config_change()
+    drv2.config_changed()
+    cmd = hint_round(ctl, fe, drv2)
+    assert len(sink.ranges(cmd)) == len(ram.blocks)
+    assert drv2.queue(QueueRole.FREE_PAGE).used_idx == drv2.queue(QueueRole.FREE_PAGE).avail_idx
+    fe.close()
+
+
+def test_restart_after_crash_sends_done(ram: GuestRam, tmp_path: Path) -> None:
+    path = str(tmp_path / "vu.sock")
+    first = ThreadedHintReceiver()
+    ctl = first.add_vm(path)
+    fe, drv = boot(path, ram)
+    assert fe.wait_config_change()
+    drv.config_changed()
+    hint_round(ctl, fe, drv)
+    assert drv.held
+    first.run(first.receiver.server.close())  # "crash": no DONE
+    first.loop.call_soon_threadsafe(first.loop.stop)
+    assert fe.is_closed()
+    fe.close()
+
+    second = ThreadedHintReceiver()
+    try:
+        second.add_vm(path)
+        fe2 = FakeFrontend(path, ram)  # QEMU reconnects (reconnect-ms) and restarts the running device
+        fe2.realize()
+        fe2.queues = fe.queues
+        fe2.bases = {i: q.avail_idx for i, q in fe.queues.items()}
+        drv.fe = fe2
+        fe2.start(drv.features)
+        assert fe2.wait_config_change()
+        assert fe2.config_cmd_id() == CMD_ID_DONE
+        drv.config_changed()
+        assert drv.held == [] and len(drv.free) == len(ram.blocks)
+        fe2.close()
+    finally:
+        second.close(0.2)
+
+
+def test_shutdown_sends_done_and_waits_for_the_guest(ram: GuestRam, tmp_path: Path) -> None:
+    path = str(tmp_path / "vu.sock")
+    rx = ThreadedHintReceiver()
+    ctl = rx.add_vm(path)
+    fe, drv = boot(path, ram)
+    assert fe.wait_config_change()
+    drv.config_changed()
+    hint_round(ctl, fe, drv)
+    closer = threading.Thread(target=rx.close, kwargs={"timeout": 3.0})
+    closer.start()
+    assert fe.wait_config_change()
+    drv.config_changed()  # reads the config: DONE
+    closer.join(5)
+    assert not closer.is_alive()
+    assert drv.held == []
+    fe.close()
+
+
+def test_entry_point(ram: GuestRam, tmp_path: Path) -> None:
+    caps = subprocess.run(
+        [sys.executable, "-m", "fph.hint_receiver", "--print-capabilities"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert json.loads(caps.stdout)["type"] == "balloon"
+    path = str(tmp_path / "vu.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fph.hint_receiver", "--socket", path], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        fe, drv = boot(path, ram)
+        assert fe.wait_config_change(10)
+        drv.config_changed()
+        # The process has no control API over the wire; check its shutdown path: SIGTERM -> DONE -> exit 0.
+        drv.held = [ram.blocks[0]]  # a block the guest holds; DONE must return it
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert fe.wait_config_change(5), "no DONE on SIGTERM"
+        assert fe.config_cmd_id() == CMD_ID_DONE
+        drv.config_changed()
+        assert drv.held == []
+        assert proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+        fe.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "signal received" in (proc.stderr.read() if proc.stderr else "")
