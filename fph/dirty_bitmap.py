@@ -116,44 +116,67 @@ def _validate_ranges(ranges: Any, ram_lo: Any, ram_hi: Any) -> Any:
 
 @njit(cache=True, nogil=True)
 def _clear_ranges(words: Any, hinted: Any, ranges: Any) -> Any:
-    """Clear the pages of validated (gpa, length) byte ranges; mark them hinted; return bits cleared."""
-    cleared = 0
+    """Clear the pages of validated (gpa, length) byte ranges; mark them hinted; return bits cleared.
+
+    Branch-free per word, so the out-of-order core overlaps the cache misses of random ranges.
+    """
+    cleared = np.uint64(0)
     shift = np.uint64(PAGE_SHIFT)
     for i in range(ranges.shape[0]):
-        start = np.int64(ranges[i, 0] >> shift)
-        end = start + np.int64(ranges[i, 1] >> shift)
-        w0 = start >> 6
-        w1 = (end - 1) >> 6
-        for w in range(w0, w1 + 1):
-            lo = start - w * 64 if w == w0 else 0
-            hi = end - w * 64 if w == w1 else 64
-            m = _mask(lo, hi)
-            old = words[w]
-            hit = old & m
-            if hit != _ZERO:
-                cleared += popcount64(hit)
-                words[w] = old & ~m
-            hinted[w] |= m
+        start = ranges[i, 0] >> shift
+        last = start + (ranges[i, 1] >> shift) - np.uint64(1)
+        w0 = np.int64(start >> _U64_6)
+        w1 = np.int64(last >> _U64_6)
+        mlo = _ALL << (start & _U64_63)
+        mhi = _ALL >> (_U64_63 - (last & _U64_63))
+        if w0 == w1:
+            m = mlo & mhi
+            old = words[w0]
+            cleared += popcount64(old & m)
+            words[w0] = old & ~m
+            hinted[w0] |= m
+            continue
+        old = words[w0]
+        cleared += popcount64(old & mlo)
+        words[w0] = old & ~mlo
+        hinted[w0] |= mlo
+        for w in range(w0 + 1, w1):
+            cleared += popcount64(words[w])
+            words[w] = _ZERO
+            hinted[w] = _ALL
+        old = words[w1]
+        cleared += popcount64(old & mhi)
+        words[w1] = old & ~mhi
+        hinted[w1] |= mhi
     return cleared
 
 
 @njit(cache=True, nogil=True)
-def _merge_log(words: Any, hinted: Any, ram_mask: Any, log: Any) -> Any:
-    """OR a write log into the bitmap; return (pages marked, newly dirty, re-dirtied after a hint)."""
-    marked = 0
-    newly = 0
-    redirtied = 0
+def _merge_log(words: Any, hinted: Any, fix_words: Any, fix_masks: Any, log: Any) -> Any:
+    """OR a write log into the bitmap; return (pages marked, newly dirty, re-dirtied after a hint).
+
+    The main loop takes every word unmasked (one stream less from memory); the few words that are not
+    all RAM (``fix_words``, RAM-mask ``fix_masks``) are fixed up after: their non-RAM bits, never dirty
+    before, are cleared again and taken out of the counts.
+    """
+    marked = np.uint64(0)
+    newly = np.uint64(0)
+    redirtied = np.uint64(0)
     for w in range(words.shape[0]):
-        lw = log[w] & ram_mask[w]
-        if lw != _ZERO:
-            old = words[w]
-            marked += popcount64(lw)
-            newly += popcount64(lw & ~old)
-            h = hinted[w]
-            if h & lw:
-                redirtied += popcount64(h & lw)
-                hinted[w] = h & ~lw
-            words[w] = old | lw
+        lw = log[w]
+        old = words[w]
+        fresh = lw & ~old
+        marked += popcount64(lw)
+        newly += popcount64(fresh)
+        redirtied += popcount64(fresh & hinted[w])
+        words[w] = old | lw
+    for i in range(fix_words.shape[0]):
+        w = fix_words[i]
+        m = fix_masks[i]
+        outside = popcount64(log[w] & ~m)
+        marked -= outside
+        newly -= outside
+        words[w] &= m
     return marked, newly, redirtied
 
 
@@ -170,7 +193,7 @@ def _mark_all(words: Any, ram_mask: Any) -> Any:
 
 @njit(cache=True, nogil=True)
 def _count(words: Any) -> Any:
-    n = 0
+    n = np.uint64(0)
     for w in range(words.shape[0]):
         n += popcount64(words[w])
     return n
@@ -224,11 +247,36 @@ def _set_bits(words: Any, start: Any, end: Any, value: Any) -> Any:
             words[w] &= ~m
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _take_bits(words: Any, sent: Any, hinted: Any, start: Any, end: Any) -> None:
+    """Pages [start, end) leave the dirty set: clear dirty and hinted, set sent, in one pass."""
+    w0 = start >> 6
+    w1 = (end - 1) >> 6
+    if w0 == w1:
+        m = _mask(start - w0 * 64, end - w0 * 64)
+        words[w0] &= ~m
+        hinted[w0] &= ~m
+        sent[w0] |= m
+        return
+    m = _mask(start - w0 * 64, 64)
+    words[w0] &= ~m
+    hinted[w0] &= ~m
+    sent[w0] |= m
+    for w in range(w0 + 1, w1):
+        words[w] = _ZERO
+        hinted[w] = _ZERO
+        sent[w] = _ALL
+    m = _mask(0, end - w1 * 64)
+    words[w1] &= ~m
+    hinted[w1] &= ~m
+    sent[w1] |= m
+
+
 @njit(cache=True, nogil=True)
-def _take_runs(words: Any, sent: Any, nbits: Any, cursor: Any, budget: Any, out: Any) -> Any:
+def _take_runs(words: Any, sent: Any, hinted: Any, nbits: Any, cursor: Any, budget: Any, out: Any) -> Any:
     """Take dirty runs from ``cursor`` on (wrapping once), at most ``budget`` pages and ``len(out)`` runs.
 
-    Taken pages are cleared and marked sent. Returns (runs, pages taken, new cursor).
+    Taken pages are cleared, marked sent and no longer count as hinted. Returns (runs, taken, new cursor).
     """
     n = 0
     taken = 0
@@ -242,8 +290,7 @@ def _take_runs(words: Any, sent: Any, nbits: Any, cursor: Any, budget: Any, out:
                 return n, taken, p
             e = _next_clear(words, p, hi)
             length = min(e - p, budget - taken)
-            _set_bits(words, p, p + length, False)
-            _set_bits(sent, p, p + length, True)
+            _take_bits(words, sent, hinted, p, p + length)
             out[n, 0] = p
             out[n, 1] = length
             n += 1
@@ -300,16 +347,20 @@ def _plan_send(known_zero: Any, start: Any, zero_flags: Any, out: Any) -> Any:
 # ------------------------------------------------------------------------------------------ public API
 
 
+def _partial_words(ram_mask: Words) -> tuple[npt.NDArray[np.int64], Words]:
+    """Indexes and RAM masks of the words that are not all RAM (holes and range edges)."""
+    idx = np.flatnonzero(ram_mask != _ALL).astype(np.int64)
+    return idx, ram_mask[idx].copy()
+
+
 def zero_page_flags(ram: npt.NDArray[Any], out: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.uint8]:
     """Classify whole 4 KiB pages of a mapped RAM buffer as zero (1) or not (0), at memory speed."""
     buf = np.asarray(ram)
-    if buf.dtype != np.uint64:
-        if buf.nbytes % PAGE_SIZE:
-            raise BitmapError(f"RAM buffer of {buf.nbytes} bytes is not a whole number of pages")
-        buf = buf.reshape(-1).view(np.uint64)
-    npages = buf.shape[0] * 8 // PAGE_SIZE
-    if buf.shape[0] * 8 % PAGE_SIZE:
+    if buf.nbytes % PAGE_SIZE:
         raise BitmapError(f"RAM buffer of {buf.nbytes} bytes is not a whole number of pages")
+    if buf.dtype != np.uint64:
+        buf = buf.reshape(-1).view(np.uint64)
+    npages = buf.nbytes // PAGE_SIZE
     if out is None:
         out = np.empty(npages, dtype=np.uint8)
     elif out.shape != (npages,) or out.dtype != np.uint8:
@@ -329,18 +380,21 @@ class DirtyBitmap:
         self.sent: Words = np.zeros(nwords, dtype=np.uint64)
         """Pages sent at least once in this migration."""
         self.hinted: Words = np.zeros(nwords, dtype=np.uint64)
-        """Pages hinted free and not written since (the source of ``redirtied_after_hint``)."""
+        """Pages hinted free and not sent since: a write log bit that makes one dirty again counts in
+        ``redirtied_after_hint`` (once, until the page is sent)."""
         self.ram_mask: Words = np.zeros(nwords, dtype=np.uint64)
         for r in layout:
             _set_bits(self.ram_mask, r.gpa >> PAGE_SHIFT, r.end >> PAGE_SHIFT, True)
         self.known_zero_at_destination: Words = (
             self.ram_mask.copy() if destination_zeroed else np.zeros(nwords, dtype=np.uint64)
         )
+        self._fix_words, self._fix_masks = _partial_words(self.ram_mask)
         self._ram_lo = np.array([r.gpa for r in layout], dtype=np.uint64)
         self._ram_hi = np.array([r.end for r in layout], dtype=np.uint64)
         self.stats = BitmapStats()
         self.epoch: int | None = None
         self._cursor = 0
+        self._dirty_count = 0
         self._lock = threading.Lock()
 
     @property
@@ -395,6 +449,7 @@ class DirtyBitmap:
                 self.stats.hints_dropped_stale += arr.shape[0]
                 return 0
             cleared = int(_clear_ranges(self.dirty, self.hinted, arr))
+            self._dirty_count -= cleared
             self.stats.hinted_pages += int(arr[:, 1].sum() >> np.uint64(PAGE_SHIFT)) if arr.shape[0] else 0
             self.stats.hint_bits_cleared += cleared
             return cleared
@@ -439,9 +494,12 @@ class DirtyBitmap:
         with self._lock:
             if self.epoch is not None:
                 raise BitmapError(f"close hint epoch {self.epoch} before merging the write log")
-            marked, newly, redirtied = _merge_log(self.dirty, self.hinted, self.ram_mask, log)
+            marked, newly, redirtied = _merge_log(
+                self.dirty, self.hinted, self._fix_words, self._fix_masks, log
+            )
             self.stats.log_pages_marked += int(marked)
             self.stats.redirtied_after_hint += int(redirtied)
+            self._dirty_count += int(newly)
             return int(newly)
 
     # --------------------------------------------------------------------------------------- sender
@@ -449,10 +507,18 @@ class DirtyBitmap:
     def mark_all(self) -> int:
         """Every RAM page dirty (round 0). Returns the number of pages newly dirty."""
         with self._lock:
-            return int(_mark_all(self.dirty, self.ram_mask))
+            newly = int(_mark_all(self.dirty, self.ram_mask))
+            self._dirty_count += newly
+            return newly
 
     def count_dirty(self) -> int:
-        return int(_count(self.dirty))
+        """Dirty pages now: a counter every operation keeps, so the sender can ask every run."""
+        return self._dirty_count
+
+    def recount_dirty(self) -> int:
+        """Dirty pages by a popcount over the whole bitmap (checks the counter; ~0.1 ms per 64 GiB)."""
+        with self._lock:
+            return int(_count(self.dirty))
 
     def take_dirty_runs(self, budget_bytes: int, max_runs: int = 4096) -> npt.NDArray[np.int64]:
         """Next dirty runs, as (first page, page count) rows, up to ``budget_bytes``; they leave the bitmap.
@@ -465,9 +531,10 @@ class DirtyBitmap:
             raise BitmapError(f"max_runs must be at least 1, got {max_runs}")
         out = np.empty((max_runs, 2), dtype=np.int64)
         with self._lock:
-            n, _taken, self._cursor = _take_runs(
-                self.dirty, self.sent, self.nbits, self._cursor, budget_bytes // PAGE_SIZE, out
+            n, taken, self._cursor = _take_runs(
+                self.dirty, self.sent, self.hinted, self.nbits, self._cursor, budget_bytes // PAGE_SIZE, out
             )
+            self._dirty_count -= int(taken)
         return out[:n]
 
     def plan_send(self, first_page: int, zero_flags: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
@@ -497,7 +564,7 @@ def warm_up() -> None:
     layout = RamLayout.flat(128 * PAGE_SIZE)
     bm = DirtyBitmap(layout)
     bm.mark_all()
-    bm.count_dirty()
+    bm.recount_dirty()
     bm.open_epoch(CMD_ID_MIN)
     bm.apply_hints(CMD_ID_MIN, np.array([[0, PAGE_SIZE]], dtype=np.uint64))
     bm.close_epoch()

@@ -69,11 +69,10 @@ class ModelBitmap:
             if not self.ram[p]:
                 continue
             self.stats.log_pages_marked += 1
-            newly += not self.dirty[p]
+            if not self.dirty[p]:
+                newly += 1
+                self.stats.redirtied_after_hint += self.hinted[p]
             self.dirty[p] = 1
-            if self.hinted[p]:
-                self.stats.redirtied_after_hint += 1
-                self.hinted[p] = 0
         return newly
 
     def mark_all(self) -> int:
@@ -110,6 +109,7 @@ class ModelBitmap:
             for k in range(i, j):
                 self.dirty[order[k]] = 0
                 self.sent[order[k]] = 1
+                self.hinted[order[k]] = 0
             runs.append((p, length))
             taken += length
             i = j

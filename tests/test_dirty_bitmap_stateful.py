@@ -188,7 +188,7 @@ class BitmapMachine(RuleBasedStateMachine):
         assert from_words(self.bm.known_zero_at_destination, self.bm.nbits) == set(
             self.model.known_zero.search(1)
         )
-        assert self.bm.count_dirty() == self.model.count_dirty()
+        assert self.bm.count_dirty() == self.bm.recount_dirty() == self.model.count_dirty()
         assert self.bm.stats == self.model.stats
         assert self.bm.epoch == self.model.epoch
 
