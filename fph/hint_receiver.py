@@ -180,7 +180,13 @@ class RecordingSink:
 class BalloonDevice:
     """The balloon behind one vhost-user connection (one per VM). Runs on the event loop thread; its control
     methods (``request_hints``, ``stop_hints``, ``done``, ``status``, ``guest_stats``, ``set_target``) must be
-    called there too (``HintReceiver`` offers thread-safe wrappers)."""
+    called there too (``BalloonControl`` offers thread-safe wrappers).
+
+    Queue count: QEMU's generic device creates ``num_vqs`` rings and cannot tell the back-end how many, while
+    the guest sizes its queue list from the features it acks. Without REPORTING the driver wants 4 rings
+    (``num_vqs=4``); with ``reporting=True`` it wants 5 and a ``num_vqs=4`` device fails the probe with
+    EINVAL (measured), so reporting is off by default, like QEMU's ``free-page-reporting``.
+    """
 
     def __init__(
         self,
@@ -189,7 +195,7 @@ class BalloonDevice:
         name: str = "balloon",
         queue_size: int = 1024,
         event_idx: bool = False,
-        reporting: bool = True,
+        reporting: bool = False,
         page_poison: bool = True,
         deflate_on_oom: bool = True,
         log_all: bool = True,
@@ -768,7 +774,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--print-capabilities", action="store_true", help="print JSON capabilities and exit")
     parser.add_argument("--queue-size", type=int, default=1024)
     parser.add_argument("--event-idx", action="store_true", help="offer VIRTIO_RING_F_EVENT_IDX")
-    parser.add_argument("--no-reporting", action="store_true", help="do not offer free page reporting")
+    parser.add_argument(
+        "--reporting",
+        action="store_true",
+        help="offer free page reporting (a fifth queue: the QEMU device needs num_vqs=5)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.print_capabilities:
@@ -780,7 +790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device_args = {
         "queue_size": args.queue_size,
         "event_idx": args.event_idx,
-        "reporting": not args.no_reporting,
+        "reporting": args.reporting,
     }
     try:
         asyncio.run(_serve(args.sockets, device_args))

@@ -49,7 +49,7 @@ class Harness:
     def __init__(self, ram: GuestRam, features: int = BASE, sink: object | None = None) -> None:
         self.ram = ram
         self.sink = sink if sink is not None else RecordingSink()
-        self.dev = BalloonDevice(self.sink, name="t")  # type: ignore[arg-type]
+        self.dev = BalloonDevice(self.sink, name="t", reporting=True)  # type: ignore[arg-type]
         self.h = VhostUserHandler(self.dev, name="t")
         self.chan = Channel()
         self.dev.set_backend_channel(self.chan)
@@ -130,6 +130,11 @@ def hx(ram: GuestRam) -> Iterator[Harness]:
 
 def blocks(ram: GuestRam, n: int) -> list[tuple[int, int]]:
     return [(b, HINT_BLOCK) for b in ram.blocks[:n]]
+
+
+def test_reporting_is_opt_in() -> None:
+    assert not BalloonDevice().features() & F_REPORTING and BalloonDevice().num_queues == 4
+    assert BalloonDevice(reporting=True).num_queues == 5
 
 
 def test_queue_roles_are_compacted_like_linux() -> None:

@@ -103,7 +103,7 @@ def setup_ring(
 def test_get_features_reply_is_exact(h: VhostUserHandler, dev: BalloonDevice) -> None:
     res = feed(h, R.GET_FEATURES)
     assert reply_u64(res, R.GET_FEATURES) == dev.features() | m.F_PROTOCOL_FEATURES
-    assert reply_u64(feed(h, R.GET_QUEUE_NUM), R.GET_QUEUE_NUM) == dev.num_queues == 5
+    assert reply_u64(feed(h, R.GET_QUEUE_NUM), R.GET_QUEUE_NUM) == dev.num_queues == 4
     protocol = reply_u64(feed(h, R.GET_PROTOCOL_FEATURES), R.GET_PROTOCOL_FEATURES)
     for bit in (
         m.ProtocolFeature.MQ,

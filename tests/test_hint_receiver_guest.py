@@ -1,0 +1,161 @@
+"""Real guest: QEMU 11.1 (TCG) boots a Debian 6.1 guest whose virtio-balloon is fph's vhost-user back-end.
+
+One boot covers: the driver binds and negotiates FREE_PAGE_HINT; after the guest writes and frees ~300 MiB,
+a hint round hints as many bytes as MemFree drops, in 4 MiB aligned blocks inside RAM, into a real
+DirtyBitmap; a second round with a new id after STOP; DONE gives the memory back; device_del gives it back
+too; device_add on the same connection (re-plug) works again.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from fph.dirty_bitmap import DirtyBitmap
+from fph.hint_receiver import F_FREE_PAGE_HINT, BalloonControl, HintState, RecordingSink, ThreadedHintReceiver
+from fph.lab.vm import FPH_DEVICE_ARGS, VM, VMConfig
+from fph.ram_layout import RamLayout
+
+pytestmark = [pytest.mark.guest, pytest.mark.timeout(300)]
+
+MiB = 1 << 20
+GUEST_MIB = 1024
+BLOCK = 4 * MiB
+
+
+class BitmapSink(RecordingSink):
+    """Records every hint and applies it to a DirtyBitmap, opening the bitmap epoch of each new id."""
+
+    def __init__(self, bitmap: DirtyBitmap) -> None:
+        super().__init__()
+        self.bitmap = bitmap
+
+    def apply_hints(self, epoch: int, ranges: Sequence[tuple[int, int]]) -> int:
+        super().apply_hints(epoch, ranges)
+        if self.bitmap.epoch != epoch:
+            if self.bitmap.epoch is not None:
+                self.bitmap.close_epoch()
+            self.bitmap.open_epoch(epoch)
+        return self.bitmap.apply_hints(epoch, ranges)
+
+
+def memfree(vm: VM) -> int:
+    return vm.guest.meminfo().memfree_kb * 1024
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def run_round(ctl: BalloonControl) -> tuple[int, int]:
+    """Request hints and wait for the guest's STOP; return (cmd id, hinted bytes)."""
+    cmd = ctl.request_hints()
+    wait_for(lambda: ctl.status().state is HintState.STOP, 60, f"the guest's STOP for run {cmd:#x}")
+    st = ctl.status()
+    assert st.host_cmd_id == cmd and st.broken is None and st.sink_errors == 0
+    return cmd, st.hinted_bytes
+
+
+def balloon_bound(vm: VM) -> bool:
+    """A virtio device is bound to the virtio_balloon driver (sysfs lists it as virtioN)."""
+    listing = vm.guest.console.run("ls /sys/bus/virtio/drivers/virtio_balloon/", check=False)
+    return re.search(r"\bvirtio\d+\b", listing) is not None
+
+
+def bal0_present(vm: VM) -> bool:
+    return any(p["name"] == "bal0" for p in vm.qmp("qom-list", {"path": "/machine/peripheral"}))
+
+
+@pytest.fixture
+def receiver() -> Iterator[ThreadedHintReceiver]:
+    rx = ThreadedHintReceiver()
+    yield rx
+    rx.close(timeout=2.0)
+
+
+def test_real_guest_hints(
+    vm_factory: Callable[..., VM], receiver: ThreadedHintReceiver, tmp_path: Path
+) -> None:
+    sock = str(tmp_path / "vu.sock")
+    bitmap = DirtyBitmap(RamLayout.pc(GUEST_MIB * MiB))
+    bitmap.mark_all()
+    sink = BitmapSink(bitmap)
+    ctl = receiver.add_vm(sock, sink)
+    vm = vm_factory(VMConfig(mem_mib=GUEST_MIB, balloon="fph", vhost_user_socket=sock), name="fph-bal")
+    vm.wait_ready(120)
+
+    # The driver bound the device (virtio id 5) and acked FREE_PAGE_HINT (features: one char per bit).
+    line = re.search(r"FPH-VIRTIO dev=\S+ id=0x0005 driver=(\S+) features=([01]+)", vm.console.text())
+    assert line is not None and line.group(1) == "virtio_balloon"
+    assert line.group(2)[3] == "1"
+    assert ctl.device.acked & F_FREE_PAGE_HINT
+
+    vm.guest.fill(300)
+    before = memfree(vm)
+    cmd1, hinted1 = run_round(ctl)
+    after = memfree(vm)
+    drop = before - after
+    ranges = sink.ranges(cmd1)
+    assert hinted1 == sum(n for _, n in ranges) == len(ranges) * BLOCK
+    assert hinted1 >= 300 * MiB
+    assert abs(hinted1 - drop) <= 8 * MiB, (
+        f"hinted {hinted1 / MiB:.0f} MiB, MemFree dropped {drop / MiB:.0f} MiB"
+    )
+    assert all(gpa % BLOCK == 0 and n == BLOCK and gpa + n <= GUEST_MIB * MiB for gpa, n in ranges)
+    assert len({gpa for gpa, _ in ranges}) == len(ranges)
+    assert bitmap.stats.hint_bits_cleared == hinted1 // 4096  # every hinted page cleared in the bitmap
+    assert not bitmap.is_dirty(ranges[0][0] >> 12)
+
+    # Round 2 after STOP: a new id; memory the guest frees meanwhile (memhog reclaims held blocks through the
+    # shrinker, then exits) is hinted under the new id only.
+    vm.guest.memhog(200)
+    cmd2, hinted2 = run_round(ctl)
+    assert cmd2 != cmd1 and hinted2 > 0
+    assert sink.ranges(cmd2) and all(e in (cmd1, cmd2) for e, _ in sink.calls)
+
+    # DONE gives everything back.
+    ctl.done()
+    wait_for(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after DONE")
+
+    # Hold blocks again, then device_del: the driver's remove path returns them.
+    run_round(ctl)
+    held = memfree(vm)
+    assert held < before - 200 * MiB
+    vm.qmp("device_del", {"id": "bal0"})
+    wait_for(lambda: not bal0_present(vm), 30, "DEVICE_DELETED")
+    wait_for(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after device_del")
+    assert receiver.receiver.connection(sock) is not None  # the chardev, so the connection, stays
+    assert not balloon_bound(vm)
+
+    # Re-plug on the same connection: the whole handshake again, fresh rings, a new round works.
+    props = dict(kv.split("=") for kv in FPH_DEVICE_ARGS.split(","))
+    vm.qmp(
+        "device_add",
+        {
+            "driver": "vhost-user-test-device-pci",
+            "id": "bal0",
+            "chardev": "vu",
+            "bus": "pci.0",
+            "addr": "0x5",
+            **{k: int(v) for k, v in props.items()},
+        },
+    )
+    wait_for(lambda: balloon_bound(vm), 30, "the driver to bind the re-plugged device")
+    wait_for(
+        lambda: bool(ctl.device.acked & F_FREE_PAGE_HINT) and ctl.device.channel is not None,
+        10,
+        "feature negotiation after re-plug",
+    )
+    cmd3, hinted3 = run_round(ctl)
+    assert cmd3 not in (cmd1, cmd2) and hinted3 >= 300 * MiB
+    ctl.done()
+    wait_for(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after the last DONE")
+    assert ctl.status().broken is None
