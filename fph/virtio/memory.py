@@ -55,11 +55,8 @@ class Region:
         self.size = spec.size
         self.uva = spec.uva
         self.base = spec.mmap_offset
+        self.gpa_end = spec.gpa + spec.size
         self.mm = mm
-
-    @property
-    def gpa_end(self) -> int:
-        return self.gpa + self.size
 
     @classmethod
     def map_fd(cls, spec: RegionSpec, fd: int) -> Region:
