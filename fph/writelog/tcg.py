@@ -1,0 +1,384 @@
+"""The TCG write log: fph's QEMU plugin (``tcg_writelog.c``) and its consumer.
+
+Why a plugin: under TCG (the lab, CI) nothing else reports guest writes to a shared RAM file; the plugin
+sets a bit per guest-physical page on every instrumented store with an atomic OR in a shared log file,
+and fph harvests it with one atomic exchange per word, without stopping the guest.
+
+Usage::
+
+    log = TcgWriteLog(run_dir / "wlog.bin", RamLayout.pc(mem))   # creates the log file
+    VMConfig(ram_backend="file", plugins=(log.plugin_arg,))       # -plugin <so>,log=<file>,ram=<span>
+    ... start QEMU ...
+    log.start()                                                   # checks the plugin attached, clears
+    bitmap.merge_write_log(log.harvest())
+
+The plugin is built from source with the system C compiler into a cache keyed by the source hash (never
+committed): ``$FPH_WRITELOG_CACHE``, else ``$XDG_CACHE_HOME/fph/writelog``, else ``~/.cache/fph/writelog``.
+The same .so is loaded into fph with ctypes for the harvest helper (the QEMU API symbols are weak).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import functools
+import hashlib
+import logging
+import mmap
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fph.ram_layout import PAGE_SHIFT, RamLayout
+from fph.writelog.base import Words, WriteLog, full_words, words_for
+from fph.writelog.errors import (
+    PluginBuildError,
+    PluginNotAttachedError,
+    WriteLogError,
+    WriteLogFormatError,
+    WriteLogStateError,
+)
+
+log = logging.getLogger(__name__)
+
+PLUGIN_SOURCE = Path(__file__).with_name("tcg_writelog.c")
+CFLAGS = ("-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-std=gnu11")
+MAGIC = b"WLOGv001"
+VERSION = 1
+HEADER_SIZE = 4096
+HEADER_FORMAT = "<8sIIQQQQIIQQQQQQQ"
+"""struct wlog_header of tcg_writelog.c (112 bytes, then zeros up to HEADER_SIZE)."""
+_HEADER_FIELDS = (
+    "magic",
+    "version",
+    "page_shift",
+    "nbits",
+    "bitmap_off",
+    "bitmap_bytes",
+    "ram_span",
+    "attach_pid",
+    "attach_count",
+    "stores",
+    "io_skipped",
+    "straddles",
+    "lookup_failures",
+    "out_of_range",
+    "last_out_of_range_gpa",
+    "harvests",
+)
+_OFF_HARVESTS = struct.calcsize(HEADER_FORMAT) - 8
+assert struct.calcsize(HEADER_FORMAT) == 112
+
+
+@dataclass(frozen=True)
+class LogHeader:
+    """The log file's header. Counters: ``stores`` approximate (flushed per vCPU every 4096 stores),
+    ``lookup_failures`` / ``out_of_range`` exact."""
+
+    magic: bytes
+    version: int
+    page_shift: int
+    nbits: int
+    bitmap_off: int
+    bitmap_bytes: int
+    ram_span: int
+    attach_pid: int
+    attach_count: int
+    stores: int
+    io_skipped: int
+    straddles: int
+    lookup_failures: int
+    out_of_range: int
+    last_out_of_range_gpa: int
+    harvests: int
+
+    @classmethod
+    def new(cls, ram_span: int) -> LogHeader:
+        nbits = (ram_span + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT
+        return cls(MAGIC, VERSION, PAGE_SHIFT, nbits, HEADER_SIZE, words_for(nbits) * 8, ram_span,
+                   0, 0, 0, 0, 0, 0, 0, 0, 0)  # fmt: skip
+
+    @classmethod
+    def parse(cls, data: bytes | bytearray | memoryview) -> LogHeader:
+        if len(data) < struct.calcsize(HEADER_FORMAT):
+            raise WriteLogFormatError(f"write log header truncated: {len(data)} bytes")
+        return cls(*struct.unpack_from(HEADER_FORMAT, data, 0))
+
+    def pack(self) -> bytes:
+        raw = struct.pack(HEADER_FORMAT, *(getattr(self, f) for f in _HEADER_FIELDS))
+        return raw.ljust(HEADER_SIZE, b"\0")
+
+    @property
+    def file_size(self) -> int:
+        return self.bitmap_off + self.bitmap_bytes
+
+    def validate(self, *, nbits: int | None = None, file_size: int | None = None, what: str = "log") -> None:
+        """Raise WriteLogFormatError unless this header is a version-1 log of ``nbits`` pages whose file
+        has ``file_size`` bytes (the plugin applies the same rules)."""
+        if self.magic != MAGIC:
+            raise WriteLogFormatError(
+                f"{what}: bad magic {self.magic!r} (not an fph write log, expected {MAGIC!r})"
+            )
+        if self.version != VERSION:
+            raise WriteLogFormatError(f"{what}: header version {self.version}, this fph reads {VERSION}")
+        if self.page_shift != PAGE_SHIFT:
+            raise WriteLogFormatError(f"{what}: page shift {self.page_shift}, expected {PAGE_SHIFT}")
+        if self.bitmap_off != HEADER_SIZE or self.bitmap_bytes != words_for(self.nbits) * 8:
+            raise WriteLogFormatError(
+                f"{what}: bitmap at {self.bitmap_off} with {self.bitmap_bytes} bytes does not fit "
+                f"{self.nbits} pages (expected {HEADER_SIZE} and {words_for(self.nbits) * 8})"
+            )
+        if nbits is not None and self.nbits != nbits:
+            raise WriteLogFormatError(
+                f"{what}: {self.nbits} pages, the guest's GPA span has {nbits}: the file was made for "
+                "another guest size; delete it and create a new log"
+            )
+        if file_size is not None and file_size != self.file_size:
+            raise WriteLogFormatError(
+                f"{what}: file has {file_size} bytes, the header says {self.file_size} "
+                "(truncated or not a write log)"
+            )
+
+
+# ------------------------------------------------------------------------------------------- building
+
+
+def plugin_cache_dir() -> Path:
+    """Where built plugins go: ``$FPH_WRITELOG_CACHE`` or ``$XDG_CACHE_HOME/fph/writelog``."""
+    env = os.environ.get("FPH_WRITELOG_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "fph" / "writelog"
+
+
+def _compiler(cc: str | None) -> tuple[str, str]:
+    name = cc or os.environ.get("CC") or "cc"
+    path = shutil.which(name)
+    if not path:
+        raise PluginBuildError(
+            f"no C compiler {name!r} to build the TCG write-log plugin: install gcc (apt-get install gcc "
+            "libc6-dev) or set CC"
+        )
+    p = subprocess.run(
+        [path, "-dumpfullversion", "-dumpversion"], capture_output=True, text=True, check=False
+    )
+    return path, p.stdout.strip()
+
+
+def build_plugin(*, cache_dir: Path | None = None, cc: str | None = None) -> Path:
+    """Compile ``tcg_writelog.c`` (once per source/compiler/flags hash) and return the .so path."""
+    src = PLUGIN_SOURCE.read_bytes()
+    path, version = _compiler(cc)
+    key = hashlib.sha256(b"\0".join([src, path.encode(), version.encode(), *(f.encode() for f in CFLAGS)]))
+    cache = cache_dir or plugin_cache_dir()
+    out = cache / f"tcg_writelog-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.exists():
+            return out
+        fd, tmp = tempfile.mkstemp(prefix=".tcg_writelog-", suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            p = subprocess.run(
+                [path, *CFLAGS, "-o", tmp, str(PLUGIN_SOURCE)], capture_output=True, text=True, check=False
+            )
+            if p.returncode != 0:
+                raise PluginBuildError(
+                    f"building the TCG write-log plugin with {path} failed (exit {p.returncode}):\n"
+                    f"{p.stderr.strip()[-2000:]}"
+                )
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, out)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    return out
+
+
+class _Helpers:
+    """ctypes view of the plugin's fph_wlog_* functions."""
+
+    def __init__(self, so: Path) -> None:
+        try:
+            lib = ctypes.CDLL(str(so), mode=os.RTLD_NOW | os.RTLD_LOCAL)
+        except OSError as e:
+            raise PluginBuildError(f"cannot load {so} into fph: {e}; delete it to force a rebuild") from e
+        self.lib = lib
+        self.harvest = lib.fph_wlog_harvest
+        self.harvest.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        self.harvest.restype = ctypes.c_size_t
+        self.mark_pages = lib.fph_wlog_mark_pages
+        self.mark_pages.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        self.mark_pages.restype = None
+        self.LOOKUP = ctypes.CFUNCTYPE(
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_uint64,
+            ctypes.POINTER(ctypes.c_uint64),
+            ctypes.POINTER(ctypes.c_int),
+        )
+        self.record_store = lib.fph_wlog_record_store
+        self.record_store.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, self.LOOKUP,
+                                      ctypes.c_void_p]  # fmt: skip
+        self.record_store.restype = ctypes.c_int
+        self.check_file = lib.fph_wlog_check_file
+        self.check_file.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t]
+        self.check_file.restype = ctypes.c_int
+
+
+@functools.cache
+def helpers(so: Path | None = None) -> _Helpers:
+    """The C helpers (atomic harvest, test writers) from the built plugin."""
+    return _Helpers(so or build_plugin())
+
+
+def harvest_words(log: Words, out: Words | None = None) -> Words:
+    """Atomic fetch-and-clear of every word of ``log`` (a uint64 array, e.g. a view of a mapped log
+    file) through the C helper: returns the words taken; ``log`` is zero where nothing new was set."""
+    if log.dtype != np.uint64 or log.ndim != 1 or not log.flags.c_contiguous:
+        raise WriteLogStateError("harvest_words needs a contiguous 1-d uint64 array")
+    if out is None:
+        out = np.empty_like(log)
+    helpers().harvest(log.ctypes.data, out.ctypes.data, log.shape[0])
+    return out
+
+
+def span_bytes(layout: RamLayout) -> int:
+    """The plugin's ``ram=`` argument: the end of the highest RAM range (not the RAM size)."""
+    return layout.span_pages << PAGE_SHIFT
+
+
+def create_log_file(path: Path, layout: RamLayout) -> LogHeader:
+    """Create (or replace) a zeroed log file for ``layout``; QEMU's plugin then validates and uses it."""
+    header = LogHeader.new(span_bytes(layout))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.pack())
+        f.truncate(header.file_size)
+    os.replace(tmp, path)
+    return header
+
+
+# ---------------------------------------------------------------------------------------------- the log
+
+
+class TcgWriteLog(WriteLog):
+    """Consumer of the plugin's log file for one guest.
+
+    ``log_path``: the shared log file (created unless ``create=False``, then validated); ``layout``: the
+    guest's RAM layout (bitmap = its GPA span); ``plugin``: a built .so (default: build_plugin()).
+    """
+
+    kind = "tcg-plugin"
+    atomic = True
+
+    def __init__(
+        self, log_path: str | Path, layout: RamLayout, *, plugin: Path | None = None, create: bool = True
+    ) -> None:
+        super().__init__(layout)
+        self.path = Path(log_path)
+        self.plugin = plugin or build_plugin()
+        self._c = helpers(self.plugin)
+        if create:
+            create_log_file(self.path, layout)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size = os.fstat(self._fd).st_size
+            header = LogHeader.parse(os.pread(self._fd, HEADER_SIZE, 0))
+            header.validate(nbits=self.nbits, file_size=size, what=str(self.path))
+            self._mm: mmap.mmap | None = mmap.mmap(self._fd, size, mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._bits: Words | None = np.frombuffer(
+            self._mm, dtype=np.uint64, count=self.nwords, offset=HEADER_SIZE
+        )
+        self._failures_seen = 0
+        self._out_of_range_seen = 0
+
+    @property
+    def plugin_arg(self) -> str:
+        """The ``-plugin`` value for QEMU (VMConfig.plugins): ``<so>,log=<file>,ram=<GPA span bytes>``."""
+        return f"{self.plugin},log={self.path},ram={span_bytes(self.layout)}"
+
+    def header(self) -> LogHeader:
+        """A fresh read of the header (counters written by the plugin)."""
+        if self._mm is None:
+            raise WriteLogStateError("tcg write log is closed")
+        return LogHeader.parse(self._mm[: struct.calcsize(HEADER_FORMAT)])
+
+    def _start(self) -> None:
+        h = self.header()
+        if h.attach_count == 0:
+            raise PluginNotAttachedError(
+                f"no QEMU plugin attached to {self.path}: start QEMU with -plugin {self.plugin_arg}"
+            )
+        self._failures_seen = h.lookup_failures
+        self._out_of_range_seen = h.out_of_range
+        assert self._bits is not None
+        harvest_words(self._bits)  # writes before start() are round 0's business
+
+    def _harvest(self, vcpus_stopped: bool) -> tuple[Words, float]:
+        assert self._bits is not None and self._mm is not None
+        words = harvest_words(self._bits)
+        # Read the failure counter after the exchange: a failed lookup counted later is caught next time.
+        h = self.header()
+        struct.pack_into("<Q", self._mm, _OFF_HARVESTS, h.harvests + 1)
+        if h.lookup_failures != self._failures_seen:
+            log.warning(
+                "%s: %d store(s) whose page the plugin could not look up since the last harvest; "
+                "reporting every page dirty",
+                self.path,
+                h.lookup_failures - self._failures_seen,
+            )
+            self._failures_seen = h.lookup_failures
+            self.stats.conservative_harvests += 1
+            words = full_words(self.nbits)
+        self._out_of_range_seen = h.out_of_range
+        return words, 0.0
+
+    def _close(self) -> None:
+        self._bits = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError as e:  # a caller still holds a view of the mapping
+                raise WriteLogError(f"cannot unmap {self.path}: {e}") from e
+            self._mm = None
+        os.close(self._fd)
+
+    def _details(self) -> dict[str, Any]:
+        if self._mm is None:
+            return {"log": str(self.path)}
+        h = self.header()
+        return {
+            "log": str(self.path),
+            "plugin": str(self.plugin),
+            "attach_pid": h.attach_pid,
+            "attach_count": h.attach_count,
+            "stores": h.stores,
+            "io_skipped": h.io_skipped,
+            "straddles": h.straddles,
+            "lookup_failures": h.lookup_failures,
+            "out_of_range": h.out_of_range,
+            "last_out_of_range_gpa": h.last_out_of_range_gpa,
+        }
+
+
+def check_log_file(path: Path, ram_span: int, plugin: Path | None = None) -> None:
+    """Validate a log file with the plugin's own C rules (what QEMU would say at start-up)."""
+    err = ctypes.create_string_buffer(512)
+    if helpers(plugin).check_file(str(path).encode(), ram_span, err, len(err)) != 0:
+        raise WriteLogFormatError(err.value.decode(errors="replace"))

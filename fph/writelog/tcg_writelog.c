@@ -1,0 +1,366 @@
+/* fph TCG write log: a QEMU plugin that sets the bit of every guest-physical page a vCPU stores to.
+ *
+ * Why: fph copies guest RAM itself (the RAM file is shared, QEMU migrates device state only with
+ * x-ignore-shared), so it needs its own record of guest writes; under TCG nothing else gives one.
+ *
+ * Plugin arguments (QEMU's -plugin): log=<file>,ram=<GPA span, bytes or with K/M/G/T suffix>.
+ * The span is the end of the highest guest RAM range, not the RAM size (pc, -m 4608M: ram=5G).
+ *
+ * Log file (little endian): a 4096-byte header (struct wlog_header) then the bitmap, page p = gpa >> 12
+ * at bit p & 63 of u64 word p >> 6 (fph's DirtyBitmap layout). The file normally exists already (fph
+ * creates it with the header it expects); the plugin validates it, or creates it when absent.
+ *
+ * Ordering: the callback runs after the guest store and sets the bit with an atomic OR (lock or: a full
+ * barrier), unconditionally. Never test-then-set: the load could pass the guest store still in the
+ * store buffer while the harvester clears the word and copies the page. The harvester takes each word
+ * with an atomic exchange (fph_wlog_harvest below), so a store is either visible to the copy that
+ * follows a harvest or sets its bit again for the next one.
+ *
+ * Page-straddling stores: the callback fires once with the first byte's vaddr; the second page is looked
+ * up again by its own vaddr (the two virtual pages need not be physically adjacent).
+ *
+ * Plugin API version 7 (QEMU 11.1.2), declared here rather than taken from a header because published
+ * qemu-plugin.h copies still show v6. v7 shapes, verified in the 11.1.2 binary: tb-trans registration
+ * (id, cb, userdata) and cb(tb, userdata); memory callback (vcpu_index, meminfo, vaddr, userdata);
+ * install(id, info, argc, argv). The API functions are declared weak so that this same .so also loads
+ * in fph's process (ctypes, RTLD_NOW), which uses the exported fph_wlog_* helpers.
+ *
+ * Blind spots (see shared notes qemu-lab.md §9): PTE Accessed/Dirty bits set by TCG's page walker and
+ * device DMA by QEMU (address_space_write) are not instrumented stores.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define EXPORT __attribute__((visibility("default")))
+#define WEAK __attribute__((weak))
+
+/* ---- QEMU plugin API v7: the few types and functions used --------------------------------------- */
+typedef uint64_t qemu_plugin_id_t;
+typedef uint32_t qemu_plugin_meminfo_t;
+typedef struct qemu_info_t qemu_info_t; /* never dereferenced */
+struct qemu_plugin_tb;
+struct qemu_plugin_insn;
+struct qemu_plugin_hwaddr;
+
+enum qemu_plugin_cb_flags { QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_CB_R_REGS, QEMU_PLUGIN_CB_RW_REGS };
+enum qemu_plugin_mem_rw { QEMU_PLUGIN_MEM_R = 1, QEMU_PLUGIN_MEM_W, QEMU_PLUGIN_MEM_RW };
+
+typedef void (*wlog_tb_trans_cb_t)(struct qemu_plugin_tb *tb, void *userdata);
+typedef void (*wlog_mem_cb_t)(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint64_t vaddr,
+                              void *userdata);
+
+WEAK extern void qemu_plugin_register_vcpu_tb_trans_cb(qemu_plugin_id_t id, wlog_tb_trans_cb_t cb,
+                                                       void *userdata);
+WEAK extern size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb *tb);
+WEAK extern struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *tb, size_t idx);
+WEAK extern void qemu_plugin_register_vcpu_mem_cb(struct qemu_plugin_insn *insn, wlog_mem_cb_t cb,
+                                                  enum qemu_plugin_cb_flags flags,
+                                                  enum qemu_plugin_mem_rw rw, void *userdata);
+WEAK extern unsigned int qemu_plugin_mem_size_shift(qemu_plugin_meminfo_t info);
+WEAK extern struct qemu_plugin_hwaddr *qemu_plugin_get_hwaddr(qemu_plugin_meminfo_t info, uint64_t vaddr);
+WEAK extern bool qemu_plugin_hwaddr_is_io(const struct qemu_plugin_hwaddr *haddr);
+WEAK extern uint64_t qemu_plugin_hwaddr_phys_addr(const struct qemu_plugin_hwaddr *haddr);
+
+EXPORT int qemu_plugin_version = 7;
+
+/* ---- log file ---------------------------------------------------------------------------------- */
+#define WLOG_MAGIC "WLOGv001"
+#define WLOG_VERSION 1u
+#define WLOG_PAGE_SHIFT 12u
+#define WLOG_HEADER_SIZE 4096u
+
+/* Keep in sync with fph/writelog/tcg.py (HEADER_FORMAT). Counters are approximate statistics except
+ * lookup_failures and out_of_range, which are exact (fph treats a lookup failure as "everything dirty"). */
+struct wlog_header {
+    char magic[8];                  /* 0   "WLOGv001" */
+    uint32_t version;               /* 8   1 */
+    uint32_t page_shift;            /* 12  12 */
+    uint64_t nbits;                 /* 16  pages of guest-physical span */
+    uint64_t bitmap_off;            /* 24  4096 */
+    uint64_t bitmap_bytes;          /* 32  8 * ceil(nbits / 64) */
+    uint64_t ram_span;              /* 40  ram= argument, bytes */
+    uint32_t attach_pid;            /* 48  pid of the QEMU that attached last */
+    uint32_t attach_count;          /* 52  installs of the plugin on this file */
+    uint64_t stores;                /* 56  RAM stores logged (flushed per vCPU every 4096) */
+    uint64_t io_skipped;            /* 64  stores to I/O, not logged */
+    uint64_t straddles;             /* 72  page-straddling stores (second page looked up) */
+    uint64_t lookup_failures;       /* 80  hwaddr lookups that failed: a store not logged */
+    uint64_t out_of_range;          /* 88  non-I/O stores beyond nbits (ROM above RAM, or ram= too small) */
+    uint64_t last_out_of_range_gpa; /* 96 */
+    uint64_t harvests;              /* 104 harvests by fph_wlog_harvest_file */
+};
+
+_Static_assert(sizeof(struct wlog_header) == 112, "header layout");
+
+struct wlog {
+    struct wlog_header *hdr;
+    uint64_t *bits;
+    uint64_t nbits;
+};
+
+/* A lookup of the guest-physical address of vaddr: returns 0 and sets *gpa / *is_io, or -1. */
+typedef int (*wlog_lookup_fn)(void *ctx, uint64_t vaddr, uint64_t *gpa, int *is_io);
+
+static inline void wlog_set(struct wlog *w, uint64_t gpa)
+{
+    uint64_t page = gpa >> WLOG_PAGE_SHIFT;
+    if (page >= w->nbits) {
+        __atomic_fetch_add(&w->hdr->out_of_range, 1, __ATOMIC_RELAXED);
+        __atomic_store_n(&w->hdr->last_out_of_range_gpa, gpa, __ATOMIC_RELAXED);
+        return;
+    }
+    __atomic_fetch_or(&w->bits[page >> 6], (uint64_t)1 << (page & 63), __ATOMIC_SEQ_CST);
+}
+
+/* Record one store of `size` bytes at `vaddr`. Returns the number of pages marked (0 for I/O). Shared
+ * by the plugin callback and by fph's in-process tests (through fph_wlog_record_store). */
+static inline int wlog_record(struct wlog *w, uint64_t vaddr, uint64_t size, wlog_lookup_fn lookup, void *ctx)
+{
+    uint64_t gpa;
+    int io, marked = 0;
+    if (lookup(ctx, vaddr, &gpa, &io) != 0) {
+        __atomic_fetch_add(&w->hdr->lookup_failures, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+    if (io) {
+        __atomic_fetch_add(&w->hdr->io_skipped, 1, __ATOMIC_RELAXED);
+    } else {
+        wlog_set(w, gpa);
+        marked++;
+    }
+    uint64_t last = vaddr + size - 1;
+    if (size > 1 && ((vaddr ^ last) >> WLOG_PAGE_SHIFT) != 0) {
+        __atomic_fetch_add(&w->hdr->straddles, 1, __ATOMIC_RELAXED);
+        if (lookup(ctx, last, &gpa, &io) != 0) {
+            __atomic_fetch_add(&w->hdr->lookup_failures, 1, __ATOMIC_RELAXED);
+            return marked;
+        }
+        if (!io) {
+            wlog_set(w, gpa);
+            marked++;
+        }
+    }
+    return marked;
+}
+
+/* Validate an existing log file, or create it. Returns 0 and fills *w, or -1 with a message in err. */
+static int wlog_open(struct wlog *w, const char *path, uint64_t ram_span, int create, char *err, size_t errlen)
+{
+    uint64_t nbits = (ram_span + (1u << WLOG_PAGE_SHIFT) - 1) >> WLOG_PAGE_SHIFT;
+    uint64_t bytes = ((nbits + 63) / 64) * 8;
+    uint64_t total = WLOG_HEADER_SIZE + bytes;
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    bool created = false;
+    if (fd < 0 && errno == ENOENT && create) {
+        fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        created = fd >= 0;
+        if (created && ftruncate(fd, (off_t)total) != 0) {
+            snprintf(err, errlen, "cannot size %s to %" PRIu64 " bytes: %s", path, total, strerror(errno));
+            close(fd);
+            return -1;
+        }
+    }
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot open write log %s: %s", path, strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || (uint64_t)st.st_size != total) {
+        snprintf(err, errlen,
+                 "write log %s has %lld bytes, expected %" PRIu64 " for ram=%" PRIu64
+                 " (header + %" PRIu64 " bitmap bytes): was it created for another guest size?",
+                 path, (long long)st.st_size, total, ram_span, bytes);
+        close(fd);
+        return -1;
+    }
+    void *map = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) {
+        snprintf(err, errlen, "cannot map write log %s: %s", path, strerror(errno));
+        return -1;
+    }
+    struct wlog_header *h = map;
+    if (created) {
+        memcpy(h->magic, WLOG_MAGIC, 8);
+        h->version = WLOG_VERSION;
+        h->page_shift = WLOG_PAGE_SHIFT;
+        h->nbits = nbits;
+        h->bitmap_off = WLOG_HEADER_SIZE;
+        h->bitmap_bytes = bytes;
+        h->ram_span = ram_span;
+    }
+    const char *bad = NULL;
+    if (memcmp(h->magic, WLOG_MAGIC, 8) != 0)
+        bad = "bad magic (not an fph write log)";
+    else if (h->version != WLOG_VERSION)
+        bad = "unsupported header version";
+    else if (h->page_shift != WLOG_PAGE_SHIFT)
+        bad = "page shift is not 12";
+    else if (h->nbits != nbits)
+        bad = "nbits does not match the ram= argument";
+    else if (h->bitmap_off != WLOG_HEADER_SIZE || h->bitmap_bytes != bytes)
+        bad = "bitmap offset or size does not match";
+    if (bad) {
+        snprintf(err, errlen, "write log %s: %s (header nbits=%" PRIu64 ", ram=%" PRIu64 " gives %" PRIu64 ")",
+                 path, bad, h->nbits, ram_span, nbits);
+        munmap(map, total);
+        return -1;
+    }
+    w->hdr = h;
+    w->bits = (uint64_t *)((char *)map + WLOG_HEADER_SIZE);
+    w->nbits = nbits;
+    return 0;
+}
+
+/* ---- the plugin -------------------------------------------------------------------------------- */
+static struct wlog g_log;
+static __thread uint64_t t_stores;
+
+static int qemu_lookup(void *ctx, uint64_t vaddr, uint64_t *gpa, int *is_io)
+{
+    qemu_plugin_meminfo_t info = (qemu_plugin_meminfo_t)(uintptr_t)ctx;
+    /* The returned struct is per vCPU thread and reused by the next lookup: read it at once. */
+    struct qemu_plugin_hwaddr *h = qemu_plugin_get_hwaddr(info, vaddr);
+    if (!h)
+        return -1;
+    *is_io = qemu_plugin_hwaddr_is_io(h);
+    *gpa = qemu_plugin_hwaddr_phys_addr(h);
+    return 0;
+}
+
+static void vcpu_store(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint64_t vaddr, void *userdata)
+{
+    (void)vcpu_index;
+    (void)userdata;
+    uint64_t size = (uint64_t)1 << qemu_plugin_mem_size_shift(info);
+    wlog_record(&g_log, vaddr, size, qemu_lookup, (void *)(uintptr_t)info);
+    if (++t_stores == 4096) {
+        __atomic_fetch_add(&g_log.hdr->stores, t_stores, __ATOMIC_RELAXED);
+        t_stores = 0;
+    }
+}
+
+static void tb_trans(struct qemu_plugin_tb *tb, void *userdata)
+{
+    (void)userdata;
+    size_t n = qemu_plugin_tb_n_insns(tb);
+    for (size_t i = 0; i < n; i++) {
+        struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
+        qemu_plugin_register_vcpu_mem_cb(insn, vcpu_store, QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_MEM_W, NULL);
+    }
+}
+
+static int parse_size(const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 0);
+    if (errno || end == s)
+        return -1;
+    unsigned shift = 0;
+    switch (*end) {
+    case 'k': case 'K': shift = 10; end++; break;
+    case 'm': case 'M': shift = 20; end++; break;
+    case 'g': case 'G': shift = 30; end++; break;
+    case 't': case 'T': shift = 40; end++; break;
+    default: break;
+    }
+    if (*end != '\0' || (shift && (v >> (64 - shift)) != 0) || v == 0)
+        return -1;
+    *out = (uint64_t)v << shift;
+    return 0;
+}
+
+EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, char **argv)
+{
+    (void)info;
+    const char *path = NULL;
+    uint64_t span = 0;
+    for (int i = 0; i < argc; i++) {
+        if (strncmp(argv[i], "log=", 4) == 0) {
+            path = argv[i] + 4;
+        } else if (strncmp(argv[i], "ram=", 4) == 0) {
+            if (parse_size(argv[i] + 4, &span) != 0) {
+                fprintf(stderr, "fph writelog: bad ram=%s (bytes, or a number with K/M/G/T)\n", argv[i] + 4);
+                return -1;
+            }
+        } else {
+            fprintf(stderr, "fph writelog: unknown argument %s (expected log=<file>,ram=<GPA span>)\n",
+                    argv[i]);
+            return -1;
+        }
+    }
+    if (!path || !span) {
+        fprintf(stderr, "fph writelog: needs log=<file>,ram=<GPA span>\n");
+        return -1;
+    }
+    char err[512];
+    if (wlog_open(&g_log, path, span, 1, err, sizeof(err)) != 0) {
+        fprintf(stderr, "fph writelog: %s\n", err);
+        return -1;
+    }
+    __atomic_store_n(&g_log.hdr->attach_pid, (uint32_t)getpid(), __ATOMIC_RELAXED);
+    __atomic_fetch_add(&g_log.hdr->attach_count, 1, __ATOMIC_SEQ_CST);
+    qemu_plugin_register_vcpu_tb_trans_cb(id, tb_trans, NULL);
+    return 0;
+}
+
+/* ---- helpers for fph's process (ctypes) -------------------------------------------------------- */
+
+/* Atomic fetch-and-clear of nwords words (like KVM_GET_DIRTY_LOG): out[i] = exchange(log[i], 0).
+ * A word read as zero is left alone: that read is its linearisation point, and any later OR belongs to
+ * the next harvest. Returns the number of non-zero words taken. */
+EXPORT size_t fph_wlog_harvest(uint64_t *log, uint64_t *out, size_t nwords)
+{
+    size_t taken = 0;
+    for (size_t i = 0; i < nwords; i++) {
+        if (__atomic_load_n(&log[i], __ATOMIC_RELAXED) == 0) {
+            out[i] = 0;
+            continue;
+        }
+        out[i] = __atomic_exchange_n(&log[i], 0, __ATOMIC_SEQ_CST);
+        taken += out[i] != 0;
+    }
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return taken;
+}
+
+/* Mark pages[0..n) with the plugin's atomic OR; used by tests as a concurrent writer (GIL released). */
+EXPORT void fph_wlog_mark_pages(uint64_t *log, const uint64_t *pages, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        __atomic_fetch_or(&log[pages[i] >> 6], (uint64_t)1 << (pages[i] & 63), __ATOMIC_SEQ_CST);
+}
+
+/* The same store path as the plugin callback, with a caller-supplied lookup (tests: a fake page table
+ * with physically non-adjacent pages). `file` is the mapped log file (header at offset 0). */
+EXPORT int fph_wlog_record_store(void *file, uint64_t vaddr, uint64_t size, wlog_lookup_fn lookup, void *ctx)
+{
+    struct wlog w;
+    w.hdr = file;
+    w.bits = (uint64_t *)((char *)file + WLOG_HEADER_SIZE);
+    w.nbits = w.hdr->nbits;
+    return wlog_record(&w, vaddr, size, lookup, ctx);
+}
+
+/* Open (validating, not creating) a log file the way the plugin does; 0 or -1 with a message. Lets fph
+ * check a file against the plugin's own rules before starting QEMU. */
+EXPORT int fph_wlog_check_file(const char *path, uint64_t ram_span, char *err, size_t errlen)
+{
+    struct wlog w;
+    if (wlog_open(&w, path, ram_span, 0, err, errlen) != 0)
+        return -1;
+    munmap(w.hdr, WLOG_HEADER_SIZE + w.hdr->bitmap_bytes);
+    return 0;
+}
