@@ -1,0 +1,312 @@
+"""Precopy rounds over the dirty bitmap: what fph sends, in which order, and when it stops iterating.
+
+Each round (the epoch rule, ``fph/dirty_bitmap.py``): STOP the guest's hint run and close the epoch,
+harvest the write log atomically into the bitmap, issue a new command id and open its epoch, then send
+every dirty page. Round 0 starts with every RAM page dirty and, when a balloon is attached, waits for
+the guest to finish its first hint run before sending, so the free memory it reports is never sent.
+
+Pages are sent as data, as zero markers, or not at all when they are zero and the destination is
+known to hold zeros. Every page the destination now holds is fingerprinted; at switchover, with the
+guest stopped, ``verify_and_resend`` re-reads every page ever sent and resends those whose content no
+longer matches what was sent (the TCG write log misses PTE Accessed/Dirty bits set by the page walker).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from fph.dirty_bitmap import SEND_DATA, SEND_ZERO, SKIP_ZERO, DirtyBitmap, zero_page_flags
+from fph.ram_layout import PAGE_SHIFT, PAGE_SIZE
+from fph.sender.channel import SourceChannel
+from fph.sender.pagehash import page_hashes
+from fph.sender.ram import RamFile
+from fph.sender.wire import MAX_FRAME_PAGES
+
+log = logging.getLogger(__name__)
+
+ZERO_PAGE_HASH = int(page_hashes(np.zeros(PAGE_SIZE, dtype=np.uint8))[0])
+
+
+class HintControl(Protocol):
+    """The balloon device's control API as the sender needs it (``fph.hint_receiver.BalloonControl``)."""
+
+    def request_hints(self) -> int: ...
+
+    def stop_hints(self) -> None: ...
+
+    def done(self) -> None: ...
+
+    def status(self) -> Any: ...
+
+
+Harvest = Callable[[], npt.NDArray[np.uint64]]
+"""An atomic fetch-and-clear of the write log(s), in DirtyBitmap word layout."""
+
+
+@dataclass
+class PrecopyConfig:
+    max_rounds: int = 30
+    downtime_limit_ms: float = 300.0
+    """Switch over once the pages left would take at most this long at the measured rate."""
+    min_rounds: int = 1
+    bandwidth: int | None = None
+    first_hint_wait_s: float = 5.0
+    """Round 0 waits at most this long for the guest to finish its first hint run."""
+    take_budget_bytes: int = 64 << 20
+
+
+@dataclass
+class RoundStats:
+    round: int
+    dirty_at_start: int = 0
+    pages_data: int = 0
+    pages_zero_sent: int = 0
+    pages_zero_skipped: int = 0
+    bytes_on_wire: int = 0
+    hint_cmd_id: int | None = None
+    hint_wait_ms: float = 0.0
+    hinted_pages: int = 0
+    hint_bits_cleared: int = 0
+    redirtied_after_hint: int = 0
+    harvest_ms: float = 0.0
+    send_ms: float = 0.0
+    ms: float = 0.0
+    dirty_rate_pps: float = 0.0
+
+
+@dataclass
+class PrecopyResult:
+    rounds: list[RoundStats] = field(default_factory=list)
+    final: RoundStats | None = None
+    verify_pages_checked: int = 0
+    verify_pages_resent: int = 0
+    verify_ms: float = 0.0
+    converged: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Precopy:
+    """Runs the rounds for one source VM; the caller owns QEMU (stop, device_del, migrate, cont)."""
+
+    def __init__(
+        self,
+        bitmap: DirtyBitmap,
+        ram: RamFile,
+        channel: SourceChannel,
+        harvest: Harvest,
+        hints: HintControl | None = None,
+        config: PrecopyConfig | None = None,
+    ) -> None:
+        self.bitmap = bitmap
+        self.ram = ram
+        self.channel = channel
+        self.harvest = harvest
+        self.hints = hints
+        self.config = config or PrecopyConfig()
+        self.sent_hash = np.zeros(bitmap.nbits, dtype=np.uint64)
+        self.result = PrecopyResult()
+        self.round = 0
+        self._rate_bps = 0.0
+        self._dirty_rate = 0.0
+        self._last_harvest = time.monotonic()
+        self._hashbuf = np.empty(MAX_FRAME_PAGES, dtype=np.uint64)
+
+    # ------------------------------------------------------------------------------------- rounds
+
+    def start(self) -> None:
+        """Arm: discard what the log holds (every page is about to be dirty anyway), mark all dirty."""
+        self.harvest()
+        self._last_harvest = time.monotonic()
+        self.bitmap.mark_all()
+
+    def sync(self, *, new_epoch: bool) -> tuple[int, float]:
+        """Close the hint epoch, harvest the write log, and (if asked) issue a fresh id. The order is
+        the safety argument: harvest before issue, so every write after the id is in the next log."""
+        if self.hints is not None:
+            self.hints.stop_hints()
+        self.bitmap.close_epoch()
+        t0 = time.monotonic()
+        newly = self.bitmap.merge_write_log(self.harvest())
+        harvest_ms = (time.monotonic() - t0) * 1e3
+        elapsed = t0 - self._last_harvest
+        self._last_harvest = t0
+        self._dirty_rate = newly / elapsed if elapsed > 0 else 0.0
+        if new_epoch and self.hints is not None:
+            cmd_id = self.hints.request_hints()
+            self.bitmap.open_epoch(cmd_id)
+        return newly, harvest_ms
+
+    def run_round(self) -> RoundStats:
+        cfg = self.config
+        rs = RoundStats(round=self.round)
+        t0 = time.monotonic()
+        before = self.bitmap.stats.as_dict()
+        if self.round == 0:
+            if self.hints is not None:
+                rs.hint_cmd_id = self.hints.request_hints()
+                self.bitmap.open_epoch(rs.hint_cmd_id)
+                rs.hint_wait_ms = self._wait_first_hint_run(cfg.first_hint_wait_s) * 1e3
+        else:
+            _newly, rs.harvest_ms = self.sync(new_epoch=True)
+            rs.dirty_rate_pps = self._dirty_rate
+            rs.hint_cmd_id = self.bitmap.epoch
+        rs.dirty_at_start = self.bitmap.count_dirty()
+        ts = time.monotonic()
+        self._send_dirty(rs)
+        rs.send_ms = (time.monotonic() - ts) * 1e3
+        after = self.bitmap.stats.as_dict()
+        rs.hinted_pages = after["hinted_pages"] - before["hinted_pages"]
+        rs.hint_bits_cleared = after["hint_bits_cleared"] - before["hint_bits_cleared"]
+        rs.redirtied_after_hint = after["redirtied_after_hint"] - before["redirtied_after_hint"]
+        self.channel.end_round(self.round, {"pages": rs.pages_data, "zero": rs.pages_zero_sent})
+        rs.ms = (time.monotonic() - t0) * 1e3
+        if rs.send_ms > 0 and rs.bytes_on_wire > (4 << 20):
+            self._rate_bps = rs.bytes_on_wire / (rs.send_ms / 1e3)
+        self.result.rounds.append(rs)
+        log.info("round %d: %s", self.round, rs)
+        self.round += 1
+        return rs
+
+    def _wait_first_hint_run(self, limit_s: float) -> float:
+        """Wait until the guest ends its hint run with its STOP (the device leaves REQUESTED/START for
+        STOP on its own), at most ``limit_s``: free memory hinted before it is sent is never sent."""
+        assert self.hints is not None
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < limit_s:
+            st = self.hints.status()
+            state = getattr(st.state, "value", st.state)
+            if state == "stop" or getattr(st, "broken", None):
+                break
+            time.sleep(0.005)
+        return time.monotonic() - t0
+
+    def should_switch_over(self) -> bool:
+        """After a round: switch when what a harvest now would leave fits the downtime limit."""
+        cfg = self.config
+        if self.round >= cfg.max_rounds:
+            return True
+        if self.round < cfg.min_rounds:
+            return False
+        # Pages dirtied since the last harvest, extrapolated over the time the next round would take.
+        pending_pages = self._dirty_rate * max(1e-3, time.monotonic() - self._last_harvest)
+        rate = cfg.bandwidth or self._rate_bps or 1e9
+        expected_ms = pending_pages * PAGE_SIZE / rate * 1e3
+        self.result.converged = expected_ms <= cfg.downtime_limit_ms
+        return self.result.converged
+
+    def iterate(self, should_abort: Callable[[], bool] = lambda: False) -> None:
+        """Rounds until the downtime estimate fits (or the round limit); the guest keeps running."""
+        while True:
+            self.run_round()
+            if should_abort():
+                raise InterruptedError("precopy cancelled")
+            if self.should_switch_over():
+                return
+
+    # ---------------------------------------------------------------------------------- switchover
+
+    def final_round(self) -> RoundStats:
+        """With the guest stopped: close the epoch (no new id), harvest, send the rest."""
+        rs = RoundStats(round=self.round)
+        t0 = time.monotonic()
+        _newly, rs.harvest_ms = self.sync(new_epoch=False)
+        rs.dirty_at_start = self.bitmap.count_dirty()
+        ts = time.monotonic()
+        self._send_dirty(rs)
+        rs.send_ms = (time.monotonic() - ts) * 1e3
+        self.channel.end_round(self.round, {"pages": rs.pages_data, "final": True})
+        rs.ms = (time.monotonic() - t0) * 1e3
+        self.result.final = rs
+        self.round += 1
+        return rs
+
+    def verify_and_resend(self) -> int:
+        """Re-read every page sent so far and resend those that changed since (the guest is stopped)."""
+        t0 = time.monotonic()
+        sent = np.unpackbits(self.bitmap.sent.view(np.uint8), bitorder="little")[: self.bitmap.nbits]
+        checked = resent = 0
+        for r in self.bitmap.layout:
+            first = r.gpa >> PAGE_SHIFT
+            n = r.size >> PAGE_SHIFT
+            step = 1 << 15  # 128 MiB of pages per pass
+            for off in range(0, n, step):
+                k = min(step, n - off)
+                p0 = first + off
+                mask = sent[p0 : p0 + k].astype(bool)
+                if not mask.any():
+                    continue
+                now = page_hashes(self.ram.pages(p0, k))
+                changed = np.flatnonzero(mask & (now != self.sent_hash[p0 : p0 + k]))
+                checked += int(mask.sum())
+                for run_start, run_len in _runs(changed):
+                    self._send_data(self.round, p0 + run_start, run_len)
+                    resent += run_len
+        self.result.verify_pages_checked = checked
+        self.result.verify_pages_resent = resent
+        self.result.verify_ms = (time.monotonic() - t0) * 1e3
+        return resent
+
+    # --------------------------------------------------------------------------------------- sending
+
+    def _send_dirty(self, rs: RoundStats) -> None:
+        start_bytes = self.channel.counters.bytes_on_wire
+        while True:
+            runs = self.bitmap.take_dirty_runs(self.config.take_budget_bytes)
+            if runs.size == 0:
+                break
+            for first, n in runs.tolist():
+                for off in range(0, n, MAX_FRAME_PAGES):
+                    self._send_chunk(rs, first + off, min(MAX_FRAME_PAGES, n - off))
+        rs.bytes_on_wire = self.channel.counters.bytes_on_wire - start_bytes
+
+    def _send_chunk(self, rs: RoundStats, first: int, n: int) -> None:
+        flags = zero_page_flags(self.ram.pages(first, n))
+        plan = self.bitmap.plan_send(first, flags)
+        for kind, start, length in _segments(plan):
+            p = first + start
+            if kind == SEND_DATA:
+                self._send_data(rs.round, p, length)
+                rs.pages_data += length
+            elif kind == SEND_ZERO:
+                self.channel.send_zeros(rs.round, p, length)
+                self.sent_hash[p : p + length] = ZERO_PAGE_HASH
+                rs.pages_zero_sent += length
+            elif kind == SKIP_ZERO:
+                self.sent_hash[p : p + length] = ZERO_PAGE_HASH
+                rs.pages_zero_skipped += length
+
+    def _send_data(self, round_: int, first: int, n: int) -> None:
+        for off in range(0, n, MAX_FRAME_PAGES):
+            k = min(MAX_FRAME_PAGES, n - off)
+            payload = self.channel.send_pages(round_, first + off, k)
+            page_hashes(payload, self._hashbuf[:k])
+            self.sent_hash[first + off : first + off + k] = self._hashbuf[:k]
+
+
+def _segments(plan: npt.NDArray[np.uint8]) -> list[tuple[int, int, int]]:
+    """(kind, start, length) for each run of equal verdicts."""
+    if plan.size == 0:
+        return []
+    edges = np.flatnonzero(np.diff(plan)) + 1
+    starts = np.concatenate(([0], edges))
+    ends = np.concatenate((edges, [plan.size]))
+    return [(int(plan[s]), int(s), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+
+
+def _runs(indexes: npt.NDArray[np.intp]) -> list[tuple[int, int]]:
+    """Consecutive index runs as (start, length)."""
+    if indexes.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(indexes) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [indexes.size]))
+    return [(int(indexes[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]

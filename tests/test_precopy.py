@@ -1,0 +1,256 @@
+"""Precopy rounds end to end over a real TCP data plane, with a simulated guest writing its RAM file.
+
+The "guest" is a thread that writes pages of the source RAM file and logs every write in a software write
+log with an atomic (locked) fetch-and-clear; the "balloon" hints free blocks through the bitmap's epoch.
+At the end the destination RAM file must equal the source byte for byte, except pages the guest hinted
+free and did not use again. A negative control (the write log ignored) must be caught by the same check.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fph.dirty_bitmap import DirtyBitmap
+from fph.ram_layout import PAGE_SIZE, RamLayout, RamRange
+from fph.sender.channel import ChannelError, Receiver, SourceChannel
+from fph.sender.precopy import Precopy, PrecopyConfig
+from fph.sender.ram import RamFile, RamFileError
+
+MiB = 1 << 20
+LAYOUT = RamLayout([RamRange(0, 48 * MiB, 0), RamRange(64 * MiB, 16 * MiB, 48 * MiB)])
+
+
+class SoftGuest:
+    """Writes random pages of RAM and logs them; hints 4 MiB blocks it declares free."""
+
+    def __init__(self, ram: RamFile, layout: RamLayout, seed: int = 1) -> None:
+        self.ram = ram
+        self.pages = np.array([p for r in layout for p in range(r.gpa >> 12, r.end >> 12)], dtype=np.int64)
+        self.log = np.zeros((layout.span_pages + 63) // 64, dtype=np.uint64)
+        self.lock = threading.Lock()
+        self.rng = np.random.default_rng(seed)
+        self.stop = threading.Event()
+        self.writes = 0
+        self.free_blocks: set[int] = set()  # GPAs of 4 MiB blocks the guest freed and hinted
+
+    def write(self, page: int) -> None:
+        with self.lock:
+            self.ram.pages(page, 1)[:] = self.rng.integers(1, 255, PAGE_SIZE, dtype=np.uint8)
+            self.log[page >> 6] |= np.uint64(1) << np.uint64(page & 63)
+            self.writes += 1
+            self.free_blocks.discard((page << 12) & ~(4 * MiB - 1))
+
+    def harvest(self) -> np.ndarray:
+        with self.lock:
+            words = self.log.copy()
+            self.log[:] = 0
+            return words
+
+    def run(self, pages_per_s: float) -> None:
+        while not self.stop.is_set():
+            self.write(int(self.rng.choice(self.pages)))
+            time.sleep(1 / pages_per_s)
+
+
+class FakeBalloon:
+    """HintControl whose guest hints ``blocks`` (free, zero-filled like init_on_alloc=1) on each request."""
+
+    def __init__(self, bitmap: DirtyBitmap, guest: SoftGuest, blocks: list[int]) -> None:
+        self.bitmap, self.guest, self.blocks = bitmap, guest, blocks
+        self.cmd = 0x8000_0000
+        self.state = "stop"
+        self.dones = 0
+
+    def request_hints(self) -> int:
+        self.cmd += 1
+        self.state = "requested"
+        threading.Timer(0.02, self._hint, args=(self.cmd,)).start()
+        return self.cmd
+
+    def _hint(self, cmd: int) -> None:
+        blocks, self.blocks = self.blocks, []  # a block stays held by the driver: hinted once
+        for gpa in blocks:
+            with self.guest.lock:  # the driver zeroes each block after the id, then hints it
+                self.guest.ram.pages(gpa >> 12, 1024)[:] = 0
+                for p in range(gpa >> 12, (gpa >> 12) + 1024):
+                    self.guest.log[p >> 6] |= np.uint64(1) << np.uint64(p & 63)
+                self.guest.free_blocks.add(gpa)
+            self.bitmap.apply_hints(cmd, [(gpa, 4 * MiB)])
+        self.state = "stop"
+
+    def stop_hints(self) -> None:
+        self.state = "stop"
+
+    def done(self) -> None:
+        self.dones += 1
+
+    def status(self) -> object:
+        return type("S", (), {"state": self.state, "broken": None})()
+
+
+@pytest.fixture
+def ram_files(tmp_path: Path) -> Iterator[tuple[RamFile, RamFile]]:
+    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else tmp_path
+    src_path, dst_path = base / f"fph-test-src-{os.getpid()}.ram", base / f"fph-test-dst-{os.getpid()}.ram"
+    for p in (src_path, dst_path):
+        with open(p, "wb") as f:
+            f.truncate(LAYOUT.ram_bytes)
+    src, dst = RamFile(src_path, LAYOUT, writable=True), RamFile(dst_path, LAYOUT, writable=True)
+    rng = np.random.default_rng(7)
+    src.buf[: 40 * MiB] = rng.integers(0, 255, 40 * MiB, dtype=np.uint8)  # data; the rest zero
+    src.buf[56 * MiB : 60 * MiB] = 0x5A
+    try:
+        yield src, dst
+    finally:
+        src.close()
+        dst.close()
+        for p in (src_path, dst_path):
+            p.unlink(missing_ok=True)
+
+
+def migrate(
+    src: RamFile, dst: RamFile, *, ignore_log: bool, hint_blocks: list[int], rate: float, verify: bool = True
+) -> tuple:
+    bitmap = DirtyBitmap(LAYOUT)
+    guest = SoftGuest(src, LAYOUT)
+    receiver = Receiver(dst)
+    addr = receiver.start()
+    channel = SourceChannel(addr, RamFile(src.path, LAYOUT, writable=False))
+    channel.connect()
+    empty = np.zeros_like(guest.log)
+    harvest = (lambda: (guest.harvest(), empty)[1]) if ignore_log else guest.harvest
+    balloon = FakeBalloon(bitmap, guest, hint_blocks)
+    pc = Precopy(
+        bitmap,
+        channel.ram,
+        channel,
+        harvest,
+        balloon,
+        PrecopyConfig(max_rounds=4, min_rounds=3, first_hint_wait_s=2),
+    )
+    writer = threading.Thread(target=guest.run, args=(rate,), daemon=True)
+    pc.start()
+    writer.start()
+    pc.iterate()
+    guest.stop.set()  # "stop" the VM
+    writer.join()
+    pc.final_round()
+    if verify:
+        pc.verify_and_resend()
+    ack = channel.finish({"rounds": pc.round})
+    result = receiver.wait(10)
+    channel.close()
+    return pc, guest, ack, result
+
+
+def differing_pages(src: RamFile, dst: RamFile, guest: SoftGuest) -> list[int]:
+    a = src.buf.reshape(-1, PAGE_SIZE)
+    b = dst.buf.reshape(-1, PAGE_SIZE)
+    diff = np.flatnonzero((a != b).any(axis=1))
+    free = {(blk >> 12) + i for blk in guest.free_blocks for i in range(1024)}
+    return [
+        int(LAYOUT.offset_to_gpa(int(d) * PAGE_SIZE) >> 12)
+        for d in diff
+        if int(LAYOUT.offset_to_gpa(int(d) * PAGE_SIZE) >> 12) not in free
+    ]
+
+
+def test_destination_equals_source_with_a_running_guest_and_hints(ram_files: tuple[RamFile, RamFile]) -> None:
+    src, dst = ram_files
+    hinted = [8 * MiB, 12 * MiB, 44 * MiB, 68 * MiB]
+    pc, guest, ack, result = migrate(src, dst, ignore_log=False, hint_blocks=hinted, rate=2000)
+    assert result.ok, result.error
+    assert guest.writes > 20
+    assert differing_pages(src, dst, guest) == []
+    r0 = pc.result.rounds[0]
+    assert r0.hinted_pages == 4 * 1024 and r0.hint_wait_ms < 2000
+    # zeroed hinted blocks never went on the wire as data; zero pages the destination holds are skipped
+    sent_data = sum(r.pages_data for r in pc.result.rounds) + pc.result.final.pages_data
+    assert sent_data < (48 + 16) * 256 - 4 * 1024
+    assert pc.result.rounds[0].pages_zero_skipped > 0
+    assert ack["counters"]["pages"] == sum(r.pages_data for r in [*pc.result.rounds, pc.result.final]) + (
+        pc.result.verify_pages_resent
+    )
+
+
+def test_negative_control_ignoring_the_write_log_is_caught(ram_files: tuple[RamFile, RamFile]) -> None:
+    src, dst = ram_files
+    _pc, guest, _ack, result = migrate(src, dst, ignore_log=True, hint_blocks=[], rate=2000, verify=False)
+    assert result.ok  # the stream itself is fine...
+    assert differing_pages(src, dst, guest), (
+        "ignoring the write log must lose writes"
+    )  # ...but it lost writes
+
+
+def test_the_switchover_check_does_not_cover_reused_hinted_pages(ram_files: tuple[RamFile, RamFile]) -> None:
+    """With the log ignored, re-reading sent pages still catches writes to them, but not to hinted blocks
+    the guest took back and wrote: only the write log covers those. Writes go to hinted blocks only."""
+    src, dst = ram_files
+    bitmap = DirtyBitmap(LAYOUT)
+    guest = SoftGuest(src, LAYOUT)
+    receiver = Receiver(dst)
+    channel = SourceChannel(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
+    channel.connect()
+    balloon = FakeBalloon(bitmap, guest, [8 * MiB])
+    pc = Precopy(bitmap, channel.ram, channel, lambda: np.zeros(bitmap.nwords, dtype=np.uint64), balloon)
+    pc.start()
+    pc.run_round()
+    guest.write((8 * MiB >> 12) + 3)  # the guest's shrinker took the block back and wrote it
+    pc.run_round()
+    pc.final_round()
+    assert pc.verify_and_resend() == 0
+    channel.finish({})
+    assert receiver.wait(10).ok
+    assert differing_pages(src, dst, guest) == [(8 * MiB >> 12) + 3]
+
+
+def test_verify_resends_pages_changed_without_a_logged_store(ram_files: tuple[RamFile, RamFile]) -> None:
+    """TCG's page walker sets PTE A/D bits with no logged store: the switchover check finds them."""
+    src, dst = ram_files
+    bitmap = DirtyBitmap(LAYOUT)
+    receiver = Receiver(dst)
+    channel = SourceChannel(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
+    channel.connect()
+    pc = Precopy(bitmap, channel.ram, channel, lambda: np.zeros(bitmap.nwords, dtype=np.uint64))
+    pc.start()
+    pc.run_round()
+    src.buf[5 * PAGE_SIZE + 8] ^= 0x20  # an "Accessed" bit, not in any log
+    src.buf[50 * MiB + 16] = 0x40  # a zero page (skipped) that changed: also caught
+    pc.final_round()
+    assert pc.final_round().pages_data == 0
+    assert pc.verify_and_resend() == 2
+    channel.finish({})
+    assert receiver.wait(10).ok
+    assert np.array_equal(src.buf, dst.buf)
+
+
+def test_receiver_failure_reaches_the_source(ram_files: tuple[RamFile, RamFile]) -> None:
+    src, dst = ram_files
+    receiver = Receiver(dst)
+    channel = SourceChannel(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
+    channel.connect()
+    channel.send_pages(0, 0, 1)
+    receiver.stop()  # the destination goes away mid-stream
+    with pytest.raises(ChannelError):
+        for i in range(2000):
+            channel.send_pages(0, i % 1000, 16)
+            channel.end_round(0, {})
+    assert not receiver.wait(5).ok
+
+
+def test_unreachable_destination_and_bad_ram_file(tmp_path: Path) -> None:
+    with pytest.raises(ChannelError, match="cannot reach"):
+        SourceChannel(("127.0.0.1", 1), None, timeout=2).connect()  # type: ignore[arg-type]
+    small = tmp_path / "small.ram"
+    small.write_bytes(b"\0" * PAGE_SIZE)
+    with pytest.raises(RamFileError, match="holds 4096 bytes"):
+        RamFile(small, LAYOUT, writable=False)
+    with pytest.raises(RamFileError, match="cannot open"):
+        RamFile(tmp_path / "missing.ram", LAYOUT, writable=False)
