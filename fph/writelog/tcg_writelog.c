@@ -146,7 +146,9 @@ static inline int wlog_record(struct wlog *w, uint64_t vaddr, uint64_t size, wlo
             __atomic_fetch_add(&w->hdr->lookup_failures, 1, __ATOMIC_RELAXED);
             return marked;
         }
-        if (!io) {
+        if (io) {
+            __atomic_fetch_add(&w->hdr->io_skipped, 1, __ATOMIC_RELAXED);
+        } else {
             wlog_set(w, gpa);
             marked++;
         }
