@@ -712,8 +712,18 @@ class BalloonControl:
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(self._timeout)
 
-    def request_hints(self) -> int:
-        return self._call(self.device.request_hints)
+    def request_hints(self, on_issue: Callable[[int], None] | None = None) -> int:
+        """Start a hint run. ``on_issue(id)`` runs on the device's loop in the same step as the id is
+        issued, so nothing of that id can reach the sink first (the migration opens its bitmap epoch
+        there: a hint arriving before the epoch opened would be dropped as stale)."""
+
+        def issue() -> int:
+            cmd_id = self.device.request_hints()
+            if on_issue is not None:
+                on_issue(cmd_id)
+            return cmd_id
+
+        return self._call(issue)
 
     def stop_hints(self) -> None:
         self._call(self.device.stop_hints)

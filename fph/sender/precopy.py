@@ -37,7 +37,10 @@ ZERO_PAGE_HASH = int(page_hashes(np.zeros(PAGE_SIZE, dtype=np.uint8))[0])
 class HintControl(Protocol):
     """The balloon device's control API as the sender needs it (``fph.hint_receiver.BalloonControl``)."""
 
-    def request_hints(self) -> int: ...
+    def request_hints(self, on_issue: Callable[[int], None] | None = None) -> int:
+        """Start a hint run. ``on_issue(id)`` runs before the guest can see the id (on the device's
+        loop, with the config change), so the bitmap opens the epoch before any hint of it can arrive."""
+        ...
 
     def stop_hints(self) -> None: ...
 
@@ -113,6 +116,8 @@ class Precopy:
         self.hints = hints
         self.config = config or PrecopyConfig()
         self.sent_hash = np.zeros(bitmap.nbits, dtype=np.uint64)
+        self.on_wire = np.zeros(bitmap.nbits, dtype=np.uint8)
+        """1 for pages whose content went on the wire (data or a zero marker): what the check re-reads."""
         self.result = PrecopyResult()
         self.round = 0
         self._rate_bps = 0.0
@@ -141,8 +146,7 @@ class Precopy:
         self._last_harvest = t0
         self._dirty_rate = newly / elapsed if elapsed > 0 else 0.0
         if new_epoch and self.hints is not None:
-            cmd_id = self.hints.request_hints()
-            self.bitmap.open_epoch(cmd_id)
+            self.hints.request_hints(on_issue=self.bitmap.open_epoch)
         return newly, harvest_ms
 
     def run_round(self) -> RoundStats:
@@ -152,9 +156,13 @@ class Precopy:
         before = self.bitmap.stats.as_dict()
         if self.round == 0:
             if self.hints is not None:
-                rs.hint_cmd_id = self.hints.request_hints()
-                self.bitmap.open_epoch(rs.hint_cmd_id)
+                self.hints.request_hints(on_issue=self.bitmap.open_epoch)
                 rs.hint_wait_ms = self._wait_first_hint_run(cfg.first_hint_wait_s) * 1e3
+                # The first run is over: sync once more before sending, so the pages the guest wrote
+                # while hinting (with init_on_alloc=1 the driver zeroes every block it hints) are
+                # merged now and sent once, instead of being sent and then sent again in round 1.
+                _newly, rs.harvest_ms = self.sync(new_epoch=True)
+                rs.hint_cmd_id = self.bitmap.epoch
         else:
             _newly, rs.harvest_ms = self.sync(new_epoch=True)
             rs.dirty_rate_pps = self._dirty_rate
@@ -230,9 +238,13 @@ class Precopy:
         return rs
 
     def verify_and_resend(self) -> int:
-        """Re-read every page sent so far and resend those that changed since (the guest is stopped)."""
+        """Re-read every page sent so far and resend those that changed since (the guest is stopped).
+
+        Pages skipped as zero were not sent: one that is no longer zero had a logged store (a PTE is
+        written before the walker can set its A/D bits), so the final harvest already resent it.
+        """
         t0 = time.monotonic()
-        sent = np.unpackbits(self.bitmap.sent.view(np.uint8), bitorder="little")[: self.bitmap.nbits]
+        sent = self.on_wire
         checked = resent = 0
         for r in self.bitmap.layout:
             first = r.gpa >> PAGE_SHIFT
@@ -279,6 +291,7 @@ class Precopy:
             elif kind == SEND_ZERO:
                 self.channel.send_zeros(rs.round, p, length)
                 self.sent_hash[p : p + length] = ZERO_PAGE_HASH
+                self.on_wire[p : p + length] = 1
                 rs.pages_zero_sent += length
             elif kind == SKIP_ZERO:
                 self.sent_hash[p : p + length] = ZERO_PAGE_HASH
@@ -290,6 +303,7 @@ class Precopy:
             payload = self.channel.send_pages(round_, first + off, k)
             page_hashes(payload, self._hashbuf[:k])
             self.sent_hash[first + off : first + off + k] = self._hashbuf[:k]
+            self.on_wire[first + off : first + off + k] = 1
 
 
 def _segments(plan: npt.NDArray[np.uint8]) -> list[tuple[int, int, int]]:

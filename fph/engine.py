@@ -1,0 +1,545 @@
+"""fph mode: fph moves the guest's RAM itself, skipping what the guest hinted free; QEMU moves device state.
+
+Sequence (qemu-lab.md §6(c), free-page-hint-protocol.md §7)::
+
+    setup       destination receiver maps the destination RAM file; both QEMUs get x-ignore-shared;
+                the destination listens (migrate-incoming); the write log is armed; every page dirty
+    rounds      STOP hints, harvest the write log, issue a new hint id, send dirty pages (guest running)
+    switchover  STOP hints; device_del the balloon (the guest takes back its hinted blocks) and wait for
+                DEVICE_DELETED; stop the source; final harvest and send; re-read every page sent and
+                resend what changed (TCG's page walker sets PTE A/D bits without a logged store);
+                FINISH (the destination confirms every page landed); QEMU migrates device state only
+    resume      cont on the destination; plug a fresh balloon there (chardev-add + device_add)
+
+Every failure aborts cleanly: the data channel is told, the destination QEMU is torn down, the source
+resumes (cont) and gets its balloon back (device_add) or, if the balloon is still there, DONE, so the
+guest never keeps its hinted memory because fph failed. The error says which phase failed and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fph.dirty_bitmap import DirtyBitmap
+from fph.migration_hook import (
+    FINAL_STATUSES,
+    HookDispatcher,
+    HookEvent,
+    HookListener,
+    HookPoint,
+    figures_final,
+    job_stats,
+)
+from fph.qmp import QMPConnection, QMPError
+from fph.ram_layout import PAGE_SIZE, RamLayout
+from fph.sender.channel import Receiver, ReceiverResult, SourceChannel
+from fph.sender.precopy import HintControl, Precopy, PrecopyConfig, RoundStats
+from fph.sender.ram import RamFile
+from fph.writelog.base import WriteLog
+from fph.writelog.device import DeviceWriteLog
+
+log = logging.getLogger(__name__)
+
+BALLOON_DEVICE_ARGS = {"virtio-id": 5, "num_vqs": 4, "config_size": 16, "vq_size": 1024}
+
+
+class Phase(enum.Enum):
+    SETUP = "setup"
+    ROUNDS = "rounds"
+    UNPLUG = "unplug"
+    STOPPED = "stopped"
+    DEVICE_STATE = "device-state"
+    RESUME = "resume"
+    DONE = "done"
+
+
+class FphMigrationError(RuntimeError):
+    """The fph migration failed in ``phase``; the source was resumed with its memory (see ``cleanup``)."""
+
+    def __init__(self, phase: Phase, cause: BaseException, cleanup: list[str]) -> None:
+        super().__init__(f"fph migration failed during {phase.value}: {type(cause).__name__}: {cause}")
+        self.phase = phase
+        self.cause = cause
+        self.cleanup = cleanup
+
+
+@dataclass
+class Balloon:
+    """Where fph's balloon device lives on each side: QEMU ids and the destination back-end socket."""
+
+    control: HintControl
+    device_id: str = "bal0"
+    chardev_id: str = "vu"
+    ring_ranges: Callable[[], list[tuple[int, int]]] | None = None
+    """GPA ranges of the device's used rings: fph writes them, no guest store logs them."""
+    destination_socket: str | None = None
+    """A back-end already listening for the destination's fresh balloon (None: no re-plug)."""
+
+
+@dataclass
+class FphConfig:
+    max_rounds: int = 30
+    downtime_limit_ms: float = 300.0
+    bandwidth: int | None = None
+    first_hint_wait_s: float = 5.0
+    verify_sent: bool = True
+    """Re-read every sent page at switchover (needed with the TCG write log)."""
+    data_host: str = "127.0.0.1"
+    device_deleted_timeout_s: float = 10.0
+    migrate_timeout_s: float = 60.0
+
+
+@dataclass
+class FphReport:
+    """libvirt job-stat names (as for native migrations) plus fph's hint and sender figures."""
+
+    mode: str
+    status: str
+    job_stats: dict[str, int]
+    fph: dict[str, Any]
+    rounds: list[dict[str, Any]]
+    qemu_device_state: dict[str, Any]
+    destination: dict[str, Any]
+    hooks: list[HookEvent] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def bytes(self) -> int:
+        return self.job_stats.get("memory_processed", 0)
+
+    @property
+    def normal_pages(self) -> int:
+        return self.job_stats.get("memory_normal", 0)
+
+    @property
+    def zero_pages(self) -> int:
+        return self.job_stats.get("memory_constant", 0)
+
+    @property
+    def total_ms(self) -> int:
+        return self.job_stats.get("time_elapsed", 0)
+
+    @property
+    def downtime_ms(self) -> int:
+        return self.job_stats.get("downtime", 0)
+
+    @property
+    def syncs(self) -> int:
+        return self.job_stats.get("memory_iteration", 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hooks"] = [{**asdict(h), "point": h.point.value} for h in self.hooks]
+        return d
+
+
+class FphMigration:
+    """One fph-mode migration between two QEMUs whose RAM lives in files both fph and QEMU map.
+
+    The destination QEMU runs with ``-incoming defer`` and the same devices as the source minus the
+    balloon (the balloon is unmigratable: it is unplugged before switchover and re-plugged after).
+    """
+
+    mode = "fph"
+
+    def __init__(
+        self,
+        *,
+        src_qmp: str,
+        dst_qmp: str,
+        uri: str,
+        layout: RamLayout,
+        src_ram: Path,
+        dst_ram: Path,
+        writelog: WriteLog,
+        balloon: Balloon | None = None,
+        config: FphConfig | None = None,
+        hooks: Iterable[HookListener] = (),
+    ) -> None:
+        self.src_qmp, self.dst_qmp, self.uri = src_qmp, dst_qmp, uri
+        self.layout = layout
+        self.src_ram_path, self.dst_ram_path = Path(src_ram), Path(dst_ram)
+        self.writelog = writelog
+        self.balloon = balloon
+        self.config = config or FphConfig()
+        self.dispatcher = HookDispatcher(hooks)
+        self.device_log = DeviceWriteLog(layout)
+        self.phase = Phase.SETUP
+        self.precopy: Precopy | None = None
+        self._cancel = False
+        self._rings: list[tuple[int, int]] = []
+        self._sync = 0
+
+    # -------------------------------------------------------------------------------------- helpers
+
+    def _harvest(self) -> npt.NDArray[np.uint64]:
+        """Atomic fetch-and-clear of the guest's write log, OR the pages fph itself wrote (used rings)."""
+        if self.balloon is not None and self.balloon.ring_ranges is not None:
+            with contextlib.suppress(Exception):  # device gone: keep the last known rings
+                self._rings = self.balloon.ring_ranges() or self._rings
+        for gpa, length in self._rings:
+            self.device_log.mark(gpa, length)
+        words = self.writelog.harvest(vcpus_stopped=self.phase is Phase.STOPPED)
+        return words | self.device_log.harvest()
+
+    async def _hook(self, point: HookPoint) -> None:
+        if point is HookPoint.BEFORE_SYNC:
+            self._sync += 1
+        await self.dispatcher.emit(HookEvent(point, self._sync, time.time(), observed=False))
+
+    def cancel(self) -> None:
+        """Ask the migration to stop at the next round boundary (it then aborts cleanly)."""
+        self._cancel = True
+
+    # ------------------------------------------------------------------------------------------ run
+
+    async def run(self) -> FphReport:
+        src = QMPConnection(self.src_qmp, "fph-engine-src")
+        dst = QMPConnection(self.dst_qmp, "fph-engine-dst")
+        await src.connect()
+        hold: dict[str, Any] = {}
+        state = {"balloon_removed": False, "src_stopped": False, "dst_running": False}
+        try:
+            await dst.connect()
+            return await self._run(src, dst, state, hold)
+        except BaseException as exc:
+            cleanup = await self._abort(src, dst, state, hold.get("channel"), hold.get("receiver"), exc)
+            raise FphMigrationError(self.phase, exc, cleanup) from exc
+        finally:
+            if "channel" in hold:
+                hold["channel"].close()
+            if "receiver" in hold:
+                hold["receiver"].stop()
+            for key in ("src_ram", "dst_ram"):
+                if key in hold:
+                    hold[key].close()
+            await src.close()
+            await dst.close()
+
+    async def _run(
+        self, src: QMPConnection, dst: QMPConnection, state: dict[str, bool], hold: dict[str, Any]
+    ) -> FphReport:
+        cfg = self.config
+        t_start = time.monotonic()
+        self.phase = Phase.SETUP
+        await self._hook(HookPoint.SETUP)
+        dst_ram = hold["dst_ram"] = RamFile(self.dst_ram_path, self.layout, writable=True)
+        prepare_s = await asyncio.to_thread(dst_ram.prepare_destination)
+        receiver = hold["receiver"] = Receiver(dst_ram, cfg.data_host)
+        address = receiver.start()
+        caps = [{"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]
+        for conn in (src, dst):
+            await conn.execute("migrate-set-capabilities", {"capabilities": caps})
+        await src.execute("migrate-set-parameters", {"downtime-limit": int(cfg.downtime_limit_ms)})
+        await dst.execute("migrate-incoming", {"uri": self.uri})
+        src_ram = hold["src_ram"] = RamFile(self.src_ram_path, self.layout, writable=False)
+        channel = hold["channel"] = SourceChannel(address, src_ram, bandwidth=cfg.bandwidth)
+        await asyncio.to_thread(channel.connect)
+        bitmap = DirtyBitmap(self.layout)
+        if self.balloon is not None:
+            _route_hints(self.balloon.control, bitmap)
+        self.writelog.start()
+        self.device_log.start()
+        pcfg = PrecopyConfig(
+            max_rounds=cfg.max_rounds,
+            downtime_limit_ms=cfg.downtime_limit_ms,
+            bandwidth=cfg.bandwidth,
+            first_hint_wait_s=cfg.first_hint_wait_s,
+        )
+        pc = self.precopy = Precopy(bitmap, src_ram, channel, self._harvest, self._hints(), pcfg)
+        t_setup = time.monotonic()
+
+        # ---- rounds, guest running
+        self.phase = Phase.ROUNDS
+        pc.start()
+        while True:
+            await self._hook(HookPoint.BEFORE_SYNC)
+            await asyncio.to_thread(pc.run_round)
+            await self._hook(HookPoint.AFTER_SYNC)
+            if self._cancel:
+                raise InterruptedError("cancelled by request")
+            if pc.should_switch_over():
+                break
+
+        # ---- switchover
+        self.phase = Phase.UNPLUG
+        t_unplug = time.monotonic()
+        if self.balloon is not None:
+            self.balloon.control.stop_hints()
+            bitmap.close_epoch()
+            await self._device_del(src, self.balloon.device_id)
+            state["balloon_removed"] = True
+        unplug_ms = (time.monotonic() - t_unplug) * 1e3
+        await src.execute("stop")
+        t_stop = time.monotonic()
+        state["src_stopped"] = True
+        self.phase = Phase.STOPPED
+        await self._hook(HookPoint.BEFORE_SYNC)
+        final = await asyncio.to_thread(pc.final_round)
+        await self._hook(HookPoint.AFTER_SYNC)
+        final_ms = (time.monotonic() - t_stop) * 1e3
+        if cfg.verify_sent:
+            await asyncio.to_thread(pc.verify_and_resend)
+        ack = await asyncio.to_thread(channel.finish, {"rounds": pc.round})
+        rx = await asyncio.to_thread(receiver.wait, 30.0)
+        if not rx.ok:
+            raise RuntimeError(f"destination receiver: {rx.error}")
+        t_pages_done = time.monotonic()
+
+        self.phase = Phase.DEVICE_STATE
+        device_state = await self._migrate_device_state(src)
+        await self._hook(HookPoint.COMPLETE)
+        self.phase = Phase.RESUME
+        await dst.execute("cont")
+        t_resumed = time.monotonic()
+        state["dst_running"] = True
+        replug_ms = None
+        if self.balloon is not None and self.balloon.destination_socket:
+            t = time.monotonic()
+            await self._plug(dst, self.balloon, self.balloon.destination_socket)
+            replug_ms = (time.monotonic() - t) * 1e3
+        await self._hook(HookPoint.CLEANUP)
+        self.phase = Phase.DONE
+        return self._report(
+            pc=pc,
+            final=final,
+            ack=ack,
+            rx=rx,
+            device_state=device_state,
+            times={
+                "start": t_start,
+                "setup": t_setup,
+                "stop": t_stop,
+                "pages_done": t_pages_done,
+                "resumed": t_resumed,
+            },
+            extra={
+                "unplug_ms": round(unplug_ms, 1),
+                "final_round_ms": round(final_ms, 1),
+                "replug_ms": None if replug_ms is None else round(replug_ms, 1),
+                "destination_prepare_s": round(prepare_s, 3),
+            },
+        )
+
+    def _hints(self) -> HintControl | None:
+        return self.balloon.control if self.balloon is not None else None
+
+    async def _device_del(self, conn: QMPConnection, device_id: str) -> None:
+        listener = conn.listener(("DEVICE_DELETED",))
+        try:
+            await conn.execute("device_del", {"id": device_id})
+            deadline = time.monotonic() + self.config.device_deleted_timeout_s
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"no DEVICE_DELETED for {device_id} in {self.config.device_deleted_timeout_s} s"
+                    )
+                ev = await asyncio.wait_for(listener.get(), remaining)
+                if _event_data(ev).get("device") == device_id:
+                    return
+        finally:
+            conn.remove_listener(listener)
+
+    async def _plug(self, conn: QMPConnection, balloon: Balloon, socket_path: str) -> None:
+        with contextlib.suppress(QMPError):  # a chardev of that id may be left from an earlier plug
+            await conn.execute("chardev-remove", {"id": balloon.chardev_id})
+        await conn.execute(
+            "chardev-add",
+            {
+                "id": balloon.chardev_id,
+                "backend": {
+                    "type": "socket",
+                    "data": {
+                        "addr": {"type": "unix", "data": {"path": socket_path}},
+                        "server": False,
+                        "reconnect-ms": 1000,
+                    },
+                },
+            },
+        )
+        await conn.execute(
+            "device_add",
+            {
+                "driver": "vhost-user-test-device-pci",
+                "id": balloon.device_id,
+                "chardev": balloon.chardev_id,
+                **BALLOON_DEVICE_ARGS,
+            },
+        )
+
+    async def _migrate_device_state(self, src: QMPConnection) -> dict[str, Any]:
+        listener = src.listener(("MIGRATION",))
+        try:
+            await src.execute("migrate", {"uri": self.uri})
+            deadline = time.monotonic() + self.config.migrate_timeout_s
+            status = "setup"
+            while status not in FINAL_STATUSES:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"device-state migration not finished in {self.config.migrate_timeout_s} s"
+                    )
+                try:
+                    ev = await asyncio.wait_for(listener.get(), min(remaining, 0.5))
+                    status = str(_event_data(ev).get("status", status))
+                except TimeoutError:
+                    status = str((await src.execute("query-migrate")).get("status", status))
+        finally:
+            src.remove_listener(listener)
+        info: dict[str, Any] = {}
+        for _ in range(100):
+            info = dict(await src.execute("query-migrate"))
+            if figures_final(info):
+                break
+            await asyncio.sleep(0.02)
+        if info.get("status") != "completed":
+            raise RuntimeError(f"QEMU device-state migration {info.get('status')}: {info.get('error-desc')}")
+        return info
+
+    # ---------------------------------------------------------------------------------------- abort
+
+    async def _abort(
+        self,
+        src: QMPConnection,
+        dst: QMPConnection,
+        state: dict[str, bool],
+        channel: SourceChannel | None,
+        receiver: Receiver | None,
+        exc: BaseException,
+    ) -> list[str]:
+        """Undo what can be undone; every step is attempted, and each one's outcome is reported."""
+        done: list[str] = []
+
+        async def attempt(what: str, action: Callable[[], Awaitable[Any]]) -> None:
+            try:
+                await action()
+                done.append(what)
+            except Exception as e:
+                done.append(f"{what} FAILED: {e}")
+
+        log.error("fph migration failed during %s: %s", self.phase.value, exc)
+        if channel is not None:
+            channel.abort(f"source aborted during {self.phase.value}: {exc}")
+            done.append("data channel aborted")
+        if receiver is not None:
+            receiver.stop()
+        if state["dst_running"]:
+            return done  # the guest runs on the destination: nothing to undo on the source
+        with contextlib.suppress(Exception):
+            await src.execute("migrate_cancel")
+        await attempt("destination QEMU quit", lambda: dst.execute("quit"))
+        if state["src_stopped"]:
+            await attempt("source resumed (cont)", lambda: src.execute("cont"))
+        if self.balloon is not None:
+            if state["balloon_removed"]:  # device_del keeps the chardev: add the device back on it
+                await attempt("balloon re-added on the source", lambda: self._readd(src))
+            else:
+                ctl = self.balloon.control
+                await attempt("DONE sent to the guest", lambda: asyncio.to_thread(ctl.done))
+        await self._hook(HookPoint.CLEANUP)
+        return done
+
+    async def _readd(self, src: QMPConnection) -> None:
+        assert self.balloon is not None
+        await src.execute(
+            "device_add",
+            {
+                "driver": "vhost-user-test-device-pci",
+                "id": self.balloon.device_id,
+                "chardev": self.balloon.chardev_id,
+                **BALLOON_DEVICE_ARGS,
+            },
+        )
+
+    # --------------------------------------------------------------------------------------- report
+
+    def _report(
+        self,
+        *,
+        pc: Precopy,
+        final: RoundStats,
+        ack: dict[str, Any],
+        rx: ReceiverResult,
+        device_state: dict[str, Any],
+        times: dict[str, float],
+        extra: dict[str, Any],
+    ) -> FphReport:
+        rounds = [*pc.result.rounds, final]
+        data_pages = sum(r.pages_data for r in rounds) + pc.result.verify_pages_resent
+        zero_sent = sum(r.pages_zero_sent for r in rounds)
+        zero_skipped = sum(r.pages_zero_skipped for r in rounds)
+        wire = pc.channel.counters.bytes_on_wire
+        qemu = job_stats(device_state)
+        qemu_bytes = qemu.get("memory_processed", 0)
+        elapsed_ms = (times["resumed"] - times["start"]) * 1e3
+        send_s = max(1e-6, sum(r.send_ms for r in rounds) / 1e3)
+        st = pc.bitmap.stats
+        stats = {
+            "memory_total": self.layout.ram_bytes,
+            "memory_processed": wire + qemu_bytes,
+            "memory_remaining": 0,
+            "memory_constant": zero_sent + zero_skipped,
+            "memory_normal": data_pages,
+            "memory_normal_bytes": data_pages * PAGE_SIZE,
+            "memory_dirty_rate": int(pc.result.rounds[-1].dirty_rate_pps) if pc.result.rounds else 0,
+            "memory_iteration": len(rounds),
+            "memory_page_size": PAGE_SIZE,
+            "memory_bps": int(wire / send_s),
+            "downtime": round((times["resumed"] - times["stop"]) * 1e3),
+            "setup_time": round((times["setup"] - times["start"]) * 1e3),
+            "time_elapsed": round(elapsed_ms),
+        }
+        fph = {
+            "hinted_bytes": st.hinted_pages * PAGE_SIZE,
+            "hint_bits_cleared": st.hint_bits_cleared,
+            "stale_hints_dropped": st.hints_dropped_stale,
+            "hints_rejected_invalid": st.hints_rejected_invalid,
+            "redirtied_after_hint": st.redirtied_after_hint,
+            "log_pages_marked": st.log_pages_marked,
+            "zero_pages_sent": zero_sent,
+            "zero_pages_skipped": zero_skipped,
+            "pages_resent_by_check": pc.result.verify_pages_resent,
+            "pages_checked_at_switchover": pc.result.verify_pages_checked,
+            "switchover_check_ms": round(pc.result.verify_ms, 1),
+            "bytes_on_wire": wire,
+            "qemu_device_state_bytes": qemu_bytes,
+            "converged": pc.result.converged,
+            "writelog": self.writelog.describe(),
+            **extra,
+        }
+        return FphReport(
+            mode=self.mode,
+            status="completed",
+            job_stats=stats,
+            fph=fph,
+            rounds=[asdict(r) for r in rounds],
+            qemu_device_state=device_state,
+            destination={"ack": ack, "receiver": asdict(rx)},
+            hooks=list(self.dispatcher.history),
+            wall_s=elapsed_ms / 1e3,
+        )
+
+
+def _event_data(event: Any) -> dict[str, Any]:
+    data = event.get("data")
+    return dict(data) if isinstance(data, dict) else {}
+
+
+def _route_hints(control: HintControl, bitmap: DirtyBitmap) -> None:
+    """Make the migration's bitmap the balloon's hint sink (``BalloonControl.device.sink``)."""
+    device = getattr(control, "device", None)
+    if device is None or not hasattr(device, "sink"):
+        raise TypeError("the balloon control does not expose its device's hint sink")
+    device.sink = bitmap

@@ -1,0 +1,155 @@
+"""Lab VMs for fph-mode migrations: a source with fph's balloon and the TCG write log, and its destination.
+
+The source's RAM is a file both QEMU and fph map; the TCG plugin logs every guest store; fph's balloon
+device is served in-process (``ThreadedHintReceiver``). The destination starts with ``-incoming defer``,
+its own RAM file and no balloon (the balloon is unplugged before switchover), and a second balloon
+back-end already listening for the re-plug. RAM files and sockets live under /dev/shm when it exists:
+a disk-backed RAM file would make the host write guest RAM back to disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fph.engine import Balloon, FphConfig, FphMigration, FphReport
+from fph.hint_receiver import BalloonControl, ThreadedHintReceiver
+from fph.lab.check import DestinationCheck, check_destination
+from fph.lab.guest import Heartbeat
+from fph.lab.provision import Lab
+from fph.lab.vm import VM, VMConfig
+from fph.ram_layout import RamLayout
+from fph.writelog.tcg import TcgWriteLog
+
+MiB = 1 << 20
+
+
+def _run_base() -> str:
+    base = os.environ.get("FPH_RUN_DIR")
+    if base:
+        return base
+    return "/dev/shm/fph-run" if os.access("/dev/shm", os.W_OK) else "/tmp/fph-run"
+
+
+@dataclass
+class FphPair:
+    """``with FphPair(lab) as p: p.src.guest.fill(700); p.migrate(); p.check().raise_for_problems()``."""
+
+    lab: Lab
+    mem_mib: int = 1024
+    init_on_alloc: int | None = None
+    balloon: bool = True
+    append: str = ""
+    src: VM = field(init=False)
+    dst: VM = field(init=False)
+    hints: ThreadedHintReceiver = field(init=False)
+    control: BalloonControl | None = field(init=False, default=None)
+    dst_control: BalloonControl | None = field(init=False, default=None)
+    writelog: TcgWriteLog = field(init=False)
+    keep_logs: Path | None = None
+
+    def __post_init__(self) -> None:
+        os.environ["FPH_RUN_DIR"] = _run_base()
+        self.layout = RamLayout.pc(self.mem_mib * MiB)
+        self.hints = ThreadedHintReceiver()
+        # Two throwaway VMs only to get run directories first: the sockets and log live in src's.
+        src_cfg = VMConfig(
+            mem_mib=self.mem_mib,
+            balloon="none",
+            ram_backend="file",
+            init_on_alloc=self.init_on_alloc,
+            append=self.append,
+        )
+        self.src = VM(self.lab, src_cfg, name="src")
+        self.dst = VM(self.lab, src_cfg.destination(), name="dst")
+        self.src_socket = str(self.src.run_dir / "balloon.sock")
+        self.dst_socket = str(self.dst.run_dir / "balloon.sock")
+        self.writelog = TcgWriteLog(self.src.run_dir / "wlog.bin", self.layout)
+        self.src.config = VMConfig(
+            mem_mib=self.mem_mib,
+            balloon="fph" if self.balloon else "none",
+            vhost_user_socket=self.src_socket if self.balloon else None,
+            ram_backend="file",
+            init_on_alloc=self.init_on_alloc,
+            append=self.append,
+            plugins=(self.writelog.plugin_arg,),
+        )
+
+    def start(self, ready_timeout: float = 180.0) -> float:
+        if self.balloon:
+            self.control = self.hints.add_vm(self.src_socket)
+            self.dst_control = self.hints.add_vm(self.dst_socket)
+        self.src.start()
+        self.dst.start()
+        return self.src.wait_ready(ready_timeout)
+
+    def ring_ranges(self) -> list[tuple[int, int]]:
+        """GPA ranges of the source balloon's used rings (fph writes them; the plugin cannot see it)."""
+
+        async def get() -> list[tuple[int, int]]:
+            conn = self.hints.receiver.connection(self.src_socket)
+            if conn is None:
+                return []
+            out = []
+            for vring in conn.handler.vrings:
+                q = vring.queue
+                if q.size and q.used_ring:
+                    out.append((q.used_ring, 6 + 8 * q.size))
+            return out
+
+        return self.hints.run(get(), 2.0)
+
+    def migration(self, config: FphConfig | None = None, **kwargs: Any) -> FphMigration:
+        assert self.src.ram_path is not None and self.dst.ram_path is not None
+        balloon = None
+        if self.balloon and self.control is not None:
+            balloon = Balloon(self.control, ring_ranges=self.ring_ranges, destination_socket=self.dst_socket)
+        return FphMigration(
+            src_qmp=str(self.src.qmp_socket),
+            dst_qmp=str(self.dst.qmp_socket),
+            uri=f"unix:{self.dst.migration_socket}",
+            layout=self.layout,
+            src_ram=self.src.ram_path,
+            dst_ram=self.dst.ram_path,
+            writelog=self.writelog,
+            balloon=balloon,
+            config=config,
+            **kwargs,
+        )
+
+    def migrate(self, config: FphConfig | None = None, **kwargs: Any) -> FphReport:
+        return asyncio.run(self.migration(config, **kwargs).run())
+
+    def last_source_heartbeat(self) -> Heartbeat:
+        hb = self.src.guest.last_heartbeat()
+        if hb is None:
+            raise AssertionError("no heartbeat on the source: start the hold program first")
+        return hb
+
+    def check(self, source_heartbeat: Heartbeat | None = None, timeout: float = 30.0) -> DestinationCheck:
+        return check_destination(
+            self.dst, source_heartbeat or self.last_source_heartbeat(), src=self.src, timeout=timeout
+        )
+
+    def stop(self) -> None:
+        if self.keep_logs is not None:
+            self.src.save_logs(self.keep_logs)
+            self.dst.save_logs(self.keep_logs)
+        self.src.stop()
+        self.dst.stop()
+        self.hints.close()
+        self.writelog.close()
+
+    def __enter__(self) -> FphPair:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
