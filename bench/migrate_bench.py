@@ -1,0 +1,222 @@
+"""Migration baseline: QEMU-native free page hinting vs no hinting, same guest, same workload, same run.
+
+For every run: bytes on the wire (``ram.transferred``), normal and zero pages, total time, downtime, sync
+count, the lower bound (pages allocated at migration start, from the guest's buddyinfo), and the
+destination check. Modes are interleaved inside each run index so drift on the host hits every mode alike.
+
+    python bench/migrate_bench.py --workload memhog-exit --modes native,none --runs 3 \\
+        --init-on-alloc default,0 --json bench/results/x.json [--bandwidth BYTES_PER_S]
+
+Workloads (1 GiB guest, 32 MiB checksummed ``hold`` region with a heartbeat in every workload):
+``memhog-exit`` ~700 MiB written then freed; ``idle`` fresh boot; ``dirty`` 64 MiB rewritten at
+4000 pages/s during the migration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fph.lab.pair import VMPair
+from fph.lab.provision import Lab, provision
+from fph.lab.vm import VMConfig
+from fph.migration_hook import UNLIMITED_BANDWIDTH
+from fph.qmp import QMPError
+
+MIB = 1 << 20
+WORKLOADS = ("memhog-exit", "idle", "dirty")
+MODES = ("native", "none")
+MEMHOG_MIB = 700
+HOLD_MIB = 32
+DIRTY_MIB = 64
+DIRTY_RATE = 4000
+SETTLE_S = 2.0
+
+
+@dataclass(frozen=True)
+class Spec:
+    mode: str
+    workload: str
+    init_on_alloc: int | None
+    mem_mib: int
+    bandwidth: int | None
+
+
+def default_init_on_alloc(lab: Lab) -> int:
+    """The guest kernel's built-in default (CONFIG_INIT_ON_ALLOC_DEFAULT_ON; Debian: y)."""
+    config = Path(lab.kernel).with_name(f"config-{lab.kernel_version}").read_text()
+    return 1 if "CONFIG_INIT_ON_ALLOC_DEFAULT_ON=y" in config else 0
+
+
+def vm_config(spec: Spec) -> VMConfig:
+    if spec.mode == "native":
+        return VMConfig(
+            mem_mib=spec.mem_mib, balloon="native", free_page_hint=True, init_on_alloc=spec.init_on_alloc
+        )
+    if spec.mode == "none":
+        return VMConfig(mem_mib=spec.mem_mib, balloon="none", init_on_alloc=spec.init_on_alloc)
+    raise SystemExit(f"unknown mode {spec.mode!r} (this benchmark knows {', '.join(MODES)})")
+
+
+def one_run(lab: Lab, spec: Spec, logs: Path | None) -> dict[str, Any]:
+    """Boot, run the workload, measure the lower bound, migrate, check the destination."""
+    t0 = time.monotonic()
+    with VMPair(lab, vm_config(spec), keep_logs=logs) as pair:
+        guest = pair.src.guest
+        guest.start_hold(HOLD_MIB, 1)
+        if spec.workload == "memhog-exit":
+            guest.memhog(MEMHOG_MIB, 0)
+        elif spec.workload == "dirty":
+            guest.start_dirty(DIRTY_MIB, DIRTY_RATE)
+        elif spec.workload != "idle":
+            raise SystemExit(f"unknown workload {spec.workload!r}")
+        time.sleep(SETTLE_S)
+        mem = guest.meminfo()
+        hb = pair.last_source_heartbeat()
+        error = None
+        try:
+            report = pair.migrate_native(max_bandwidth=spec.bandwidth)
+        except QMPError as e:
+            error = str(e)
+            report = None
+        check = pair.check(hb) if report is not None else None
+        out: dict[str, Any] = {
+            "mode": spec.mode,
+            "workload": spec.workload,
+            "init_on_alloc": spec.init_on_alloc
+            if spec.init_on_alloc is not None
+            else default_init_on_alloc(lab),
+            "init_on_alloc_on_cmdline": spec.init_on_alloc is not None,
+            "bytes": report.bytes if report else None,
+            "normal_pages": report.normal_pages if report else None,
+            "zero_pages": report.zero_pages if report else None,
+            "total_ms": report.total_ms if report else None,
+            "downtime_ms": report.downtime_ms if report else None,
+            "syncs": report.syncs if report else None,
+            "lower_bound_bytes": mem.allocated_bytes,
+            "destination_ok": bool(check and check.ok),
+            "destination_problems": check.problems if check else [error],
+            "mem_mib": spec.mem_mib,
+            "max_bandwidth": spec.bandwidth if spec.bandwidth is not None else UNLIMITED_BANDWIDTH,
+            "guest_meminfo": vars(mem),
+            "job_stats": report.job_stats if report else None,
+            "qemu_query_migrate": report.raw if report else None,
+            "hooks": report.to_dict()["hooks"] if report else None,
+            "run_wall_s": round(time.monotonic() - t0, 2),
+        }
+    return out
+
+
+def summarize(runs: list[dict[str, Any]]) -> str:
+    """A Markdown table: one row per (workload, init_on_alloc, mode), ranges over runs."""
+
+    def rng(values: list[Any], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+        vals = [v / scale for v in values if v is not None]
+        if not vals:
+            return "–"
+        lo, hi = min(vals), max(vals)
+        return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+    lines = [
+        "| workload | init_on_alloc | mode | runs | MiB sent | median MiB | normal pages (k) "
+        "| zero pages (k) | total ms | downtime ms | syncs | lower bound MiB | destination ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys: list[tuple[str, str, str]] = []
+    for r in runs:
+        k = (r["workload"], str(r["init_on_alloc"]), r["mode"])
+        if k not in keys:
+            keys.append(k)
+    for w, ioa, mode in keys:
+        rs = [r for r in runs if (r["workload"], str(r["init_on_alloc"]), r["mode"]) == (w, ioa, mode)]
+        sent = [r["bytes"] for r in rs if r["bytes"] is not None]
+        med = f"{statistics.median(sent) / MIB:.1f}" if sent else "–"
+        ok = sum(1 for r in rs if r["destination_ok"])
+
+        def col(key: str, scale: float = 1.0, fmt: str = "{:.1f}", rs: list[dict[str, Any]] = rs) -> str:
+            return rng([r[key] for r in rs], scale, fmt)
+
+        lines.append(
+            f"| {w} | {ioa} | {mode} | {len(rs)} | {col('bytes', MIB)} | {med} "
+            f"| {col('normal_pages', 1000)} | {col('zero_pages', 1000)} "
+            f"| {col('total_ms', fmt='{:.0f}')} | {col('downtime_ms', fmt='{:.0f}')} "
+            f"| {col('syncs', fmt='{:.0f}')} | {col('lower_bound_bytes', MIB)} "
+            f"| {ok}/{len(rs)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", default="memhog-exit", help=f"comma-separated: {', '.join(WORKLOADS)}")
+    ap.add_argument("--modes", default="native,none", help=f"comma-separated: {', '.join(MODES)}")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", type=Path, required=True, help="raw output (one entry per run)")
+    ap.add_argument("--markdown", type=Path, default=None, help="table (default: --json with .md)")
+    ap.add_argument(
+        "--bandwidth", type=int, default=None, help="max-bandwidth in bytes/s (default unlimited)"
+    )
+    ap.add_argument(
+        "--init-on-alloc", default="default", help="comma-separated: default (guest kernel's), 0, 1"
+    )
+    ap.add_argument("--mem-mib", type=int, default=1024)
+    ap.add_argument("--logs", type=Path, default=None, help="keep every run's serial and QEMU logs here")
+    args = ap.parse_args(argv)
+
+    workloads = args.workload.split(",")
+    modes = args.modes.split(",")
+    ioas: list[int | None] = [None if x == "default" else int(x) for x in args.init_on_alloc.split(",")]
+    lab = provision(log=lambda s: print(s, file=sys.stderr))
+    runs: list[dict[str, Any]] = []
+    meta = {
+        "qemu": lab.qemu.package_version,
+        "kernel": lab.kernel_version,
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "argv": sys.argv,
+        "memhog_mib": MEMHOG_MIB,
+        "hold_mib": HOLD_MIB,
+        "dirty": {"mib": DIRTY_MIB, "pages_per_s": DIRTY_RATE},
+        "settle_s": SETTLE_S,
+        "downtime_limit_ms": 300,
+    }
+
+    def save() -> None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
+        md = args.markdown or args.json.with_suffix(".md")
+        md.write_text(
+            f"QEMU {meta['qemu']}, guest kernel {meta['kernel']}, TCG 1 vCPU, {args.mem_mib} MiB, "
+            f"max-bandwidth {args.bandwidth or 'unlimited'}, raw: {args.json.name}\n\n{summarize(runs)}\n"
+        )
+
+    for w in workloads:
+        for ioa in ioas:
+            for i in range(args.runs):
+                for mode in modes:
+                    spec = Spec(mode, w, ioa, args.mem_mib, args.bandwidth)
+                    logs = args.logs / f"{w}-ioa{ioa}-{mode}-{i}" if args.logs else None
+                    r = one_run(lab, spec, logs)
+                    runs.append(r)
+                    save()
+                    mb = f"{r['bytes'] / MIB:.1f}" if r["bytes"] is not None else "–"
+                    print(
+                        f"{w} ioa={r['init_on_alloc']} {mode} #{i}: {mb} MiB, {r['total_ms']} ms, "
+                        f"downtime {r['downtime_ms']} ms, syncs {r['syncs']}, "
+                        f"lower bound {r['lower_bound_bytes'] / MIB:.1f} MiB, dst ok {r['destination_ok']} "
+                        f"({r['run_wall_s']} s)",
+                        flush=True,
+                    )
+    print(summarize(runs))
+    return 0 if all(r["destination_ok"] for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
