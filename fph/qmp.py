@@ -135,6 +135,7 @@ def qmp_call(
     """
     deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader = None
     try:
         while True:
             try:
@@ -170,4 +171,8 @@ def qmp_call(
                 raise QMPCommandError.from_response(cmd, args, resp)
         return resp["return"]
     finally:
+        # Close the file object too: it holds the socket open otherwise (a traceback keeps it alive), and
+        # QEMU serves one client per monitor, so the next call would wait for a greeting that never comes.
+        if reader is not None:
+            reader.close()
         sock.close()
