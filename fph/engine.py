@@ -235,8 +235,7 @@ class FphMigration:
         self.phase = Phase.SETUP
         await self._hook(HookPoint.SETUP)
         dst_ram = hold["dst_ram"] = RamFile(self.dst_ram_path, self.layout, writable=True)
-        prepare_s = await asyncio.to_thread(dst_ram.prepare_destination)
-        receiver = hold["receiver"] = Receiver(dst_ram, cfg.data_host)
+        receiver = hold["receiver"] = Receiver(dst_ram, cfg.data_host)  # prepares the RAM file first
         address = receiver.start()
         caps = [{"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]
         for conn in (src, dst):
@@ -328,7 +327,7 @@ class FphMigration:
                 "unplug_ms": round(unplug_ms, 1),
                 "final_round_ms": round(final_ms, 1),
                 "replug_ms": None if replug_ms is None else round(replug_ms, 1),
-                "destination_prepare_s": round(prepare_s, 3),
+                "destination_prepare_s": round(receiver.prepare_s, 3),
             },
         )
 

@@ -242,7 +242,13 @@ class Receiver:
     """
 
     def __init__(
-        self, ram: RamFile, host: str = "127.0.0.1", port: int = 0, *, timeout: float = 60.0
+        self,
+        ram: RamFile,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        timeout: float = 60.0,
+        prepare: bool = True,
     ) -> None:
         if not ram.writable:
             raise ChannelError("the receiver needs the destination RAM file mapped writable")
@@ -259,6 +265,8 @@ class Receiver:
         self._conn: socket.socket | None = None
         self._done = threading.Event()
         self.result: ReceiverResult | None = None
+        self.prepare = prepare
+        self.prepare_s = 0.0
 
     def start(self) -> tuple[str, int]:
         self._thread.start()
@@ -268,6 +276,8 @@ class Receiver:
         t0 = time.monotonic()
         error: str | None = None
         try:
+            if self.prepare:  # meanwhile the source may connect (backlog) and start sending (buffered)
+                self.prepare_s = self.ram.prepare_destination()
             conn, _peer = self._listener.accept()
             self._conn = conn
             conn.settimeout(self.timeout)

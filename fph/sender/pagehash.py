@@ -21,20 +21,34 @@ _SEED = np.uint64(0x243F_6A88_85A3_08D3)
 WORDS_PER_PAGE = PAGE_SIZE // 8
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _hash_page(words: Any, base: Any) -> Any:
+    a = _SEED
+    b = _SEED ^ np.uint64(1)
+    c = _SEED ^ np.uint64(2)
+    d = _SEED ^ np.uint64(3)
+    for k in range(0, WORDS_PER_PAGE, 4):
+        a = (a ^ words[base + k]) * _ODD
+        b = (b ^ words[base + k + 1]) * _ODD
+        c = (c ^ words[base + k + 2]) * _ODD
+        d = (d ^ words[base + k + 3]) * _ODD
+    return (((a * _ODD) ^ b) * _ODD ^ c) * _ODD ^ d
+
+
 @njit(cache=True, nogil=True)
 def _page_hashes(words: Any, out: Any) -> None:
     for p in range(out.shape[0]):
-        base = p * WORDS_PER_PAGE
-        a = _SEED
-        b = _SEED ^ np.uint64(1)
-        c = _SEED ^ np.uint64(2)
-        d = _SEED ^ np.uint64(3)
-        for k in range(0, WORDS_PER_PAGE, 4):
-            a = (a ^ words[base + k]) * _ODD
-            b = (b ^ words[base + k + 1]) * _ODD
-            c = (c ^ words[base + k + 2]) * _ODD
-            d = (d ^ words[base + k + 3]) * _ODD
-        out[p] = (((a * _ODD) ^ b) * _ODD ^ c) * _ODD ^ d
+        out[p] = _hash_page(words, p * WORDS_PER_PAGE)
+
+
+@njit(cache=True, nogil=True)
+def _changed_pages(words: Any, selected: Any, expected: Any, out: Any) -> Any:
+    n = 0
+    for p in range(selected.shape[0]):
+        if selected[p] and _hash_page(words, p * WORDS_PER_PAGE) != expected[p]:
+            out[n] = p
+            n += 1
+    return n
 
 
 def page_hashes(
@@ -48,3 +62,17 @@ def page_hashes(
         out = np.empty(n, dtype=np.uint64)
     _page_hashes(pages.reshape(-1).view(np.uint64), out)
     return out
+
+
+def changed_pages(
+    pages: npt.NDArray[np.uint8], selected: npt.NDArray[np.uint8], expected: npt.NDArray[np.uint64]
+) -> npt.NDArray[np.int64]:
+    """Indexes of the selected pages whose fingerprint is no longer ``expected`` (only those are read)."""
+    n = pages.nbytes // PAGE_SIZE
+    if pages.nbytes % PAGE_SIZE or selected.shape != (n,) or expected.shape != (n,):
+        raise ValueError(
+            f"{pages.nbytes} bytes vs {selected.shape} selected / {expected.shape} expected pages"
+        )
+    out = np.empty(n, dtype=np.int64)
+    k = _changed_pages(pages.reshape(-1).view(np.uint64), selected, expected, out)
+    return out[:k]

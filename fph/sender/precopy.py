@@ -25,7 +25,7 @@ import numpy.typing as npt
 from fph.dirty_bitmap import SEND_DATA, SEND_ZERO, SKIP_ZERO, DirtyBitmap, zero_page_flags
 from fph.ram_layout import PAGE_SHIFT, PAGE_SIZE
 from fph.sender.channel import SourceChannel
-from fph.sender.pagehash import page_hashes
+from fph.sender.pagehash import changed_pages, page_hashes
 from fph.sender.ram import RamFile
 from fph.sender.wire import MAX_FRAME_PAGES
 
@@ -253,12 +253,9 @@ class Precopy:
             for off in range(0, n, step):
                 k = min(step, n - off)
                 p0 = first + off
-                mask = sent[p0 : p0 + k].astype(bool)
-                if not mask.any():
-                    continue
-                now = page_hashes(self.ram.pages(p0, k))
-                changed = np.flatnonzero(mask & (now != self.sent_hash[p0 : p0 + k]))
-                checked += int(mask.sum())
+                selected = sent[p0 : p0 + k]
+                changed = changed_pages(self.ram.pages(p0, k), selected, self.sent_hash[p0 : p0 + k])
+                checked += int(np.count_nonzero(selected))
                 for run_start, run_len in _runs(changed):
                     self._send_data(self.round, p0 + run_start, run_len)
                     resent += run_len
