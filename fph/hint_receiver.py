@@ -3,7 +3,7 @@
 QEMU forwards the balloon to this process::
 
     -object memory-backend-memfd,id=mem,size=1024M,share=on -machine pc,memory-backend=mem
-    -chardev socket,id=vu,path=PATH,reconnect-ms=1000
+    -chardev socket,id=vu,path=PATH
     -device vhost-user-test-device-pci,id=bal0,chardev=vu,virtio-id=5,num_vqs=4,config_size=16,vq_size=1024
 
 and ``python -m fph.hint_receiver --socket PATH`` listens on PATH (fph listens, QEMU connects).
@@ -21,14 +21,20 @@ What the device does:
   the guest poisons free pages with a non-zero value).
 
 Never strand guest memory. Hinted blocks stay allocated inside the guest until the device says DONE (or the
-guest's shrinker takes them back under pressure, or the device goes away). So: on shutdown (SIGTERM, or
-:meth:`HintReceiver.close`) fph sends DONE and waits until the guest has read it; a freshly started fph
-exposes DONE and announces it as soon as QEMU (re)connects and starts the device, so a restart after a crash
-returns what the crashed instance left held — QEMU must reconnect by itself for that, with
-``-chardev socket,...,reconnect-ms=1000`` (QEMU 11.1 takes ``reconnect-ms``; the older ``reconnect`` (seconds)
-was deprecated in 9.2 and is gone). If fph cannot come back, the operator runs
-``{"execute": "device_del", "arguments": {"id": "bal0"}}``: the guest driver's remove path returns every held
-block at once.
+guest's shrinker takes them back under memory pressure, or the device goes away). So fph sends DONE on
+shutdown (SIGTERM, :meth:`HintReceiver.close`) and waits, bounded, until the guest has read it; and a freshly
+started fph exposes DONE and announces it as soon as a front-end connects and starts the device, so a
+restart returns what a crashed instance left held.
+
+What QEMU 11.1.2 does when fph is gone (measured with the lab guest): the VM keeps running and the guest keeps
+the blocks; memory pressure returns them (balloon shrinker), and ``echo 2 > /proc/sys/vm/drop_caches`` in the
+guest returns them all at once -- that is the operator's remedy. While fph runs, ``device_del bal0`` returns
+every held block too (the driver's remove path). Do NOT ``device_del`` after fph died: QEMU aborts
+(``vhost_dev_set_config: Assertion `hdev->vhost_ops' failed``, the driver writes ``actual`` on removal).
+Reconnecting is no way out either: the chardev option is ``reconnect-ms`` in 11.1 (``reconnect`` is rejected),
+but on the command line it makes the device fail to realize ("Failed to set msg fds"), and added at runtime
+QEMU aborts when the restarted back-end is reconnected (``vhost_dev_start`` assertion). A restarted fph is
+attached to a VM at its next start.
 """
 
 from __future__ import annotations
