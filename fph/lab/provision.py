@@ -155,6 +155,21 @@ def _step(name: str, log: Log) -> Iterator[None]:
     log(f"[provision] {name}: {time.monotonic() - t0:.1f} s")
 
 
+@contextlib.contextmanager
+def _cached_note(name: str, log: Log) -> Iterator[Log]:
+    """Yield a logger; if the step logged nothing (its stamp was valid), say so with the check's time."""
+    said: list[str] = []
+
+    def clog(msg: str) -> None:
+        said.append(msg)
+        log(msg)
+
+    t0 = time.monotonic()
+    yield clog
+    if not said:
+        log(f"[provision] {name}: cached ({time.monotonic() - t0:.2f} s)")
+
+
 def _stamp_ok(stamp: Path, key: dict[str, object]) -> bool:
     try:
         return bool(json.loads(stamp.read_text()) == key)
@@ -513,10 +528,14 @@ def provision(root: Path | None = None, *, refresh: bool = False, log: Log = pri
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent provisioning (two test runs) waits here
         with _step("host tools", log):
             ensure_host_tools(log)
-        qemu = ensure_qemu(root, refresh, log)
-        vmlinuz, kver, kpkg, kroot = ensure_kernel(root, refresh, log)
-        programs = ensure_guest_programs(root, refresh, log)
-        initramfs = ensure_initramfs(root, refresh, log, kroot, kver, programs)
+        with _cached_note("QEMU", log) as clog:
+            qemu = ensure_qemu(root, refresh, clog)
+        with _cached_note("guest kernel", log) as clog:
+            vmlinuz, kver, kpkg, kroot = ensure_kernel(root, refresh, clog)
+        with _cached_note("guest programs", log) as clog:
+            programs = ensure_guest_programs(root, refresh, clog)
+        with _cached_note("initramfs", log) as clog:
+            initramfs = ensure_initramfs(root, refresh, clog, kroot, kver, programs)
         lab = Lab(
             root=str(root),
             qemu=qemu,
