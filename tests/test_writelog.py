@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import re
 import struct
 import threading
 import time
@@ -530,3 +531,47 @@ def test_soft_dirty_async_pause_and_failures(tmp_path: Path) -> None:
     sd2.start()
     with pytest.raises(VcpuControlError, match="LEFT PAUSED"):
         sd2.harvest()
+
+
+# ------------------------------------------------------------- the plugin's install, outside QEMU
+
+
+def _install(args: list[str]) -> int:
+    """Call the plugin's qemu_plugin_install in this process: it parses its arguments and opens (or
+    creates) the log like inside QEMU, then returns -2 because the QEMU API is absent."""
+    fn = helpers().lib.qemu_plugin_install
+    fn.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    fn.restype = ctypes.c_int
+    argv = (ctypes.c_char_p * len(args))(*[a.encode() for a in args])
+    return int(fn(0, None, len(args), argv))
+
+
+def test_plugin_install_creates_or_validates_the_log(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "new.bin"
+    assert _install([f"log={path}", "ram=64M"]) == -2
+    assert "not running inside QEMU" in capfd.readouterr().err
+    TcgWriteLog(path, RamLayout.flat(64 * MiB), create=False).close()  # Python accepts the C-made file
+    layout = RamLayout.pc(4608 * MiB)
+    wl = TcgWriteLog(tmp_path / "py.bin", layout)
+    assert _install(wl.plugin_arg.split(",")[1:]) == -2  # the exact -plugin arguments fph passes
+    wl.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["log={d}/a.bin", "ram=32M"], "nbits does not match|created for another guest size"),
+        (["log={d}/a.bin", "ram=12X"], "bad ram=12X"),
+        (["log={d}/a.bin"], "needs log=<file>,ram=<GPA span>"),
+        (["log={d}/a.bin", "ram=64M", "mode=x"], "unknown argument mode=x"),
+        (["log={d}/missing/a.bin", "ram=64M"], "cannot open write log"),
+    ],
+)
+def test_plugin_install_refuses_bad_arguments(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    create_log_file(tmp_path / "a.bin", RamLayout.flat(64 * MiB))
+    assert _install([a.format(d=tmp_path) for a in args]) == -1
+    assert re.search(message, capfd.readouterr().err)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fph.lab.errors import LabError
 from fph.lab.provision import Lab
 from fph.lab.vm import VM, VMConfig
 from fph.ram_layout import RamLayout
@@ -182,3 +184,19 @@ def test_soft_dirty_pause_mechanics_on_real_qemu(traced: Traced) -> None:
     }
     assert 0 < d["pause_max_s"] < 2.0
     sd.close()
+
+
+def test_qemu_refuses_to_start_with_a_log_for_another_guest(lab: Lab, tmp_path: Path) -> None:
+    """A log file made for another RAM size must stop QEMU at start-up, not log into the wrong bits."""
+    log = TcgWriteLog(tmp_path / "w.bin", RamLayout.pc(128 << 20))
+    arg = log.plugin_arg.replace(f"ram={128 << 20}", f"ram={MEM_MIB << 20}")
+    vm = VM(lab, VMConfig(mem_mib=MEM_MIB, balloon="none", ram_backend="file", plugins=(arg,)), name="badlog")
+    # QEMU opens its sockets before it loads plugins, so VM.start() may fail on the console instead.
+    with pytest.raises(LabError):
+        vm.start()
+    try:
+        assert vm.proc is not None and vm.proc.wait(10) != 0
+        assert re.search(r"fph writelog: .*created for another guest size", vm.qemu_log.read_text())
+    finally:
+        vm.stop()
+        log.close()

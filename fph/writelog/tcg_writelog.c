@@ -312,6 +312,11 @@ EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int
         fprintf(stderr, "fph writelog: %s\n", err);
         return -1;
     }
+    if (!qemu_plugin_register_vcpu_tb_trans_cb) {
+        /* Loaded outside QEMU (fph's tests call install through ctypes to check arguments and the file). */
+        fprintf(stderr, "fph writelog: not running inside QEMU (no plugin API); log %s is valid\n", path);
+        return -2;
+    }
     __atomic_store_n(&g_log.hdr->attach_pid, (uint32_t)getpid(), __ATOMIC_RELAXED);
     __atomic_fetch_add(&g_log.hdr->attach_count, 1, __ATOMIC_SEQ_CST);
     qemu_plugin_register_vcpu_tb_trans_cb(id, tb_trans, NULL);
