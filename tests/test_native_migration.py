@@ -7,15 +7,17 @@ before the migration. Without hints QEMU must send the freed 300 MiB (non-zero);
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 
 import pytest
 
 from fph.lab.pair import VMPair
 from fph.lab.provision import Lab
 from fph.lab.vm import VM, VMConfig
-from fph.migration_hook import HookEvent, HookPoint
-from fph.qmp import QMPCommandError
+from fph.migration_hook import HookEvent, HookPoint, NativeMigration
+from fph.qmp import MigrationCancelledError, QMPCommandError
 
 pytestmark = pytest.mark.guest
 
@@ -78,3 +80,39 @@ def test_real_qemu_error_is_surfaced(vm_factory: object) -> None:
     assert ei.value.command == "migrate-set-parameters"
     assert "downtime-limit" in ei.value.desc and ei.value.error_class == "GenericError"
     assert vm.status() == "prelaunch"
+
+
+def test_cancel_native_migration(vm_factory: object) -> None:
+    """cancel() during a slow migration: run() raises MigrationCancelledError, the source keeps its state.
+
+    No guest boot: the source is held at -S; 16 KiB/s makes its ~1 MB of ROM and zero pages take a minute."""
+    assert callable(vm_factory)
+    cfg = VMConfig(mem_mib=128, balloon="none", extra_args=("-S",))
+    src: VM = vm_factory(cfg, name="src")
+    dst: VM = vm_factory(cfg.destination(), name="dst")
+    mig = NativeMigration(
+        str(src.qmp_socket), str(dst.qmp_socket), f"unix:{dst.migration_socket}", max_bandwidth=16 * 1024
+    )
+    started = asyncio.Event()
+
+    def on_hook(h: HookEvent) -> None:
+        if h.point is HookPoint.AFTER_SYNC:
+            started.set()
+
+    mig.dispatcher.register(on_hook)
+
+    async def go() -> float:
+        task = asyncio.create_task(mig.run(timeout=120))
+        await asyncio.wait_for(started.wait(), 30)
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        await mig.cancel()
+        with pytest.raises(MigrationCancelledError):
+            await task
+        return time.monotonic() - t0
+
+    elapsed = asyncio.run(go())
+    assert elapsed < 10, elapsed
+    assert src.qmp("query-migrate")["status"] == "cancelled"
+    assert src.status() == "prelaunch"
+    assert [h.point for h in mig.dispatcher.history][-1] is HookPoint.CLEANUP
