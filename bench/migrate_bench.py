@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -49,6 +50,18 @@ class Spec:
     bandwidth: int | None
 
 
+def count_qemu() -> int:
+    """QEMU processes on the host (other users' too): the 2-core host is shared, so record contention."""
+    n = 0
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                n += b"qemu-system" in (p / "cmdline").read_bytes()
+            except OSError:
+                continue
+    return n
+
+
 def default_init_on_alloc(lab: Lab) -> int:
     """The guest kernel's built-in default (CONFIG_INIT_ON_ALLOC_DEFAULT_ON; Debian: y)."""
     config = Path(lab.kernel).with_name(f"config-{lab.kernel_version}").read_text()
@@ -80,6 +93,7 @@ def one_run(lab: Lab, spec: Spec, logs: Path | None) -> dict[str, Any]:
         time.sleep(SETTLE_S)
         mem = guest.meminfo()
         hb = pair.last_source_heartbeat()
+        load = {"loadavg_1m": os.getloadavg()[0], "qemu_processes": count_qemu() - 2}
         error = None
         try:
             report = pair.migrate_native(max_bandwidth=spec.bandwidth)
@@ -110,8 +124,22 @@ def one_run(lab: Lab, spec: Spec, logs: Path | None) -> dict[str, Any]:
             "qemu_query_migrate": report.raw if report else None,
             "hooks": report.to_dict()["hooks"] if report else None,
             "run_wall_s": round(time.monotonic() - t0, 2),
+            "host_load_at_start": load,
         }
     return out
+
+
+def contention(runs: list[dict[str, Any]]) -> str:
+    """One sentence on host contention during the runs (the 2-core host is shared with other QEMUs)."""
+    loads = [r["host_load_at_start"] for r in runs if "host_load_at_start" in r]
+    if not loads:
+        return ""
+    q = [x["qemu_processes"] for x in loads]
+    la = [x["loadavg_1m"] for x in loads]
+    return (
+        f"Other QEMU processes on the host at migration start: {min(q)}–{max(q)}; "
+        f"1-min load average {min(la):.1f}–{max(la):.1f}."
+    )
 
 
 def summarize(runs: list[dict[str, Any]]) -> str:
@@ -194,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         md = args.markdown or args.json.with_suffix(".md")
         md.write_text(
             f"QEMU {meta['qemu']}, guest kernel {meta['kernel']}, TCG 1 vCPU, {args.mem_mib} MiB, "
-            f"max-bandwidth {args.bandwidth or 'unlimited'}, raw: {args.json.name}\n\n{summarize(runs)}\n"
+            f"max-bandwidth {args.bandwidth or 'unlimited'}, raw: {args.json.name}. {contention(runs)}\n\n"
+            f"{summarize(runs)}\n"
         )
 
     for w in workloads:
