@@ -176,7 +176,7 @@ class BalloonCounters:
     reported_bytes: int = 0
     reports_not_discarded: int = 0
     invalid_pfns: int = 0
-    hint_latency_ns: deque[int] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    hint_latency_ns: deque[int] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES), repr=False)
     max_ring_backlog: int = 0
     config_reads: int = 0
 

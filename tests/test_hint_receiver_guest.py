@@ -23,6 +23,7 @@ from fph.dirty_bitmap import DirtyBitmap
 from fph.hint_receiver import F_FREE_PAGE_HINT, BalloonControl, HintState, RecordingSink, ThreadedHintReceiver
 from fph.lab.vm import FPH_DEVICE_ARGS, VM, VMConfig
 from fph.ram_layout import RamLayout
+from fph.vhost_user import message as m
 
 pytestmark = [pytest.mark.guest, pytest.mark.timeout(300)]
 
@@ -129,6 +130,22 @@ def test_real_guest_hints(
     ctl.done()
     wait_for(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after DONE")
 
+    # Stats: the driver's buffer is held; returning it makes the guest refill it with fresh values.
+    stats = ctl.guest_stats()
+    assert stats.values["total_memory"] > 900 * MiB and stats.updated is not None
+    assert ctl.request_stats()
+    wait_for(lambda: ctl.guest_stats().updated != stats.updated, 10, "a stats refresh")
+    # Balloon: inflate by 100 MiB (pages discarded from the shared RAM file), then deflate.
+    ctl.set_target(100 * MiB // 4096)
+    wait_for(lambda: ctl.device.actual == 100 * MiB // 4096, 60, "the guest to inflate")
+    assert ctl.device.counters.inflated_pages == 100 * MiB // 4096
+    assert ctl.device.counters.discarded_bytes == 100 * MiB
+    assert memfree(vm) < before - 90 * MiB
+    ctl.set_target(0)
+    wait_for(lambda: ctl.device.actual == 0, 60, "the guest to deflate")
+    assert ctl.device.counters.deflated_pages == 100 * MiB // 4096
+    wait_for(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after deflate")
+
     # Hold blocks again, then device_del: the driver's remove path returns them.
     run_round(ctl)
     held = memfree(vm)
@@ -178,10 +195,11 @@ def test_real_guest_keeps_running_after_fph_dies(vm_factory: Callable[..., VM], 
     """
     sock = str(tmp_path / "vu.sock")
     first = ThreadedHintReceiver()
-    ctl = first.add_vm(sock)
+    ctl = first.add_vm(sock, event_idx=True)  # this boot also runs the rings with EVENT_IDX
     try:
         vm = vm_factory(VMConfig(mem_mib=GUEST_MIB, balloon="fph", vhost_user_socket=sock), name="fph-crash")
         vm.wait_ready(120)
+        assert ctl.device.acked & m.F_EVENT_IDX
         before = memfree(vm)
         _, hinted = run_round(ctl)
         assert hinted > 500 * MiB and memfree(vm) < before - 500 * MiB
