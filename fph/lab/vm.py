@@ -54,6 +54,9 @@ class VMConfig:
     incoming: bool = False
     machine: str = "pc"
     extra_args: tuple[str, ...] = ()
+    # QEMU exits when the process that started it dies (even by SIGKILL): no orphans after a killed test.
+    # Linux ties this to the starting *thread*: start VMs from a thread that outlives them.
+    exit_with_parent: bool = True
 
     def destination(self, **changes: Any) -> VMConfig:
         """The same VM as a migration destination (``-incoming defer``), with optional changes."""
@@ -206,6 +209,8 @@ class VM:
             raise VMError(f"unknown balloon {c.balloon!r}: native, none or fph")
         for p in c.plugins:
             args += ["-plugin", p]
+        if c.exit_with_parent:
+            args += ["-run-with", "exit-with-parent=on"]
         if c.incoming:
             args += ["-incoming", "defer"]
         args += list(c.extra_args)
