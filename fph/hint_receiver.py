@@ -62,7 +62,7 @@ from fph.vhost_user.errors import GuestError, StateError, VhostUserError, VirtQu
 from fph.vhost_user.server import VhostUserServer
 from fph.vhost_user.vring import Vring
 from fph.virtio.chain import DescriptorChain
-from fph.virtio.memory import PAGE_SIZE, GuestMemory
+from fph.virtio.memory import PAGE_SIZE, GuestMemory, memory_fence
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -333,23 +333,31 @@ class BalloonDevice:
         if self.broken is not None or self.mem is None:
             return
         role = self.roles.get(vring.index)
+        mem, q = self.mem, vring.queue
         try:
-            self.counters.max_ring_backlog = max(
-                self.counters.max_ring_backlog, vring.queue.pending(self.mem)
-            )
             if role is QueueRole.FREE_PAGE:
                 self._maybe_announce_done()
-                self._process_free_page(vring, self.mem)
-            elif role is QueueRole.STATS:
-                self._process_stats(vring, self.mem)
-            elif role in (QueueRole.INFLATE, QueueRole.DEFLATE):
-                self._process_balloon(vring, self.mem, role is QueueRole.INFLATE)
-            elif role is QueueRole.REPORTING:
-                self._process_reporting(vring, self.mem)
-            else:
-                raise VirtQueueError(
-                    f"kick on queue {vring.index}, which has no role for features {self.acked:#x}"
-                )
+            # Drain, ask for the next kick, then look again: an entry added between the last look and the
+            # avail_event write would otherwise wait for a kick that EVENT_IDX suppressed.
+            used_before = q.next_used
+            while pending := q.pending(mem):
+                self.counters.max_ring_backlog = max(self.counters.max_ring_backlog, pending)
+                if role is QueueRole.FREE_PAGE:
+                    self._process_free_page(vring, mem)
+                elif role is QueueRole.STATS:
+                    self._process_stats(vring, mem)
+                elif role in (QueueRole.INFLATE, QueueRole.DEFLATE):
+                    self._process_balloon(vring, mem, role is QueueRole.INFLATE)
+                elif role is QueueRole.REPORTING:
+                    self._process_reporting(vring, mem)
+                else:
+                    raise VirtQueueError(
+                        f"kick on queue {vring.index}, which has no role for features {self.acked:#x}"
+                    )
+                q.enable_notification(mem)
+                memory_fence()  # the avail_event store must be visible before avail.idx is read again
+            if q.next_used != used_before:
+                vring.signal_used(mem)
         except GuestError as exc:
             self._break(vring, exc)
 
@@ -384,8 +392,6 @@ class BalloonDevice:
                     self.dropped += 1
             q.add_used(mem, chain.head, 0)
         self._flush_hints(batch, popped)
-        q.enable_notification(mem)
-        vring.signal_used(mem)
 
     def _guest_cmd(self, chain: DescriptorChain, mem: GuestMemory) -> None:
         if chain.readable_len != 4:
@@ -457,8 +463,6 @@ class BalloonDevice:
                 vring.queue.add_used(mem, self._stats_head[1], 0)
             # Hold the buffer: returning it makes the driver refresh at once (busy loop).
             self._stats_head = (vring, chain.head)
-        vring.queue.enable_notification(mem)
-        vring.signal_used(mem)
 
     def _process_balloon(self, vring: Vring, mem: GuestMemory, inflate: bool) -> None:
         while (chain := vring.queue.pop(mem)) is not None:
@@ -480,8 +484,6 @@ class BalloonDevice:
             else:
                 self.counters.deflated_pages += len(valid)
             vring.queue.add_used(mem, chain.head, 0)
-        vring.queue.enable_notification(mem)
-        vring.signal_used(mem)
 
     def _process_reporting(self, vring: Vring, mem: GuestMemory) -> None:
         poisoned = bool(self.acked & F_PAGE_POISON) and self.poison_val != 0
@@ -500,8 +502,6 @@ class BalloonDevice:
                     self.counters.discarded_bytes += length
                     self.counters.reported_bytes += length
             vring.queue.add_used(mem, chain.head, 0)  # only after the discard: the guest waits for this
-        vring.queue.enable_notification(mem)
-        vring.signal_used(mem)
 
     def _break(self, vring: Vring, exc: Exception) -> None:
         """A guest error: stop touching rings (like QEMU's virtio_error) and give hinted memory back."""

@@ -49,7 +49,7 @@ class Harness:
     def __init__(self, ram: GuestRam, features: int = BASE, sink: object | None = None) -> None:
         self.ram = ram
         self.sink = sink if sink is not None else RecordingSink()
-        self.dev = BalloonDevice(self.sink, name="t", reporting=True)  # type: ignore[arg-type]
+        self.dev = BalloonDevice(self.sink, name="t", reporting=True, event_idx=True)  # type: ignore[arg-type]
         self.h = VhostUserHandler(self.dev, name="t")
         self.chan = Channel()
         self.dev.set_backend_channel(self.chan)
@@ -357,5 +357,33 @@ def test_into_a_real_dirty_bitmap(ram: GuestRam) -> None:
         assert hx.dev.sink_errors == 0 and hx.dev.status().blocks == 2
         assert not bitmap.is_dirty(ram.blocks[0] >> 12) and not bitmap.is_dirty((ram.blocks[1] >> 12) + 1023)
         assert bitmap.is_dirty(ram.blocks[2] >> 12)
+    finally:
+        hx.close()
+
+
+def test_entries_added_while_draining_are_not_stranded(ram: GuestRam) -> None:
+    """With EVENT_IDX the driver does not kick for entries added before the device re-arms; the device
+    must look again after writing avail_event."""
+
+    class AddsMore(RecordingSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.queue: MockSplitQueue | None = None
+
+        def apply_hints(self, epoch: int, ranges: Sequence[tuple[int, int]]) -> int:
+            if self.queue is not None and not self.calls:
+                self.queue.add_chain(in_=[(ram.blocks[5], HINT_BLOCK)])  # the guest, racing, no kick
+            return super().apply_hints(epoch, ranges)
+
+    sink = AddsMore()
+    hx = Harness(ram, features=BASE | m.F_EVENT_IDX, sink=sink)
+    try:
+        q = hx.queue(QueueRole.FREE_PAGE)
+        cmd = hx.dev.request_hints()
+        hx.cmd(cmd)
+        sink.queue = q
+        hx.hint((ram.blocks[0], HINT_BLOCK))
+        assert sink.ranges(cmd) == [(ram.blocks[0], HINT_BLOCK), (ram.blocks[5], HINT_BLOCK)]
+        assert hx.all_returned() and q.avail_event == q.avail_idx
     finally:
         hx.close()

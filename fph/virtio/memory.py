@@ -222,6 +222,15 @@ def atomic_or_u64(address: int, value: int) -> None:
     _atomic_or(address, value)
 
 
+_FENCE_WORD = ctypes.c_uint64(0)
+
+
+def memory_fence() -> None:
+    """A full barrier (x86 ``lock or``): orders a ring store before a later ring load (store->load is the
+    one order x86-64 does not keep by itself)."""
+    atomic_or_u64(ctypes.addressof(_FENCE_WORD), 0)
+
+
 class VhostLog:
     """The front-end's dirty log (SET_LOG_BASE): one bit per 4 KiB guest-physical page."""
 
