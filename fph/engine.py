@@ -179,6 +179,7 @@ class FphMigration:
         self.precopy: Precopy | None = None
         self._cancel = False
         self._rings: list[tuple[int, int]] = []
+        self._hold: dict[str, Any] = {}
         self._sync = 0
 
     # -------------------------------------------------------------------------------------- helpers
@@ -198,6 +199,11 @@ class FphMigration:
             self._sync += 1
         await self.dispatcher.emit(HookEvent(point, self._sync, time.time(), observed=False))
 
+    @property
+    def receiver(self) -> Receiver | None:
+        """The destination receiver while the migration runs (fault injection in tests)."""
+        return self._hold.get("receiver")
+
     def cancel(self) -> None:
         """Ask the migration to stop at the next round boundary (it then aborts cleanly)."""
         self._cancel = True
@@ -208,7 +214,7 @@ class FphMigration:
         src = QMPConnection(self.src_qmp, "fph-engine-src")
         dst = QMPConnection(self.dst_qmp, "fph-engine-dst")
         await src.connect()
-        hold: dict[str, Any] = {}
+        hold: dict[str, Any] = self._hold
         state = {"balloon_removed": False, "src_stopped": False, "dst_running": False}
         try:
             await dst.connect()
@@ -438,7 +444,11 @@ class FphMigration:
             return done  # the guest runs on the destination: nothing to undo on the source
         with contextlib.suppress(Exception):
             await src.execute("migrate_cancel")
-        await attempt("destination QEMU quit", lambda: dst.execute("quit"))
+        try:
+            await dst.execute("quit")
+            done.append("destination QEMU quit")
+        except QMPError:  # already gone (killed, or it failed first)
+            done.append("destination QEMU already gone")
         if state["src_stopped"]:
             await attempt("source resumed (cont)", lambda: src.execute("cont"))
         if self.balloon is not None:

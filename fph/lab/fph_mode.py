@@ -22,6 +22,7 @@ from fph.lab.guest import Heartbeat
 from fph.lab.provision import Lab
 from fph.lab.vm import VM, VMConfig
 from fph.ram_layout import RamLayout
+from fph.writelog.base import WriteLog
 from fph.writelog.tcg import TcgWriteLog
 
 MiB = 1 << 20
@@ -63,10 +64,11 @@ class FphPair:
             init_on_alloc=self.init_on_alloc,
             append=self.append,
         )
+        self.dst_config = src_cfg.destination()
         self.src = VM(self.lab, src_cfg, name="src")
-        self.dst = VM(self.lab, src_cfg.destination(), name="dst")
+        self.dst = VM(self.lab, self.dst_config, name="dst")
         self.src_socket = str(self.src.run_dir / "balloon.sock")
-        self.dst_socket = str(self.dst.run_dir / "balloon.sock")
+        self.dst_socket = str(self.src.run_dir / "balloon-dst.sock")  # the destination host's fph
         self.writelog = TcgWriteLog(self.src.run_dir / "wlog.bin", self.layout)
         self.src.config = VMConfig(
             mem_mib=self.mem_mib,
@@ -86,6 +88,20 @@ class FphPair:
         self.dst.start()
         return self.src.wait_ready(ready_timeout)
 
+    def new_destination(self) -> VM:
+        """A fresh destination QEMU, after an aborted migration tore the last one down."""
+        self.dst.stop()
+        self.dst = VM(self.lab, self.dst_config, name="dst")
+        self.dst.start()
+        return self.dst
+
+    def fresh_writelog(self) -> TcgWriteLog:
+        """A new consumer of the source's plugin log (a write log is started once per migration)."""
+        old = self.writelog
+        old.close()
+        self.writelog = TcgWriteLog(old.path, self.layout, plugin=old.plugin, create=False)
+        return self.writelog
+
     def ring_ranges(self) -> list[tuple[int, int]]:
         """GPA ranges of the source balloon's used rings (fph writes them; the plugin cannot see it)."""
 
@@ -102,7 +118,9 @@ class FphPair:
 
         return self.hints.run(get(), 2.0)
 
-    def migration(self, config: FphConfig | None = None, **kwargs: Any) -> FphMigration:
+    def migration(
+        self, config: FphConfig | None = None, *, writelog: WriteLog | None = None, **kwargs: Any
+    ) -> FphMigration:
         assert self.src.ram_path is not None and self.dst.ram_path is not None
         balloon = None
         if self.balloon and self.control is not None:
@@ -114,7 +132,7 @@ class FphPair:
             layout=self.layout,
             src_ram=self.src.ram_path,
             dst_ram=self.dst.ram_path,
-            writelog=self.writelog,
+            writelog=writelog or self.writelog,
             balloon=balloon,
             config=config,
             **kwargs,

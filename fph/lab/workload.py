@@ -1,0 +1,32 @@
+"""Guest workloads shared by the CLI, the demo, tests and benchmarks (1 GiB guests).
+
+``memhog-exit``: the guest writes ~700 MiB and frees it: free memory that still holds data, the case free
+page hinting is for. ``idle``: a fresh boot. ``dirty``: a 64 MiB region rewritten at 4000 pages/s during the
+migration. Every workload keeps a 32 MiB checksummed region with a heartbeat (the destination check).
+"""
+
+from __future__ import annotations
+
+import time
+
+from fph.lab.guest import Guest, Heartbeat
+
+WORKLOADS = ("memhog-exit", "idle", "dirty")
+MEMHOG_MIB = 700
+HOLD_MIB = 32
+DIRTY_MIB = 64
+DIRTY_RATE = 4000
+SETTLE_S = 2.0
+
+
+def run_workload(guest: Guest, name: str, settle_s: float = SETTLE_S) -> Heartbeat:
+    """Start ``name`` in the guest; returns the hold region's first heartbeat."""
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}: one of {', '.join(WORKLOADS)}")
+    hb = guest.start_hold(HOLD_MIB, 1)
+    if name == "memhog-exit":
+        guest.memhog(MEMHOG_MIB, 0)
+    elif name == "dirty":
+        guest.start_dirty(DIRTY_MIB, DIRTY_RATE)
+    time.sleep(settle_s)
+    return hb
