@@ -718,6 +718,17 @@ class BalloonControl:
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(self._timeout)
 
+    async def call_async(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the device's loop from a coroutine on any loop, without blocking it,
+        e.g. ``await ctl.call_async(ctl.device.request_hints)``."""
+        if asyncio.get_running_loop() is self._loop:
+            return fn(*args)
+
+        async def run() -> T:
+            return fn(*args)
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self._loop))
+
     def request_hints(self, on_issue: Callable[[int], None] | None = None) -> int:
         """Start a hint run. ``on_issue(id)`` runs on the device's loop in the same step as the id is
         issued, so nothing of that id can reach the sink first (the migration opens its bitmap epoch

@@ -331,3 +331,23 @@ def test_entry_point(ram: GuestRam, tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert "signal received" in (proc.stderr.read() if proc.stderr else "")
+
+
+def test_unacked_config_changes_do_not_block(
+    receiver: ThreadedHintReceiver, ram: GuestRam, tmp_path: Path
+) -> None:
+    """A front-end that never answers CONFIG_CHANGE_MSG: fph keeps serving (acks are read asynchronously)."""
+    path = str(tmp_path / "vu.sock")
+    ctl = receiver.add_vm(path)
+    fe, _ = boot(path, ram)
+    ids = [ctl.request_hints() for _ in range(50)]
+    assert len(set(ids)) == 50
+    assert fe.config_cmd_id() == ids[-1]  # GET_CONFIG is answered at once
+    conn = receiver.receiver.connection(path)
+    assert conn is not None and conn.backend_channel is not None
+    assert receiver.run(_outstanding(conn)) == 51  # the DONE announcement + 50 requests, none acked yet
+    fe.close()
+
+
+async def _outstanding(conn: object) -> int:
+    return conn.backend_channel.outstanding  # type: ignore[attr-defined,no-any-return]

@@ -259,3 +259,27 @@ def test_second_set_owner_resets_for_replug(h: VhostUserHandler, ram: GuestRam, 
     res = feed(h, R.SET_OWNER)
     assert res.actions == [UnwatchKick(0, kick)]
     assert not h.vrings[0].started and h.acked_features == 0 and dev.acked == 0
+
+
+def test_mem_table_is_replaced_whole_and_rings_retranslated(h: VhostUserHandler, ram: GuestRam) -> None:
+    negotiate(h)
+    mem_table(h, ram)
+    q, _, _ = setup_ring(h, ram, 0)
+    first = h.memory
+    # The front-end remaps the same RAM at another virtual address: a new table, same rings.
+    moved = m.MemoryRegionMsg(ram.spec.gpa, ram.spec.size, ram.spec.uva + (1 << 40), 0)
+    feed(h, R.SET_MEM_TABLE, m.encode_mem_table([moved]), (os.dup(ram.fd),))
+    assert h.memory is not first and h.memory is not None
+    assert all(r.mm.closed for r in first.regions)  # type: ignore[union-attr]
+    assert h.vrings[0].queue.desc_table == q.desc
+    # A table that no longer covers a ring is refused and the working map stays.
+    other = GuestRam(4 * MiB, gpa=0x1000_0000)
+    try:
+        s = other.spec
+        table = m.encode_mem_table([m.MemoryRegionMsg(s.gpa, s.size, s.uva, 0)])
+        current = h.memory
+        with pytest.raises(ProtocolError):
+            feed(h, R.SET_MEM_TABLE, table, (os.dup(other.fd),))
+        assert h.memory is current
+    finally:
+        other.close()

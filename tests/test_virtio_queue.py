@@ -243,3 +243,22 @@ def test_vhost_log_layout_and_used_ring_logging(mem: GuestMemory) -> None:
     assert word == 1 << (used_page & 63)
     view.close()
     vlog.close()
+
+
+def test_two_regions_like_a_guest_above_the_pci_hole() -> None:
+    fd_lo, lo = memfd_region(2 * MiB, gpa=0, uva=0x7F00_0000_0000)
+    fd_hi, hi = memfd_region(2 * MiB, gpa=1 << 32, uva=0x7F10_0000_0000)
+    g = GuestMemory.from_fds([hi, lo], [fd_hi, fd_lo])
+    os.close(fd_lo)
+    os.close(fd_hi)
+    try:
+        assert [r.gpa for r in g.regions] == [0, 1 << 32] and g.end == (1 << 32) + 2 * MiB
+        g.write((1 << 32) + 8, b"hi")
+        assert g.read((1 << 32) + 8, 2) == b"hi" and g.read(8, 2) == b"\0\0"
+        assert g.uva_to_gpa(0x7F10_0000_0010) == (1 << 32) + 0x10
+        assert not g.contains(2 * MiB - 8, 16)  # runs off the low region
+        assert not g.contains(3 << 30, 4096)  # the hole
+        with pytest.raises(GuestMemoryError, match="overlap"):
+            GuestMemory([g.regions[0], g.regions[0]])
+    finally:
+        g.close()

@@ -217,7 +217,9 @@ class VhostUserHandler:
         for vring in self.vrings:
             self._stop_ring(vring, res)
             vring.enabled = False
-            vring.queue.next_avail = 0
+            vring.uva = None  # the next device instance sets its own rings
+            q = vring.queue
+            q.next_avail = q.desc_table = q.avail_ring = q.used_ring = 0
         self.acked_features = 0
         self.backend.reset()
 
@@ -230,8 +232,16 @@ class VhostUserHandler:
         old_mem = self.memory
         self.memory = new
         try:
+            # Ring GPAs stay valid across a new table (front-end addresses may not): re-check bounds only.
             for vring in self.vrings:
-                self._apply_ring_addresses(vring)
+                q = vring.queue
+                if q.desc_table:
+                    try:
+                        q.set_addresses(new, q.desc_table, q.avail_ring, q.used_ring)
+                    except VhostUserError as exc:
+                        raise ProtocolError(
+                            f"vring {vring.index} is outside the new memory table: {exc}"
+                        ) from exc
         except VhostUserError:
             self.memory = old_mem
             new.close()
@@ -336,8 +346,9 @@ class VhostUserHandler:
     def _set_vring_enable(self, msg: Message, fds: list[int], res: Result) -> None:
         state = m.VringState.decode(msg.payload)
         vring = self._vring(state.index)
-        if not self.acked_features & m.F_PROTOCOL_FEATURES and self.acked_features:
-            raise ProtocolError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
+        if self.acked_features and not self.acked_features & m.F_PROTOCOL_FEATURES:
+            # Without bit 30 every ring is enabled from the start and cannot be toggled (vhost-user spec).
+            raise ProtocolError("SET_VRING_ENABLE although VHOST_USER_F_PROTOCOL_FEATURES was not acked")
         if state.num not in (0, 1):
             raise ProtocolError(f"SET_VRING_ENABLE: value {state.num} is not 0 or 1")
         vring.enabled = bool(state.num)

@@ -11,7 +11,7 @@ import enum
 import struct
 from dataclasses import dataclass, field
 
-from fph.vhost_user.errors import MessageError
+from fph.vhost_user.errors import MessageError, UnknownRequestError
 
 HEADER = struct.Struct("<III")
 HEADER_SIZE = HEADER.size
@@ -212,8 +212,6 @@ def check_request(header: Header, payload: bytes, fds: tuple[int, ...]) -> Front
         request = FrontendReq(header.request)
         spec = REQUESTS[request]
     except (ValueError, KeyError):
-        from fph.vhost_user.errors import UnknownRequestError
-
         raise UnknownRequestError(f"unknown or unsupported request id {header.request}") from None
     if header.is_reply:
         raise MessageError(f"{request.name}: front-end request carries the REPLY flag")
