@@ -27,6 +27,7 @@ from fph.hint_receiver import (
     ThreadedHintReceiver,
 )
 from fph.vhost_user import message as m
+from fph.vhost_user.errors import StateError
 from fph.vhost_user.message import FrontendReq as R
 from tests.fake_frontend import HINT_BLOCK, FakeFrontend, GuestRam, LinuxBalloonDriver, MiB
 
@@ -236,6 +237,12 @@ def test_replug_on_the_same_connection(receiver: ThreadedHintReceiver, ram: Gues
         drv.config_changed()
     bases = fe.stop()  # device_del: disable + GET_VRING_BASE
     assert bases[drv.roles[QueueRole.FREE_PAGE]] > 0
+    assert fe.backend is not None
+    fe.backend.close()  # ... then QEMU closes the back-end channel: no more config changes to send
+    fe.backend = None
+    fe.wait_until(lambda: ctl.device.channel is None, what="fph to drop the closed back-end channel")
+    with pytest.raises(StateError, match="channel"):
+        ctl.request_hints()
     # device_add on the same chardev: the whole handshake again, new rings whose used index starts at 0.
     fe.realize()
     drv2 = LinuxBalloonDriver(fe)

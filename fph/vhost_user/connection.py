@@ -89,8 +89,17 @@ def _recv(sock: socket.socket, decoder: m.FrameDecoder) -> tuple[bytes, list[int
 class BackendChannelConnection:
     """Back-end -> front-end requests (SET_BACKEND_REQ_FD). Implements ``BackendChannel``."""
 
-    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop, *, need_reply: bool, name: str) -> None:
+    def __init__(
+        self,
+        fd: int,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        need_reply: bool,
+        name: str,
+        on_closed: Callable[[BackendChannelConnection], None] | None = None,
+    ) -> None:
         self.name = name
+        self._on_closed = on_closed
         self._loop = loop
         self._sock = socket.socket(fileno=fd)
         self._sock.setblocking(False)
@@ -164,6 +173,8 @@ class BackendChannelConnection:
         self._loop.remove_reader(self._sock.fileno())
         self._writer.close()
         self._sock.close()
+        if self._on_closed is not None:
+            self._on_closed(self)
 
 
 class VhostUserConnection:
@@ -272,8 +283,16 @@ class VhostUserConnection:
         if self.backend_channel is not None:
             self.backend_channel.close("replaced by a new SET_BACKEND_REQ_FD")
         need_reply = bool(self.handler.acked_protocol_features & m.ProtocolFeature.REPLY_ACK)
-        self.backend_channel = BackendChannelConnection(fd, self._loop, need_reply=need_reply, name=self.name)
+        self.backend_channel = BackendChannelConnection(
+            fd, self._loop, need_reply=need_reply, name=self.name, on_closed=self._backend_channel_closed
+        )
         self.handler.backend.set_backend_channel(self.backend_channel)
+
+    def _backend_channel_closed(self, channel: BackendChannelConnection) -> None:
+        """QEMU closes the channel on device_del; the device must not keep announcing into it."""
+        if self.backend_channel is channel:
+            self.backend_channel = None
+            self.handler.backend.set_backend_channel(None)
 
     # ------------------------------------------------------------------ closing
 
