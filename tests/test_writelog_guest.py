@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fph.lab.errors import LabError
 from fph.lab.provision import Lab
 from fph.lab.vm import VM, VMConfig
 from fph.ram_layout import RamLayout
@@ -31,6 +31,8 @@ from fph.writelog.tcg import TcgWriteLog
 pytestmark = pytest.mark.guest
 
 MEM_MIB = 256
+SMP = 2
+"""Two vCPUs: MTTCG, so stores from two host threads OR into the same bitmap concurrently."""
 FIGURES: dict[str, object] = {}
 
 
@@ -43,7 +45,11 @@ class Traced:
 
 
 def _boot(lab: Lab, plugins: tuple[str, ...], name: str) -> tuple[VM, float]:
-    vm = VM(lab, VMConfig(mem_mib=MEM_MIB, balloon="none", ram_backend="file", plugins=plugins), name=name)
+    vm = VM(
+        lab,
+        VMConfig(mem_mib=MEM_MIB, smp=SMP, balloon="none", ram_backend="file", plugins=plugins),
+        name=name,
+    )
     t0 = time.monotonic()
     try:
         vm.start()
@@ -86,9 +92,10 @@ def test_every_guest_write_is_logged(traced: Traced) -> None:
     assert t.vm.ram_path is not None
     t.log.harvest()  # from here on every store is in the next harvest
     before = snapshot(t.vm.ram_path)
-    t.vm.guest.fill(32)
     t.vm.guest.start_dirty(8, 2000, 2)
-    time.sleep(2.5)
+    out = t.vm.console.run("fill 16 & fill 16 & wait", timeout=120)  # one per vCPU
+    assert out.count("FPH-FILL mib=16") == 2
+    t.vm.console.wait_for("FPH-DIRTY done", 60)
     after, words = _stopped_snapshot_and_harvest(t)
     rep = coverage(before, after, words, t.layout)
     FIGURES["fill+dirty"] = {**rep.as_dict(), "header": t.log.describe()}
@@ -126,6 +133,31 @@ def test_page_straddling_stores_are_logged(traced: Traced) -> None:
     assert rep.unexplained == [], f"straddle pages missing from the log: {rep.unexplained[:20]}"
     logged = set(np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")))
     assert all(int(p) in logged for p in tails)  # RAM file offset == GPA below 3.5 GiB on pc
+
+
+def test_pte_accessed_bits_set_by_the_page_walker_are_the_known_blind_spot(traced: Traced) -> None:
+    """Characterisation of the one known miss. Window 1: the guest's command shell clears the Accessed
+    bits of its own PTEs (clear_refs 1: kernel stores, logged). Window 2: the shell runs a builtin (no
+    fork, so no kernel page-table writes); TCG's page walker sets the Accessed bits again with an
+    uninstrumented cmpxchg, so those page-table pages change without a logged store. Every other change
+    must be logged. If window 2 ever shows no such page, QEMU instruments the walker now: update
+    qemu-lab.md §9 and this test."""
+    t = traced
+    assert t.vm.ram_path is not None
+    reports = []
+    for command in ("echo 1 > /proc/$$/clear_refs", "echo walk"):
+        t.log.harvest()
+        before = snapshot(t.vm.ram_path)
+        t.vm.console.run(command)
+        after, words = _stopped_snapshot_and_harvest(t)
+        reports.append(coverage(before, after, words, t.layout))
+    FIGURES["pte_accessed_blind_spot"] = {"clear": reports[0].as_dict(), "walk": reports[1].as_dict()}
+    for rep in reports:
+        assert rep.unexplained == [], (
+            f"guest writes missing from the log (RAM file pages): {rep.unexplained[:20]}"
+        )
+    assert reports[0].missed_pte_ad_only == []  # clearing is done by kernel stores: logged
+    assert reports[1].missed_pte_ad_only, "no PTE page re-marked Accessed by the walker (see docstring)"
 
 
 def test_qemu_ram_mapping_is_found_and_soft_dirty_is_refused_here(traced: Traced) -> None:
@@ -190,13 +222,8 @@ def test_qemu_refuses_to_start_with_a_log_for_another_guest(lab: Lab, tmp_path: 
     """A log file made for another RAM size must stop QEMU at start-up, not log into the wrong bits."""
     log = TcgWriteLog(tmp_path / "w.bin", RamLayout.pc(128 << 20))
     arg = log.plugin_arg.replace(f"ram={128 << 20}", f"ram={MEM_MIB << 20}")
-    vm = VM(lab, VMConfig(mem_mib=MEM_MIB, balloon="none", ram_backend="file", plugins=(arg,)), name="badlog")
-    # QEMU opens its sockets before it loads plugins, so VM.start() may fail on the console instead.
-    with pytest.raises(LabError):
-        vm.start()
-    try:
-        assert vm.proc is not None and vm.proc.wait(10) != 0
-        assert re.search(r"fph writelog: .*created for another guest size", vm.qemu_log.read_text())
-    finally:
-        vm.stop()
-        log.close()
+    cmd = lab.qemu.command("-machine", "none", "-display", "none", "-nodefaults", "-plugin", arg)
+    p = subprocess.run(cmd, env=lab.qemu.environ(), capture_output=True, text=True, timeout=60, check=False)
+    log.close()
+    assert p.returncode != 0
+    assert re.search(r"fph writelog: .*created for another guest size", p.stderr), p.stderr
