@@ -1,0 +1,191 @@
+"""fph-mode migrations of a real guest (QEMU 11.1, TCG, Debian kernel), byte-verified.
+
+Each test boots a 1 GiB source with fph's balloon and the TCG write log, has the guest write ~700 MiB and
+free it, keeps a checksummed region alive (``hold``), and migrates with fph. At the COMPLETE hook both
+VMs are stopped: every page of the destination RAM file must equal the source's (with init_on_alloc=1 the
+guest zeroes every block it hints, so even never-sent free pages match). After ``cont`` the destination
+check runs: VM running, heartbeats go on with the same checksum and a later uptime, no Oops/BUG/panic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fph.engine import FphConfig, FphMigrationError, Phase
+from fph.lab.fph_mode import FphPair
+from fph.lab.provision import Lab
+from fph.migration_hook import HookEvent, HookPoint
+from fph.ram_layout import PAGE_SIZE
+from fph.writelog.base import Words, WriteLog
+
+pytestmark = pytest.mark.guest
+MiB = 1 << 20
+
+
+def differing_pages(a: Path, b: Path, size: int) -> list[int]:
+    """Page indexes (file offsets / 4 KiB) where two RAM files differ."""
+    fa = np.memmap(a, dtype=np.uint8, mode="r", shape=(size,))
+    fb = np.memmap(b, dtype=np.uint8, mode="r", shape=(size,))
+    out: list[int] = []
+    step = 64 * MiB
+    for off in range(0, size, step):
+        x = fa[off : off + step].reshape(-1, PAGE_SIZE)
+        y = fb[off : off + step].reshape(-1, PAGE_SIZE)
+        out += [off // PAGE_SIZE + int(i) for i in np.flatnonzero((x != y).any(axis=1))]
+    return out
+
+
+class PageCompare:
+    """COMPLETE hook: both guests stopped, destination not yet resumed -> compare the RAM files."""
+
+    def __init__(self, pair: FphPair) -> None:
+        self.pair = pair
+        self.diff: list[int] | None = None
+
+    def __call__(self, event: HookEvent) -> None:
+        if event.point is HookPoint.COMPLETE:
+            p = self.pair
+            assert p.src.ram_path is not None and p.dst.ram_path is not None
+            self.diff = differing_pages(p.src.ram_path, p.dst.ram_path, p.layout.ram_bytes)
+
+
+@pytest.fixture
+def pair(lab: Lab, tmp_path: Path) -> Iterator[FphPair]:
+    p = FphPair(lab, mem_mib=1024, keep_logs=tmp_path / "logs")
+    with p:
+        p.src.guest.fill(700)  # write 700 MiB of data, exit: free memory that still holds data
+        p.src.guest.start_hold(32, 1)
+        yield p
+
+
+def test_fph_migration_with_shrinker_pressure_is_byte_exact(pair: FphPair) -> None:
+    """Adversarial: after the first hint run the guest allocates hard enough that the balloon's shrinker
+    hands hinted blocks back, and writes them, while fph's rounds go on."""
+    compare = PageCompare(pair)
+    started: list[float] = []
+
+    def pressure(event: HookEvent) -> None:
+        if event.point is HookPoint.AFTER_SYNC and event.sync == 1 and not started:
+            pair.src.console.run("memhog 850 2 >/dev/null 2>&1 &", timeout=30)
+            started.append(time.monotonic())
+            time.sleep(1.5)  # let it eat into the hinted blocks while the next rounds run
+
+    mig = pair.migration(FphConfig(max_rounds=8), hooks=(pressure, compare))
+    report = asyncio.run(mig.run())
+    assert started, "the pressure hook never ran"
+    assert compare.diff == [], f"{len(compare.diff or [])} pages differ, first {(compare.diff or [])[:8]}"
+    check = pair.check()
+    assert check.ok, check.problems
+    fph = report.fph
+    assert fph["hinted_bytes"] > 500 * MiB, fph
+    assert fph["redirtied_after_hint"] > 0  # the pressure re-used hinted blocks and the log caught it
+    assert report.job_stats["memory_iteration"] >= 3
+    assert fph["replug_ms"] is not None  # a fresh balloon was plugged on the destination
+    # the destination's balloon is bound and hinting works there
+    assert pair.dst_control is not None
+    deadline = time.monotonic() + 60
+    while pair.dst_control.status().broken is None and time.monotonic() < deadline:
+        try:
+            pair.dst_control.request_hints()
+            break
+        except Exception:  # the driver has not bound yet
+            time.sleep(0.5)
+    else:
+        pytest.fail("destination balloon never became usable")
+
+
+class IgnoredLog(WriteLog):
+    """Negative control: harvests the real log (so the plugin keeps running) but reports nothing."""
+
+    kind = "ignored"
+
+    def __init__(self, real: WriteLog) -> None:
+        super().__init__(real.layout)
+        self.real = real
+
+    def _start(self) -> None:
+        self.real.start()
+
+    def _harvest(self, vcpus_stopped: bool) -> tuple[Words, float]:
+        self.real.harvest(vcpus_stopped=vcpus_stopped)
+        return np.zeros(self.nwords, dtype=np.uint64), 0.0
+
+
+def test_negative_control_without_the_write_log_is_caught(pair: FphPair) -> None:
+    compare = PageCompare(pair)
+
+    def pressure(event: HookEvent) -> None:
+        if event.point is HookPoint.AFTER_SYNC and event.sync == 1:
+            pair.src.console.run("memhog 850 2 >/dev/null 2>&1 &", timeout=30)
+            time.sleep(1.5)
+
+    mig = pair.migration(
+        FphConfig(max_rounds=4, verify_sent=False),
+        writelog=IgnoredLog(pair.writelog),
+        hooks=(pressure, compare),
+    )
+    try:
+        asyncio.run(mig.run())
+    except FphMigrationError as err:  # the broken destination guest may die right after cont
+        assert err.phase is Phase.RESUME, err
+    assert compare.diff, "ignoring the write log must leave differing pages; the check found none"
+
+
+def test_aborts_leave_the_source_running_with_its_memory(pair: FphPair) -> None:
+    """Cancel, a cut data connection, and a destination killed mid-migration: each aborts cleanly."""
+    src = pair.src
+    free_before = src.guest.meminfo().memfree_kb
+
+    def cancel_after_first_round(mig):  # type: ignore[no-untyped-def]
+        def hook(event: HookEvent) -> None:
+            if event.point is HookPoint.AFTER_SYNC and event.sync == 1:
+                mig.cancel()
+
+        return hook
+
+    def cut_data_connection(mig):  # type: ignore[no-untyped-def]
+        def hook(event: HookEvent) -> None:
+            if event.point is HookPoint.BEFORE_SYNC and event.sync == 2 and mig.receiver is not None:
+                mig.receiver.stop()
+
+        return hook
+
+    def kill_destination(mig):  # type: ignore[no-untyped-def]
+        def hook(event: HookEvent) -> None:
+            if event.point is HookPoint.AFTER_SYNC and event.sync == 1:
+                pair.dst.stop()
+
+        return hook
+
+    for make_fault, phases in (
+        (cancel_after_first_round, {Phase.ROUNDS}),
+        (cut_data_connection, {Phase.ROUNDS, Phase.STOPPED, Phase.UNPLUG}),
+        (kill_destination, {Phase.ROUNDS, Phase.UNPLUG, Phase.STOPPED, Phase.DEVICE_STATE}),
+    ):
+        if not pair.dst.alive():
+            pair.new_destination()
+        mig = pair.migration(FphConfig(max_rounds=3), writelog=pair.fresh_writelog())
+        mig.dispatcher.register(make_fault(mig))
+        with pytest.raises(FphMigrationError) as info:
+            asyncio.run(mig.run())
+        err = info.value
+        assert err.phase in phases, (make_fault.__name__, err)
+        assert all("FAILED" not in step for step in err.cleanup), err.cleanup
+        # the source runs, its guest keeps its data, and its hinted memory is back
+        assert src.status() == "running", make_fault.__name__
+        hb = src.guest.last_heartbeat()
+        time.sleep(2.5)
+        later = src.guest.last_heartbeat()
+        assert hb is not None and later is not None and later.seq > hb.seq and later.ok
+        deadline = time.monotonic() + 60
+        while src.guest.meminfo().memfree_kb < free_before - 64 * 1024 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert src.guest.meminfo().memfree_kb >= free_before - 64 * 1024, make_fault.__name__
+        assert src.qmp("qom-get", {"path": "/machine/peripheral/bal0", "property": "type"})
+        pair.dst.stop()
