@@ -148,6 +148,20 @@ def test_header_validation_rejects_bad_files(
         check_log_file(path, 64 * MiB)
 
 
+def test_a_log_attached_to_a_running_process_is_not_replaced(tmp_path: Path) -> None:
+    layout = RamLayout.flat(16 * MiB)
+    wl = TcgWriteLog(tmp_path / "w.bin", layout)
+    fake_attach(wl.path)  # attached by this (running) process
+    with pytest.raises(WriteLogStateError, match="attached to running process"):
+        TcgWriteLog(tmp_path / "w.bin", layout)
+    TcgWriteLog(tmp_path / "w.bin", layout, create=False).close()  # re-opening is fine
+    with open(wl.path, "r+b") as f:  # attached by a process that is gone
+        f.seek(48)
+        f.write(struct.pack("<I", 2**22 + 12345))
+    TcgWriteLog(tmp_path / "w.bin", layout).close()
+    wl.close()
+
+
 def test_short_header_is_a_format_error() -> None:
     with pytest.raises(WriteLogFormatError, match="truncated"):
         LogHeader.parse(b"WLOGv001")

@@ -260,8 +260,31 @@ def span_bytes(layout: RamLayout) -> int:
     return layout.span_pages << PAGE_SHIFT
 
 
+def _refuse_if_attached(path: Path) -> None:
+    """Replacing a log a running QEMU has mapped would leave it logging into the old, unlinked file."""
+    try:
+        with open(path, "rb") as f:
+            old = LogHeader.parse(f.read(HEADER_SIZE))
+    except (FileNotFoundError, WriteLogFormatError):
+        return
+    if old.magic != MAGIC or old.attach_count == 0 or old.attach_pid <= 0:
+        return
+    try:
+        os.kill(old.attach_pid, 0)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass
+    raise WriteLogStateError(
+        f"{path} is attached to running process {old.attach_pid} (a QEMU with the write-log plugin): "
+        "replacing it would lose that QEMU's writes; open it with create=False, or stop that QEMU "
+        "(or delete the file if the pid was reused)"
+    )
+
+
 def create_log_file(path: Path, layout: RamLayout) -> LogHeader:
     """Create (or replace) a zeroed log file for ``layout``; QEMU's plugin then validates and uses it."""
+    _refuse_if_attached(path)
     header = LogHeader.new(span_bytes(layout))
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
