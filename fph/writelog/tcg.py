@@ -244,14 +244,14 @@ def helpers(so: Path | None = None) -> _Helpers:
     return _Helpers(so or build_plugin())
 
 
-def harvest_words(log: Words, out: Words | None = None) -> Words:
+def harvest_words(log: Words, out: Words | None = None, *, c: _Helpers | None = None) -> Words:
     """Atomic fetch-and-clear of every word of ``log`` (a uint64 array, e.g. a view of a mapped log
     file) through the C helper: returns the words taken; ``log`` is zero where nothing new was set."""
     if log.dtype != np.uint64 or log.ndim != 1 or not log.flags.c_contiguous:
         raise WriteLogStateError("harvest_words needs a contiguous 1-d uint64 array")
     if out is None:
         out = np.empty_like(log)
-    helpers().harvest(log.ctypes.data, out.ctypes.data, log.shape[0])
+    (c or helpers()).harvest(log.ctypes.data, out.ctypes.data, log.shape[0])
     return out
 
 
@@ -329,7 +329,6 @@ class TcgWriteLog(WriteLog):
             self._mm, dtype=np.uint64, count=self.nwords, offset=HEADER_SIZE
         )
         self._failures_seen = 0
-        self._out_of_range_seen = 0
 
     @property
     def plugin_arg(self) -> str:
@@ -349,13 +348,12 @@ class TcgWriteLog(WriteLog):
                 f"no QEMU plugin attached to {self.path}: start QEMU with -plugin {self.plugin_arg}"
             )
         self._failures_seen = h.lookup_failures
-        self._out_of_range_seen = h.out_of_range
         assert self._bits is not None
-        harvest_words(self._bits)  # writes before start() are round 0's business
+        harvest_words(self._bits, c=self._c)  # writes before start() are round 0's business
 
     def _harvest(self, vcpus_stopped: bool) -> tuple[Words, float]:
         assert self._bits is not None and self._mm is not None
-        words = harvest_words(self._bits)
+        words = harvest_words(self._bits, c=self._c)
         # Read the failure counter after the exchange: a failed lookup counted later is caught next time.
         h = self.header()
         struct.pack_into("<Q", self._mm, _OFF_HARVESTS, h.harvests + 1)
@@ -369,7 +367,6 @@ class TcgWriteLog(WriteLog):
             self._failures_seen = h.lookup_failures
             self.stats.conservative_harvests += 1
             words = full_words(self.nbits)
-        self._out_of_range_seen = h.out_of_range
         return words, 0.0
 
     def _close(self) -> None:
