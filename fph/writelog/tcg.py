@@ -333,6 +333,9 @@ class TcgWriteLog(WriteLog):
     @property
     def plugin_arg(self) -> str:
         """The ``-plugin`` value for QEMU (VMConfig.plugins): ``<so>,log=<file>,ram=<GPA span bytes>``."""
+        for p in (self.plugin, self.path):
+            if "," in str(p):
+                raise WriteLogStateError(f"{p}: QEMU's -plugin option cannot carry a path with a comma")
         return f"{self.plugin},log={self.path},ram={span_bytes(self.layout)}"
 
     def header(self) -> LogHeader:
