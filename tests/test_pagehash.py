@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fph.ram_layout import PAGE_SIZE
-from fph.sender.pagehash import changed_pages, page_hashes
+from fph.sender.pagehash import changed_pages, copy_scan, page_hashes
 
 
 @settings(max_examples=300, deadline=None)
@@ -27,3 +27,16 @@ def test_changed_pages_reads_only_selected_pages() -> None:
     selected = np.array([1, 1, 1, 1, 1, 0, 1, 1], dtype=np.uint8)
     assert changed_pages(pages, selected, expected).tolist() == [2]
     assert changed_pages(pages, np.ones(8, np.uint8), expected).tolist() == [2, 5]
+
+
+def test_copy_scan_copies_flags_and_fingerprints_in_one_pass() -> None:
+    src = np.zeros(4 * PAGE_SIZE, dtype=np.uint8)
+    src[PAGE_SIZE + 4095] = 7
+    src[3 * PAGE_SIZE] = 1
+    dst = np.full(4 * PAGE_SIZE, 0xFF, dtype=np.uint8)
+    zero = np.empty(4, dtype=np.uint8)
+    hashes = np.empty(4, dtype=np.uint64)
+    assert copy_scan(src, dst, zero, hashes) == 2
+    assert np.array_equal(src, dst)
+    assert zero.tolist() == [1, 0, 1, 0]
+    assert hashes.tolist() == page_hashes(src).tolist()

@@ -20,6 +20,7 @@ import pytest
 from fph.dirty_bitmap import DirtyBitmap
 from fph.ram_layout import PAGE_SIZE, RamLayout, RamRange
 from fph.sender.channel import ChannelError, Receiver, SourceChannel
+from fph.sender.pagehash import page_hashes
 from fph.sender.precopy import Precopy, PrecopyConfig
 from fph.sender.ram import RamFile, RamFileError
 
@@ -257,11 +258,12 @@ def test_receiver_failure_reaches_the_source(ram_files: tuple[RamFile, RamFile])
     receiver = Receiver(dst)
     channel = SourceChannel(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
     channel.connect()
-    channel.send_pages(0, 0, 1)
+    page = np.ones(16 * PAGE_SIZE, dtype=np.uint8)
+    channel.send_pages(0, 0, page[:PAGE_SIZE], page_hashes(page[:PAGE_SIZE]))
     receiver.stop()  # the destination goes away mid-stream
     with pytest.raises(ChannelError):
         for i in range(2000):
-            channel.send_pages(0, i % 1000, 16)
+            channel.send_pages(0, i % 1000, page, page_hashes(page))
             channel.end_round(0, {})
     assert not receiver.wait(5).ok
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from fph.ram_layout import PAGE_SIZE, GiB, RamLayout
+from fph.sender.pagehash import page_hashes
 from fph.sender.wire import (
     HEADER_SIZE,
     MAX_FRAME_PAGES,
@@ -96,7 +98,7 @@ def test_bad_frames_fail_the_stream(frame: Frame, message: str) -> None:
 def test_pages_go_to_their_file_offset_and_checksums_are_verified() -> None:
     p = started()
     payload = bytes(range(256)) * 32  # two pages
-    f = pages_frame(1, (4 * GiB) >> 12, payload)
+    f = pages_frame(1, (4 * GiB) >> 12, payload, page_hashes(np.frombuffer(payload, dtype=np.uint8)))
     target = p.on_header(f)
     assert target is not None and (target.offset, target.length) == (3 * GiB, 2 * PAGE_SIZE)
     p.on_payload(f, payload)

@@ -101,7 +101,6 @@ class SourceChannel:
         self.counters = WireCounters()
         self._pacer = _Pacer(bandwidth)
         self._sock: socket.socket | None = None
-        self._bounce = np.empty(MAX_FRAME_PAGES * PAGE_SIZE, dtype=np.uint8)
 
     def connect(self) -> None:
         if self.state is not ChannelState.IDLE:
@@ -138,20 +137,23 @@ class SourceChannel:
         self.counters.bytes_on_wire += total
         self._pacer.account(total)
 
-    def send_pages(self, round_: int, first_page: int, npages: int) -> npt.NDArray[np.uint8]:
-        """Send pages [first_page, +npages) (at most one frame) as they are in RAM now.
-
-        The pages are copied into a bounce buffer first: the guest keeps running, and the checksum,
-        the payload and the caller's fingerprints must all describe the same bytes. Returns that copy.
-        """
-        if not 0 < npages <= MAX_FRAME_PAGES:
-            raise ChannelError(f"send_pages takes 1..{MAX_FRAME_PAGES} pages, got {npages}")
-        bounce = self._bounce[: npages * PAGE_SIZE]
-        np.copyto(bounce, self.ram.pages(first_page, npages))
-        view = memoryview(bounce.data)
-        self._send(pages_frame(round_, first_page, view), view)
+    def send_pages(
+        self,
+        round_: int,
+        first_page: int,
+        payload: npt.NDArray[np.uint8],
+        fingerprints: npt.NDArray[np.uint64],
+    ) -> None:
+        """Send one frame of whole pages from a bounce buffer (never from live guest RAM: the guest keeps
+        running, and the checksum, the payload and the sender's fingerprints must describe the same bytes)."""
+        npages = payload.nbytes // PAGE_SIZE
+        if not 0 < npages <= MAX_FRAME_PAGES or payload.nbytes % PAGE_SIZE:
+            raise ChannelError(
+                f"send_pages takes 1..{MAX_FRAME_PAGES} whole pages, got {payload.nbytes} bytes"
+            )
+        view = memoryview(payload.data)
+        self._send(pages_frame(round_, first_page, view, fingerprints), view)
         self.counters.pages += npages
-        return bounce
 
     def send_zeros(self, round_: int, first_page: int, npages: int) -> None:
         for start in range(first_page, first_page + npages, MAX_FRAME_PAGES):

@@ -42,6 +42,40 @@ def _page_hashes(words: Any, out: Any) -> None:
 
 
 @njit(cache=True, nogil=True)
+def _copy_scan(src: Any, dst: Any, zero_out: Any, hash_out: Any) -> Any:
+    """One pass per page: copy it, note whether it is all zero, fingerprint it. Returns the zero count."""
+    zeros = 0
+    for p in range(zero_out.shape[0]):
+        base = p * WORDS_PER_PAGE
+        acc = np.uint64(0)
+        a = _SEED
+        b = _SEED ^ np.uint64(1)
+        c = _SEED ^ np.uint64(2)
+        d = _SEED ^ np.uint64(3)
+        for k in range(0, WORDS_PER_PAGE, 4):
+            w0 = src[base + k]
+            w1 = src[base + k + 1]
+            w2 = src[base + k + 2]
+            w3 = src[base + k + 3]
+            dst[base + k] = w0
+            dst[base + k + 1] = w1
+            dst[base + k + 2] = w2
+            dst[base + k + 3] = w3
+            acc |= w0 | w1 | w2 | w3
+            a = (a ^ w0) * _ODD
+            b = (b ^ w1) * _ODD
+            c = (c ^ w2) * _ODD
+            d = (d ^ w3) * _ODD
+        hash_out[p] = (((a * _ODD) ^ b) * _ODD ^ c) * _ODD ^ d
+        if acc == 0:
+            zero_out[p] = 1
+            zeros += 1
+        else:
+            zero_out[p] = 0
+    return zeros
+
+
+@njit(cache=True, nogil=True)
 def _changed_pages(words: Any, selected: Any, expected: Any, out: Any) -> Any:
     n = 0
     for p in range(selected.shape[0]):
@@ -76,3 +110,26 @@ def changed_pages(
     out = np.empty(n, dtype=np.int64)
     k = _changed_pages(pages.reshape(-1).view(np.uint64), selected, expected, out)
     return out[:k]
+
+
+def copy_scan(
+    src: npt.NDArray[np.uint8],
+    dst: npt.NDArray[np.uint8],
+    zero_out: npt.NDArray[np.uint8],
+    hash_out: npt.NDArray[np.uint64],
+) -> int:
+    """Copy whole pages ``src`` -> ``dst`` (a bounce buffer), flag zero pages and fingerprint each page,
+    in one pass over memory: the flags and fingerprints describe exactly the bytes in ``dst``."""
+    n = src.nbytes // PAGE_SIZE
+    if src.nbytes % PAGE_SIZE or dst.nbytes < src.nbytes or zero_out.shape[0] < n or hash_out.shape[0] < n:
+        raise ValueError(
+            f"copy_scan: {src.nbytes} bytes into {dst.nbytes}, outputs for {zero_out.shape[0]} pages"
+        )
+    return int(
+        _copy_scan(
+            src.reshape(-1).view(np.uint64),
+            dst[: src.nbytes].reshape(-1).view(np.uint64),
+            zero_out[:n],
+            hash_out[:n],
+        )
+    )

@@ -22,10 +22,10 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from fph.dirty_bitmap import SEND_DATA, SEND_ZERO, SKIP_ZERO, DirtyBitmap, zero_page_flags
+from fph.dirty_bitmap import SEND_DATA, SEND_ZERO, SKIP_ZERO, DirtyBitmap
 from fph.ram_layout import PAGE_SHIFT, PAGE_SIZE
 from fph.sender.channel import SourceChannel
-from fph.sender.pagehash import changed_pages, page_hashes
+from fph.sender.pagehash import changed_pages, copy_scan, page_hashes
 from fph.sender.ram import RamFile
 from fph.sender.wire import MAX_FRAME_PAGES
 
@@ -124,6 +124,8 @@ class Precopy:
         self._dirty_rate = 0.0
         self._last_harvest = time.monotonic()
         self._hashbuf = np.empty(MAX_FRAME_PAGES, dtype=np.uint64)
+        self._zero = np.empty(MAX_FRAME_PAGES, dtype=np.uint8)
+        self._bounce = np.empty(MAX_FRAME_PAGES * PAGE_SIZE, dtype=np.uint8)
 
     # ------------------------------------------------------------------------------------- rounds
 
@@ -278,12 +280,18 @@ class Precopy:
         rs.bytes_on_wire = self.channel.counters.bytes_on_wire - start_bytes
 
     def _send_chunk(self, rs: RoundStats, first: int, n: int) -> None:
-        flags = zero_page_flags(self.ram.pages(first, n))
-        plan = self.bitmap.plan_send(first, flags)
+        """Copy the pages into the bounce buffer while classifying and fingerprinting them, then send."""
+        bounce = self._bounce[: n * PAGE_SIZE]
+        zero, hashes = self._zero[:n], self._hashbuf[:n]
+        copy_scan(self.ram.pages(first, n), bounce, zero, hashes)
+        plan = self.bitmap.plan_send(first, zero)
         for kind, start, length in _segments(plan):
             p = first + start
             if kind == SEND_DATA:
-                self._send_data(rs.round, p, length)
+                payload = bounce[start * PAGE_SIZE : (start + length) * PAGE_SIZE]
+                self.channel.send_pages(rs.round, p, payload, hashes[start : start + length])
+                self.sent_hash[p : p + length] = hashes[start : start + length]
+                self.on_wire[p : p + length] = 1
                 rs.pages_data += length
             elif kind == SEND_ZERO:
                 self.channel.send_zeros(rs.round, p, length)
@@ -295,18 +303,24 @@ class Precopy:
                 rs.pages_zero_skipped += length
 
     def _send_data(self, round_: int, first: int, n: int) -> None:
+        """Send pages as data whatever they hold (the switchover check's resends)."""
         for off in range(0, n, MAX_FRAME_PAGES):
             k = min(MAX_FRAME_PAGES, n - off)
-            payload = self.channel.send_pages(round_, first + off, k)
-            page_hashes(payload, self._hashbuf[:k])
-            self.sent_hash[first + off : first + off + k] = self._hashbuf[:k]
-            self.on_wire[first + off : first + off + k] = 1
+            p = first + off
+            bounce, hashes = self._bounce[: k * PAGE_SIZE], self._hashbuf[:k]
+            copy_scan(self.ram.pages(p, k), bounce, self._zero[:k], hashes)
+            self.channel.send_pages(round_, p, bounce, hashes)
+            self.bitmap.plan_send(p, np.zeros(k, dtype=np.uint8))  # the destination now holds data there
+            self.sent_hash[p : p + k] = hashes
+            self.on_wire[p : p + k] = 1
 
 
 def _segments(plan: npt.NDArray[np.uint8]) -> list[tuple[int, int, int]]:
     """(kind, start, length) for each run of equal verdicts."""
     if plan.size == 0:
         return []
+    if plan.min() == plan.max():  # the common case: a whole chunk of data, or of zeros
+        return [(int(plan[0]), 0, int(plan.size))]
     edges = np.flatnonzero(np.diff(plan)) + 1
     starts = np.concatenate(([0], edges))
     ends = np.concatenate((edges, [plan.size]))
