@@ -93,6 +93,8 @@ class FphConfig:
     downtime_limit_ms: float = 300.0
     bandwidth: int | None = None
     first_hint_wait_s: float = 5.0
+    hint_policy: str = "release-early"
+    """See ``PrecopyConfig.hint_policy``."""
     verify_sent: bool = True
     """Re-read every sent page at switchover (needed with the TCG write log)."""
     data_host: str = "127.0.0.1"
@@ -261,6 +263,7 @@ class FphMigration:
             downtime_limit_ms=cfg.downtime_limit_ms,
             bandwidth=cfg.bandwidth,
             first_hint_wait_s=cfg.first_hint_wait_s,
+            hint_policy=cfg.hint_policy,
         )
         pc = self.precopy = Precopy(bitmap, src_ram, channel, self._harvest, self._hints(), pcfg)
         t_setup = time.monotonic()
@@ -281,7 +284,8 @@ class FphMigration:
         self.phase = Phase.UNPLUG
         t_unplug = time.monotonic()
         if self.balloon is not None:
-            self.balloon.control.stop_hints()
+            if bitmap.epoch is not None:
+                self.balloon.control.stop_hints()
             bitmap.close_epoch()
             await self._device_del(src, self.balloon.device_id)
             state["balloon_removed"] = True

@@ -93,6 +93,10 @@ class FakeBalloon:
 
     def done(self) -> None:
         self.dones += 1
+        self.state = "done"
+
+    def config_unread(self) -> bool:
+        return False
 
     def status(self) -> object:
         return type("S", (), {"state": self.state, "broken": None})()
@@ -119,7 +123,14 @@ def ram_files(tmp_path: Path) -> Iterator[tuple[RamFile, RamFile]]:
 
 
 def migrate(
-    src: RamFile, dst: RamFile, *, ignore_log: bool, hint_blocks: list[int], rate: float, verify: bool = True
+    src: RamFile,
+    dst: RamFile,
+    *,
+    ignore_log: bool,
+    hint_blocks: list[int],
+    rate: float,
+    verify: bool = True,
+    policy: str = "release-early",
 ) -> tuple:
     bitmap = DirtyBitmap(LAYOUT)
     guest = SoftGuest(src, LAYOUT)
@@ -165,10 +176,13 @@ def differing_pages(src: RamFile, dst: RamFile, guest: SoftGuest) -> list[int]:
     ]
 
 
-def test_destination_equals_source_with_a_running_guest_and_hints(ram_files: tuple[RamFile, RamFile]) -> None:
+@pytest.mark.parametrize("policy", ["release-early", "every-round"])
+def test_destination_equals_source_with_a_running_guest_and_hints(
+    ram_files: tuple[RamFile, RamFile], policy: str
+) -> None:
     src, dst = ram_files
     hinted = [8 * MiB, 12 * MiB, 44 * MiB, 68 * MiB]
-    pc, guest, ack, result = migrate(src, dst, ignore_log=False, hint_blocks=hinted, rate=2000)
+    pc, guest, ack, result = migrate(src, dst, ignore_log=False, hint_blocks=hinted, rate=2000, policy=policy)
     assert result.ok, result.error
     assert guest.writes > 20
     assert differing_pages(src, dst, guest) == []

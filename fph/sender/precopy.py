@@ -46,6 +46,8 @@ class HintControl(Protocol):
 
     def done(self) -> None: ...
 
+    def config_unread(self) -> bool: ...
+
     def status(self) -> Any: ...
 
 
@@ -63,6 +65,13 @@ class PrecopyConfig:
     first_hint_wait_s: float = 5.0
     """Round 0 waits at most this long for the guest to finish its first hint run."""
     take_budget_bytes: int = 64 << 20
+    hint_policy: str = "release-early"
+    """``release-early``: one hint run before round 0, then DONE at once, so the guest gets its memory
+    back before anything is sent and the kernel's bookkeeping writes for those pages (struct page: ~1.6 %
+    of the memory released) are sent once, in round 0. ``every-round``: a fresh hint run per round, the
+    blocks held until the balloon is unplugged at switchover (QEMU's behaviour)."""
+    release_settle_s: float = 0.1
+    """After DONE, how long to let the guest free its blocks before the sync that precedes round 0."""
 
 
 @dataclass
@@ -138,7 +147,7 @@ class Precopy:
     def sync(self, *, new_epoch: bool) -> tuple[int, float]:
         """Close the hint epoch, harvest the write log, and (if asked) issue a fresh id. The order is
         the safety argument: harvest before issue, so every write after the id is in the next log."""
-        if self.hints is not None:
+        if self.hints is not None and self.bitmap.epoch is not None:  # a run of that epoch may be on
             self.hints.stop_hints()
         self.bitmap.close_epoch()
         t0 = time.monotonic()
@@ -163,10 +172,15 @@ class Precopy:
                 # The first run is over: sync once more before sending, so the pages the guest wrote
                 # while hinting (with init_on_alloc=1 the driver zeroes every block it hints) are
                 # merged now and sent once, instead of being sent and then sent again in round 1.
-                _newly, rs.harvest_ms = self.sync(new_epoch=True)
+                early = cfg.hint_policy == "release-early"
+                _newly, rs.harvest_ms = self.sync(new_epoch=not early)
+                if early:
+                    self._release_hints(cfg.release_settle_s)
+                    _newly, ms2 = self.sync(new_epoch=False)
+                    rs.harvest_ms += ms2
                 rs.hint_cmd_id = self.bitmap.epoch
         else:
-            _newly, rs.harvest_ms = self.sync(new_epoch=True)
+            _newly, rs.harvest_ms = self.sync(new_epoch=cfg.hint_policy == "every-round")
             rs.dirty_rate_pps = self._dirty_rate
             rs.hint_cmd_id = self.bitmap.epoch
         rs.dirty_at_start = self.bitmap.count_dirty()
@@ -185,6 +199,16 @@ class Precopy:
         log.info("round %d: %s", self.round, rs)
         self.round += 1
         return rs
+
+    def _release_hints(self, settle_s: float) -> None:
+        """DONE: the guest takes its hinted blocks back. Safe at any time: the epoch is closed and every
+        later write to those pages is in the write log."""
+        assert self.hints is not None
+        self.hints.done()
+        t0 = time.monotonic()
+        while self.hints.config_unread() and time.monotonic() - t0 < 2.0:
+            time.sleep(0.005)
+        time.sleep(settle_s)
 
     def _wait_first_hint_run(self, limit_s: float) -> float:
         """Wait until the guest ends its hint run with its STOP (the device leaves REQUESTED/START for
