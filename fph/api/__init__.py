@@ -1,0 +1,1 @@
+"""The fph daemon's gRPC API (generated stubs, one package per version)."""
