@@ -92,7 +92,7 @@ class FphConfig:
     max_rounds: int = 30
     downtime_limit_ms: float = 300.0
     bandwidth: int | None = None
-    first_hint_wait_s: float = 5.0
+    first_hint_wait_s: float = 15.0
     hint_policy: str = "release-early"
     """See ``PrecopyConfig.hint_policy``."""
     verify_sent: bool = True

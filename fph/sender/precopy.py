@@ -62,8 +62,10 @@ class PrecopyConfig:
     """Switch over once the pages left would take at most this long at the measured rate."""
     min_rounds: int = 1
     bandwidth: int | None = None
-    first_hint_wait_s: float = 5.0
+    first_hint_wait_s: float = 15.0
     """Round 0 waits at most this long for the guest to finish its first hint run."""
+    first_hint_idle_s: float = 1.0
+    """... and stops waiting once the run has reported no new block for this long."""
     take_budget_bytes: int = 64 << 20
     hint_policy: str = "release-early"
     """``release-early``: one hint run before round 0, then DONE at once, so the guest gets its memory
@@ -212,13 +214,21 @@ class Precopy:
 
     def _wait_first_hint_run(self, limit_s: float) -> float:
         """Wait until the guest ends its hint run with its STOP (the device leaves REQUESTED/START for
-        STOP on its own), at most ``limit_s``: free memory hinted before it is sent is never sent."""
+        STOP on its own): free memory hinted before it is sent is never sent. Gives up after ``limit_s``,
+        or once a started run has reported no new block for ``first_hint_idle_s`` (a slow guest)."""
         assert self.hints is not None
-        t0 = time.monotonic()
+        t0 = last_progress = time.monotonic()
+        blocks = -1
         while time.monotonic() - t0 < limit_s:
             st = self.hints.status()
             state = getattr(st.state, "value", st.state)
             if state == "stop" or getattr(st, "broken", None):
+                break
+            now = time.monotonic()
+            got = int(getattr(st, "blocks", 0))
+            if got != blocks:
+                blocks, last_progress = got, now
+            elif blocks > 0 and now - last_progress > self.config.first_hint_idle_s:
                 break
             time.sleep(0.005)
         return time.monotonic() - t0
