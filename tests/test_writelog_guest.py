@@ -23,7 +23,7 @@ import pytest
 from fph.lab.provision import Lab
 from fph.lab.vm import VM, VMConfig
 from fph.ram_layout import RamLayout
-from fph.writelog.check import build_straddler, coverage, snapshot, upload
+from fph.writelog.check import build_guest_program, build_straddler, coverage, snapshot, upload
 from fph.writelog.errors import SoftDirtyUnavailableError
 from fph.writelog.softdirty import SoftDirtyWriteLog, find_ram_mappings, probe_soft_dirty, qmp_vcpu_control
 from fph.writelog.tcg import TcgWriteLog
@@ -158,6 +158,48 @@ def test_pte_accessed_bits_set_by_the_page_walker_are_the_known_blind_spot(trace
         )
     assert reports[0].missed_pte_ad_only == []  # clearing is done by kernel stores: logged
     assert reports[1].missed_pte_ad_only, "no PTE page re-marked Accessed by the walker (see docstring)"
+
+
+def test_pte_dirty_bit_after_madv_free_is_not_logged(traced: Traced) -> None:
+    """Characterisation of the harmful variant: after MADV_FREE (the kernel clears the PTEs' Dirty bits:
+    logged) the program writes its pages again; the walker sets Dirty with an uninstrumented cmpxchg. The
+    data pages are logged, the PTE page is not: a destination copied from this log can hold "clean" PTEs
+    for rewritten MADV_FREE pages, which its kernel may then discard. If this ever finds nothing, QEMU
+    instruments the walker now: update qemu-lab.md §9 and this test."""
+    t = traced
+    assert t.vm.ram_path is not None
+    upload(t.vm.console, build_guest_program("madvfree"), "/tmp/madvfree")
+    since = t.vm.console.offset()
+    t.vm.console.send_line("/tmp/madvfree")
+    t.vm.console.wait_for("FPH-MADVFREE written", 60, since)
+    reports, dirty_bit_pages = [], []
+    try:
+        for tag in ("freed", "rewritten"):
+            t.log.harvest()
+            before = snapshot(t.vm.ram_path)
+            t.vm.console.send_line("")
+            t.vm.console.wait_for(f"FPH-MADVFREE {tag}", 60, since)
+            after, words = _stopped_snapshot_and_harvest(t)
+            rep = coverage(before, after, words, t.layout)
+            reports.append(rep)
+            for page in rep.missed_pte_ad_only:
+                a, b = before[page * 512 : (page + 1) * 512], after[page * 512 : (page + 1) * 512]
+                if ((~a & b & np.uint64(0x40)) != 0).any():  # a PTE's Dirty bit went 0 -> 1
+                    dirty_bit_pages.append(page)
+    finally:
+        t.vm.console.send_line("")
+    assert "error" not in t.vm.console.text(since)
+    FIGURES["pte_dirty_madv_free"] = {
+        "freed": reports[0].as_dict(),
+        "rewritten": reports[1].as_dict(),
+        "pte_pages_with_unlogged_dirty_bit": len(dirty_bit_pages),
+    }
+    for rep in reports:
+        assert rep.unexplained == [], (
+            f"guest writes missing from the log (RAM file pages): {rep.unexplained[:20]}"
+        )
+    assert reports[0].missed_pte_ad_only == []  # MADV_FREE's clearing is done by kernel stores: logged
+    assert dirty_bit_pages, "no PTE Dirty bit set without a logged store (see docstring)"
 
 
 def test_qemu_ram_mapping_is_found_and_soft_dirty_is_refused_here(traced: Traced) -> None:

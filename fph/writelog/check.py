@@ -29,11 +29,11 @@ from fph.writelog.tcg import plugin_cache_dir
 
 PTE_ACCESSED_DIRTY = np.uint64(0x60)
 """x86 PTE bits 5 (Accessed) and 6 (Dirty), set by the page walker."""
-STRADDLER_SOURCE = Path(__file__).with_name("guest") / "straddle.c"
-STRADDLER_FLAGS = (
+GUEST_SOURCES = Path(__file__).with_name("guest")
+GUEST_FLAGS = (
     "-static", "-nostdlib", "-ffreestanding", "-fno-builtin", "-Os", "-fno-pie", "-no-pie",
     "-fno-asynchronous-unwind-tables", "-fno-stack-protector", "-fcf-protection=none",
-    "-Wl,--build-id=none", "-s", "-Wl,-n",
+    "-Wl,--build-id=none", "-s", "-Wl,-n", "-Wall",
 )  # fmt: skip
 
 
@@ -105,31 +105,36 @@ def coverage(
     return rep
 
 
-def build_straddler(cache_dir: Path | None = None, cc: str | None = None) -> Path:
-    """Build the guest program ``straddle`` (static, no libc, ~1 KB) into the plugin cache."""
-    src = STRADDLER_SOURCE.read_bytes()
+def build_guest_program(name: str, cache_dir: Path | None = None, cc: str | None = None) -> Path:
+    """Build ``guest/<name>.c`` (static, no libc, ~1 KB) into the plugin cache, keyed by its sources."""
+    src = (GUEST_SOURCES / f"{name}.c").read_bytes() + (GUEST_SOURCES / "nolibc.h").read_bytes()
     compiler = shutil.which(cc or os.environ.get("CC") or "cc")
     if not compiler:
-        raise PluginBuildError("no C compiler to build the guest straddle program: install gcc")
-    key = hashlib.sha256(src + b"\0".join(f.encode() for f in STRADDLER_FLAGS)).hexdigest()[:16]
+        raise PluginBuildError(f"no C compiler to build the guest program {name}: install gcc")
+    key = hashlib.sha256(src + b"\0".join(f.encode() for f in GUEST_FLAGS)).hexdigest()[:16]
     cache = cache_dir or plugin_cache_dir()
-    out = cache / f"straddle-{key}"
+    out = cache / f"{name}-{key}"
     if out.exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".straddle-", dir=cache)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", dir=cache)
     os.close(fd)
     p = subprocess.run(
-        [compiler, *STRADDLER_FLAGS, "-o", tmp, str(STRADDLER_SOURCE)],
+        [compiler, *GUEST_FLAGS, "-o", tmp, str(GUEST_SOURCES / f"{name}.c")],
         capture_output=True,
         text=True,
         check=False,
     )
     if p.returncode != 0:
         os.unlink(tmp)
-        raise PluginBuildError(f"building the guest straddle program failed:\n{p.stderr.strip()[-2000:]}")
+        raise PluginBuildError(f"building the guest program {name} failed:\n{p.stderr.strip()[-2000:]}")
     os.replace(tmp, out)
     return out
+
+
+def build_straddler(cache_dir: Path | None = None, cc: str | None = None) -> Path:
+    """The guest program with page-straddling stores (guest/straddle.c)."""
+    return build_guest_program("straddle", cache_dir, cc)
 
 
 class _Console(Protocol):

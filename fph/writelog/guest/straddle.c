@@ -7,50 +7,8 @@
  * boundary-8 for odd k. Page 2k+1 receives only the tail of one store, so only the plugin's second lookup
  * logs it. The stored values' tails begin with "STRD"/"STRX" so the host can find those pages in a RAM
  * snapshot. Prints "FPH-STRADDLE done n=<N>", waits for another line, exits. */
-typedef unsigned long u64;
+#include "nolibc.h"
 #define N 256
-#define PAGE 4096UL
-
-static long sys3(long n, long a, long b, long c)
-{
-    long r;
-    __asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c) : "rcx", "r11", "memory");
-    return r;
-}
-
-static long sys6(long n, long a, long b, long c, long d, long e, long f)
-{
-    long r;
-    register long r10 __asm__("r10") = d;
-    register long r8 __asm__("r8") = e;
-    register long r9 __asm__("r9") = f;
-    __asm__ volatile("syscall"
-                     : "=a"(r)
-                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
-                     : "rcx", "r11", "memory");
-    return r;
-}
-
-static void put(const char *s)
-{
-    long n = 0;
-    while (s[n])
-        n++;
-    sys3(1, 1, (long)s, n);
-}
-
-static void wait_line(void)
-{
-    char c;
-    while (sys3(0, 0, (long)&c, 1) == 1 && c != '\n')
-        ;
-}
-
-static void hex(char *out, u64 v)
-{
-    for (int i = 15; i >= 0; i--, v >>= 4)
-        out[i] = "0123456789abcdef"[v & 15];
-}
 
 void _start(void)
 {
