@@ -15,10 +15,12 @@ Workloads (1 GiB guest, 32 MiB checksummed ``hold`` region with a heartbeat in e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fph.lab.pair import VMPair
-from fph.lab.provision import Lab, provision
+from fph.lab.provision import Lab, QemuInstall, provision
 from fph.lab.vm import VMConfig
 from fph.migration_hook import UNLIMITED_BANDWIDTH
 from fph.qmp import QMPError
@@ -48,6 +50,7 @@ class Spec:
     init_on_alloc: int | None
     mem_mib: int
     bandwidth: int | None
+    exit_with_parent: bool = True
 
 
 def count_qemu() -> int:
@@ -71,10 +74,19 @@ def default_init_on_alloc(lab: Lab) -> int:
 def vm_config(spec: Spec) -> VMConfig:
     if spec.mode == "native":
         return VMConfig(
-            mem_mib=spec.mem_mib, balloon="native", free_page_hint=True, init_on_alloc=spec.init_on_alloc
+            mem_mib=spec.mem_mib,
+            balloon="native",
+            free_page_hint=True,
+            init_on_alloc=spec.init_on_alloc,
+            exit_with_parent=spec.exit_with_parent,
         )
     if spec.mode == "none":
-        return VMConfig(mem_mib=spec.mem_mib, balloon="none", init_on_alloc=spec.init_on_alloc)
+        return VMConfig(
+            mem_mib=spec.mem_mib,
+            balloon="none",
+            init_on_alloc=spec.init_on_alloc,
+            exit_with_parent=spec.exit_with_parent,
+        )
     raise SystemExit(f"unknown mode {spec.mode!r} (this benchmark knows {', '.join(MODES)})")
 
 
@@ -195,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         "--init-on-alloc", default="default", help="comma-separated: default (guest kernel's), 0, 1"
     )
     ap.add_argument("--mem-mib", type=int, default=1024)
+    ap.add_argument(
+        "--qemu-binary", default=None, help="compare against another QEMU (not the lab's); recorded in meta"
+    )
     ap.add_argument("--logs", type=Path, default=None, help="keep every run's serial and QEMU logs here")
     args = ap.parse_args(argv)
 
@@ -202,6 +217,22 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.modes.split(",")
     ioas: list[int | None] = [None if x == "default" else int(x) for x in args.init_on_alloc.split(",")]
     lab = provision(log=lambda s: print(s, file=sys.stderr))
+    exit_with_parent = True
+    if args.qemu_binary:
+        # Comparison runs only (e.g. Debian 12's QEMU 7.2): fph itself always uses the lab's one QEMU.
+        out = subprocess.run(
+            [args.qemu_binary, "--version"], capture_output=True, text=True, check=True
+        ).stdout
+        version = out.split("version ", 1)[1].split()[0]
+        package = out.split("(", 1)[1].split(")", 1)[0] if "(" in out else version
+        lab = dataclasses.replace(
+            lab,
+            qemu=QemuInstall(
+                kind="override", version=version, package_version=package, binary=args.qemu_binary,
+                argv_prefix=(), data_dirs=(),
+            ),
+        )  # fmt: skip
+        exit_with_parent = int(version.split(".")[0]) >= 10  # -run-with exit-with-parent is newer than 7.2
     runs: list[dict[str, Any]] = []
     meta = {
         "qemu": lab.qemu.package_version,
@@ -230,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         for ioa in ioas:
             for i in range(args.runs):
                 for mode in modes:
-                    spec = Spec(mode, w, ioa, args.mem_mib, args.bandwidth)
+                    spec = Spec(mode, w, ioa, args.mem_mib, args.bandwidth, exit_with_parent)
                     logs = args.logs / f"{w}-ioa{ioa}-{mode}-{i}" if args.logs else None
                     r = one_run(lab, spec, logs)
                     runs.append(r)
