@@ -19,6 +19,21 @@ DIRTY_RATE = 4000
 SETTLE_S = 2.0
 
 
+def wait_allocation_settles(guest: Guest, tolerance_bytes: int = 4 << 20, limit_s: float = 30.0) -> int:
+    """Until two readings 1 s apart agree within ``tolerance_bytes`` (an exiting memhog frees its memory
+    slowly under TCG, slower still with the write-log plugin): the lower bound must not catch it mid-way.
+    Returns the last allocated-bytes reading."""
+    deadline = time.monotonic() + limit_s
+    last = guest.meminfo().allocated_bytes
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = guest.meminfo().allocated_bytes
+        if abs(now - last) <= tolerance_bytes:
+            return now
+        last = now
+    return last
+
+
 def run_workload(guest: Guest, name: str, settle_s: float = SETTLE_S) -> Heartbeat:
     """Start ``name`` in the guest; returns the hold region's first heartbeat."""
     if name not in WORKLOADS:
@@ -29,4 +44,6 @@ def run_workload(guest: Guest, name: str, settle_s: float = SETTLE_S) -> Heartbe
     elif name == "dirty":
         guest.start_dirty(DIRTY_MIB, DIRTY_RATE)
     time.sleep(settle_s)
+    if name != "dirty":
+        wait_allocation_settles(guest)
     return hb
