@@ -4,7 +4,8 @@
 
 Per guest configuration (``init_on_alloc`` = kernel default (Debian: 1), and 0), one boot: the guest writes
 and frees ``--fill-mib`` MiB, then three rounds -- round 1, round 2 after STOP (the guest first runs
-``memhog 200``, so its shrinker takes held blocks back), round 3 after DONE -- then a final DONE.
+``memhog 200``, so its shrinker takes held blocks back: some or, in some runs, all of them), round 3 after
+DONE -- then a final DONE.
 
 Per round: ``blocks``, ``hinted_bytes``, ``round_ms`` (request -> the guest's STOP, device clock),
 ``per_hint_p50_ms``/``per_hint_p99_ms`` (a block popped from the ring -> handed to the sink; target p99
@@ -39,17 +40,19 @@ GUEST_MIB = 1024
 
 
 class BitmapSink(RecordingSink):
-    """Records hints and clears them in a DirtyBitmap, opening the bitmap epoch of each new command id."""
+    """Records every hint and applies it to a DirtyBitmap. Epochs are opened by ``request_hints(on_issue=
+    sink.open_epoch)`` on the device loop, before any hint of the new id can arrive (the engine's way)."""
 
     def __init__(self, bitmap: DirtyBitmap) -> None:
         super().__init__()
         self.bitmap = bitmap
 
+    def open_epoch(self, cmd_id: int) -> None:
+        self.bitmap.close_epoch()  # the migration harvests the write log here; these runs have none
+        self.bitmap.open_epoch(cmd_id)
+
     def apply_hints(self, epoch: int, ranges: Sequence[tuple[int, int]]) -> int:
         super().apply_hints(epoch, ranges)
-        if self.bitmap.epoch != epoch:
-            self.bitmap.close_epoch()
-            self.bitmap.open_epoch(epoch)
         return self.bitmap.apply_hints(epoch, ranges)
 
 
@@ -72,9 +75,9 @@ def memfree(vm: VM) -> int:
     return vm.guest.meminfo().memfree_kb * 1024
 
 
-def hint_round(ctl: BalloonControl, name: str) -> dict[str, Any]:
+def hint_round(ctl: BalloonControl, sink: BitmapSink, name: str) -> dict[str, Any]:
     ctl.take_metrics()  # start this round's latency and backlog figures from zero
-    cmd = ctl.request_hints()
+    cmd = ctl.request_hints(on_issue=sink.open_epoch)
     wait_for(lambda: ctl.status().state is HintState.STOP, 120, f"the guest's STOP ({name})")
     st = ctl.status()
     metrics = ctl.take_metrics()
@@ -96,12 +99,14 @@ def hint_round(ctl: BalloonControl, name: str) -> dict[str, Any]:
 
 def run_boot(lab: Lab, init_on_alloc: int | None, fill_mib: int, raw_dir: Path) -> dict[str, Any]:
     label = "default" if init_on_alloc is None else str(init_on_alloc)
+    load_before = os.getloadavg()[0]
     bitmap = DirtyBitmap(RamLayout.pc(GUEST_MIB * MiB))
     bitmap.mark_all()
     rx = ThreadedHintReceiver()
     with tempfile.TemporaryDirectory(prefix="fph-hint-bench-") as tmp:
         sock = f"{tmp}/vu.sock"
-        ctl = rx.add_vm(sock, BitmapSink(bitmap))
+        sink = BitmapSink(bitmap)
+        ctl = rx.add_vm(sock, sink)
         vm = VM(
             lab,
             VMConfig(mem_mib=GUEST_MIB, balloon="fph", vhost_user_socket=sock, init_on_alloc=init_on_alloc),
@@ -112,13 +117,13 @@ def run_boot(lab: Lab, init_on_alloc: int | None, fill_mib: int, raw_dir: Path) 
             vm.wait_ready(180)
             vm.guest.fill(fill_mib)
             before = memfree(vm)
-            r1 = hint_round(ctl, "first")
+            r1 = hint_round(ctl, sink, "first")
             held = memfree(vm)
             vm.guest.memhog(200)
-            r2 = hint_round(ctl, "after_stop")
+            r2 = hint_round(ctl, sink, "after_stop")
             ctl.done()
             wait_for(lambda: memfree(vm) >= before - 16 * MiB, 60, "MemFree to recover after DONE")
-            r3 = hint_round(ctl, "after_done")
+            r3 = hint_round(ctl, sink, "after_done")
             held3 = memfree(vm)
             t_done = time.monotonic()
             ctl.done()
@@ -146,7 +151,10 @@ def run_boot(lab: Lab, init_on_alloc: int | None, fill_mib: int, raw_dir: Path) 
         "done_recovered_bytes": recovered - held3,
         "done_recover_ms_upper_bound": round(done_ms, 1),
         "bitmap_hint_bits_cleared": bitmap.stats.hint_bits_cleared,
+        "bitmap_hints_dropped_stale": bitmap.stats.hints_dropped_stale,
         "device_broken": status.broken,
+        # 2 host cores shared with QEMU's TCG thread (and anything else running): latency tails follow load.
+        "host_loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
@@ -160,8 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         help="guest configurations to run (default: default and 0)",
     )
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for this process (Python's default is 5 ms: the device thread can wait "
+        "that long for the GIL while another thread runs)",
+    )
     parser.add_argument("--raw-dir", default=str(Path(__file__).parent / "results" / "hint_bench"))
     args = parser.parse_args(argv)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     raw_dir = Path(args.raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
     lab = provision(log=lambda msg: print(msg, file=sys.stderr))
@@ -179,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "qemu": lab.qemu.version,
         "kernel": lab.kernel_version,
         "target_per_hint_p99_ms": 1.0,
+        "switch_interval_ms": sys.getswitchinterval() * 1e3,
         "results": results,
     }
     text = json.dumps(out, indent=2)

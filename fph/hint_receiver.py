@@ -63,6 +63,7 @@ from fph.vhost_user.server import VhostUserServer
 from fph.vhost_user.vring import Vring
 from fph.virtio.chain import DescriptorChain
 from fph.virtio.memory import PAGE_SIZE, GuestMemory, memory_fence
+from fph.virtio.queue import SplitQueue
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -95,6 +96,11 @@ LATENCY_SAMPLES = 65536
 #: pops them; one sink call per whole pass made the first block of a pass wait ~2 ms (measured), per-block
 #: calls cost a sink call each. 8 bounds the wait to a few pops.
 HINT_BATCH = 8
+#: GIL switch interval for a process that serves devices. Python's 5 ms default lets another thread hold the
+#: GIL that long while a hint (or a GET_CONFIG that stalls QEMU's main loop) waits. On the shared 2-core
+#: host (load 3-5) rounds with a per-hint p99 over 1 ms: 2 of 18 at 0.5 ms vs 5 of 18 at 5 ms
+#: (bench/results/hint_bench/switch_interval/; noisy, scheduler contention remains).
+SWITCH_INTERVAL_S = 0.0005
 
 
 class HintSink(Protocol):
@@ -367,6 +373,14 @@ class BalloonDevice:
         q = vring.queue
         batch: list[tuple[int, int]] = []
         popped: list[int] = []
+        try:
+            self._pop_free_page(q, mem, batch, popped)
+        finally:  # hints accepted before a broken chain still reach the sink
+            self._flush_hints(batch, popped)
+
+    def _pop_free_page(
+        self, q: SplitQueue, mem: GuestMemory, batch: list[tuple[int, int]], popped: list[int]
+    ) -> None:
         while (chain := q.pop(mem)) is not None:
             t_pop = time.perf_counter_ns()
             if chain.readable:
@@ -391,7 +405,6 @@ class BalloonDevice:
                 else:
                     self.dropped += 1
             q.add_used(mem, chain.head, 0)
-        self._flush_hints(batch, popped)
 
     def _guest_cmd(self, chain: DescriptorChain, mem: GuestMemory) -> None:
         if chain.readable_len != 4:
@@ -401,7 +414,6 @@ class BalloonDevice:
         if self.state is HintState.REQUESTED and cmd_id == self.host_cmd_id:
             self.state = HintState.START
             self._guest_active_id = cmd_id
-            self._run_start, self._run_end = time.monotonic(), None
             log.info("%s: hint run %#x started by the guest", self.name, cmd_id)
         elif self.state is HintState.START:
             # Any other out-buffer in START ends the run (QEMU): normally the guest's STOP.
@@ -768,7 +780,11 @@ class BalloonControl:
 
 
 class ThreadedHintReceiver:
-    """A HintReceiver on its own event-loop thread, for synchronous callers (tests, benchmarks)."""
+    """A HintReceiver on its own event-loop thread, for synchronous callers (tests, benchmarks).
+
+    A process that hosts it next to busy Python threads should lower the GIL switch interval
+    (``sys.setswitchinterval(SWITCH_INTERVAL_S)``, as ``main()`` does): the device thread waits for the GIL.
+    """
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -838,6 +854,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.sockets:
         parser.error("--socket PATH is required")
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     device_args = {
         "queue_size": args.queue_size,

@@ -387,3 +387,14 @@ def test_entries_added_while_draining_are_not_stranded(ram: GuestRam) -> None:
         assert hx.all_returned() and q.avail_event == q.avail_idx
     finally:
         hx.close()
+
+
+def test_hints_before_a_broken_chain_still_reach_the_sink(hx: Harness, ram: GuestRam) -> None:
+    cmd = hx.dev.request_hints()
+    hx.cmd(cmd)
+    q = hx.queue(QueueRole.FREE_PAGE)
+    q.add_chain(in_=[(ram.blocks[0], HINT_BLOCK)])
+    q.add_chain(in_=[(ram.spec.gpa + ram.spec.size, HINT_BLOCK)])  # outside RAM, same kick
+    hx.kick(QueueRole.FREE_PAGE)
+    assert hx.dev.broken is not None
+    assert hx.sink.ranges(cmd) == [(ram.blocks[0], HINT_BLOCK)]
