@@ -3,6 +3,7 @@ the Linux driver model. Fast: no QEMU, no guest."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -358,3 +359,34 @@ def test_unacked_config_changes_do_not_block(
 
 async def _outstanding(conn: object) -> int:
     return conn.backend_channel.outstanding  # type: ignore[attr-defined,no-any-return]
+
+
+def test_control_from_another_event_loop(
+    receiver: ThreadedHintReceiver, ram: GuestRam, tmp_path: Path
+) -> None:
+    """call_async: a coroutine on another loop drives the device without blocking its own loop."""
+    path = str(tmp_path / "vu.sock")
+    ctl = receiver.add_vm(path)
+    fe, drv = boot(path, ram)
+    assert fe.wait_config_change()
+    drv.config_changed()
+
+    async def other_loop() -> tuple[int, HintState]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        t = asyncio.create_task(ticker())
+        cmd = await ctl.call_async(ctl.device.request_hints)
+        state = (await ctl.call_async(ctl.device.status)).state
+        t.cancel()
+        assert ticks > 0  # this loop kept running while it waited
+        return cmd, state
+
+    cmd, state = asyncio.run(other_loop())
+    assert state is HintState.REQUESTED and fe.wait_config_change() and fe.config_cmd_id() == cmd
+    fe.close()
