@@ -1,0 +1,299 @@
+"""Migrations as daemon jobs: the engine runs as a task; progress goes to every subscriber; a report stays.
+
+A job outlives the Migrate stream that started it: a client that goes away does not cancel the migration
+(orchestrators reconnect and read the report); CancelMigration does. Phases are KubeVirt's; ``status`` uses
+QEMU's MigrationStatus words; figures use libvirt's job-stat names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fph.engine import Balloon, FphConfig, FphMigration, FphMigrationError, FphReport
+from fph.migration_hook import HookEvent, HookPoint, MigrationReport, NativeMigration, job_stats
+from fph.qmp import MigrationCancelledError, QMPConnection, QMPError
+from fph.ram_layout import PAGE_SIZE
+
+log = logging.getLogger("fph.daemon")
+
+PENDING, PREPARING_TARGET, TARGET_READY, RUNNING, SUCCEEDED, FAILED = (
+    "pending",
+    "preparing-target",
+    "target-ready",
+    "running",
+    "succeeded",
+    "failed",
+)
+FINAL_PHASES = frozenset({SUCCEEDED, FAILED})
+
+
+@dataclass(frozen=True)
+class Target:
+    """The destination as AcceptIncoming described it (paths already checked)."""
+
+    vm: str
+    qmp_socket: Path
+    ram_file: Path | None
+    balloon_socket: Path | None
+    migration_uri: str
+    daemon_socket: str = ""
+
+
+@dataclass(frozen=True)
+class Params:
+    mode: str  # fph | native | none
+    bandwidth: int | None
+    downtime_limit_ms: int
+    max_rounds: int
+    interval_s: float
+
+
+@dataclass
+class Progress:
+    phase: str
+    status: str
+    fph_phase: str = ""
+    time_elapsed_ms: float = 0.0
+    stats: dict[str, int] = field(default_factory=dict)
+    hinted_bytes: int = 0
+    stale_hints_dropped: int = 0
+    message: str = ""
+
+
+class MigrationJob:
+    """One outgoing migration of a registered VM."""
+
+    def __init__(self, vm: str, params: Params, target: Target, memory_total: int) -> None:
+        self.id = f"mig-{uuid.uuid4().hex[:12]}"
+        self.vm = vm
+        self.params = params
+        self.target = target
+        self.memory_total = memory_total
+        self.phase = PENDING
+        self.status = "none"
+        self.start_time = time.time()
+        self.end_time = 0.0
+        self.error = ""
+        self.cleanup: list[str] = []
+        self.report: FphReport | MigrationReport | None = None
+        self.engine: FphMigration | NativeMigration | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.cancel_requested = False
+        self._t0 = time.monotonic()
+        self._subscribers: list[asyncio.Queue[Progress]] = []
+        self._native_stats: dict[str, int] = {}
+        self.last = Progress(PENDING, "none")
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINAL_PHASES
+
+    # ------------------------------------------------------------------------------------------ progress
+
+    def subscribe(self) -> asyncio.Queue[Progress]:
+        """A queue of progress events; the current state first. Slow readers lose intermediate events."""
+        q: asyncio.Queue[Progress] = asyncio.Queue(maxsize=64)
+        q.put_nowait(self.snapshot())
+        self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[Progress]) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(q)
+
+    def publish(self, message: str = "") -> None:
+        p = self.last = self.snapshot(message)
+        for q in self._subscribers:
+            if q.full():  # keep the newest: drop the oldest
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    q.get_nowait()
+            q.put_nowait(p)
+
+    def snapshot(self, message: str = "") -> Progress:
+        p = Progress(self.phase, self.status, message=message)
+        p.time_elapsed_ms = ((self.end_time or time.time()) - self.start_time) * 1e3
+        eng = self.engine
+        if isinstance(eng, FphMigration):
+            p.fph_phase = eng.phase.value
+            pc = eng.precopy
+            if pc is not None:
+                rounds = list(pc.result.rounds)
+                wire = pc.channel.counters.bytes_on_wire
+                send_s = sum(r.send_ms for r in rounds) / 1e3
+                st = pc.bitmap.stats
+                p.stats = {
+                    "memory_total": self.memory_total,
+                    "memory_processed": wire,
+                    "memory_remaining": pc.bitmap.count_dirty() * PAGE_SIZE,
+                    "memory_iteration": len(rounds),
+                    "memory_dirty_rate": int(rounds[-1].dirty_rate_pps) if rounds else 0,
+                    "memory_bps": int(wire / send_s) if send_s > 0 else 0,
+                    "memory_constant": sum(r.pages_zero_sent + r.pages_zero_skipped for r in rounds),
+                    "memory_normal": sum(r.pages_data for r in rounds),
+                }
+                p.hinted_bytes = st.hinted_pages * PAGE_SIZE
+                p.stale_hints_dropped = st.hints_dropped_stale
+        else:
+            p.stats = dict(self._native_stats)
+        if self.report is not None:
+            p.stats.update(self.report.job_stats)
+            if isinstance(self.report, FphReport):
+                p.hinted_bytes = int(self.report.fph.get("hinted_bytes", 0))
+                p.stale_hints_dropped = int(self.report.fph.get("stale_hints_dropped", 0))
+        p.stats.setdefault("memory_total", self.memory_total)
+        return p
+
+    # ------------------------------------------------------------------------------------------ running
+
+    def start(
+        self,
+        engine: FphMigration | NativeMigration,
+        src_qmp: str,
+        on_end: Callable[[MigrationJob], None],
+    ) -> None:
+        self.engine = engine
+        self.task = asyncio.get_running_loop().create_task(self._run(src_qmp, on_end), name=self.id)
+
+    async def _run(self, src_qmp: str, on_end: Callable[[MigrationJob], None]) -> None:
+        eng = self.engine
+        assert eng is not None
+        self.phase, self.status = RUNNING, "setup"
+        self.publish(f"{self.params.mode} migration of {self.vm} to {self.target.vm} started")
+        eng.dispatcher.register(self._on_hook)
+        ticker = asyncio.create_task(self._tick(src_qmp if isinstance(eng, NativeMigration) else None))
+        try:
+            self.report = await eng.run()
+            self.status = self.report.status
+            self.phase = SUCCEEDED
+            self.end_time = time.time()
+            self.publish(
+                f"completed: {self.report.bytes / (1 << 20):.1f} MiB sent, "
+                f"downtime {self.report.downtime_ms} ms"
+            )
+        except FphMigrationError as e:
+            self._failed(e, e.cleanup)
+        except MigrationCancelledError as e:
+            self._failed(e, [])
+        except Exception as e:
+            self._failed(e, [])
+        except asyncio.CancelledError:  # the daemon is shutting down
+            self._failed(RuntimeError("the daemon shut down during the migration"), [])
+            raise
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            on_end(self)
+
+    def _failed(self, exc: BaseException, cleanup: list[str]) -> None:
+        self.phase = FAILED
+        self.status = "cancelled" if self.cancel_requested else "failed"
+        self.error = str(exc)
+        self.cleanup = list(cleanup)
+        self.end_time = time.time()
+        log.error("migration failed", extra={"vm": self.vm, "migration": self.id, "error": self.error})
+        self.publish(f"{self.status}: {self.error}")
+
+    def _on_hook(self, event: HookEvent) -> None:
+        if event.point is HookPoint.SETUP:
+            self.status = "setup"
+        elif event.point in (HookPoint.BEFORE_SYNC, HookPoint.AFTER_SYNC):
+            self.status = "active"
+            if isinstance(self.engine, FphMigration) and self.engine.phase.value == "stopped":
+                self.status = "device"
+        elif event.point is HookPoint.COMPLETE:
+            self.status = "device"
+        if event.point is not HookPoint.BEFORE_SYNC:
+            self.publish(f"{event.point.value} (sync {event.sync})")
+
+    async def _tick(self, native_qmp: str | None) -> None:
+        """Progress every interval; native mode polls QEMU's query-migrate on a connection of its own."""
+        conn = QMPConnection(native_qmp, "fph-daemon-progress") if native_qmp else None
+        try:
+            if conn is not None:
+                with contextlib.suppress(QMPError, OSError):
+                    await conn.connect()
+            while True:
+                await asyncio.sleep(self.params.interval_s)
+                if conn is not None:
+                    with contextlib.suppress(QMPError, OSError):
+                        info = await conn.execute("query-migrate")
+                        self._native_stats = job_stats(info)
+                        self.status = str(info.get("status", self.status))
+                self.publish()
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def cancel(self) -> None:
+        self.cancel_requested = True
+        eng = self.engine
+        if isinstance(eng, FphMigration):
+            eng.cancel()  # aborts at the next round boundary, then rolls back
+        elif isinstance(eng, NativeMigration):
+            with contextlib.suppress(QMPError):
+                await eng.cancel()
+        self.status = "cancelling"
+        self.publish("cancel requested")
+
+    def report_dict(self) -> dict[str, Any]:
+        return self.report.to_dict() if self.report is not None else {}
+
+    def report_json(self) -> str:
+        return json.dumps(self.report_dict(), default=str)
+
+
+def fph_engine(
+    *,
+    src_qmp: Path,
+    src_ram: Path,
+    layout: Any,
+    writelog: Any,
+    control: Any,
+    ring_ranges: Callable[[], list[tuple[int, int]]] | None,
+    target: Target,
+    params: Params,
+) -> FphMigration:
+    assert target.ram_file is not None
+    balloon = None
+    if control is not None:
+        balloon = Balloon(
+            control,
+            ring_ranges=ring_ranges,
+            destination_socket=str(target.balloon_socket) if target.balloon_socket else None,
+        )
+    return FphMigration(
+        src_qmp=str(src_qmp),
+        dst_qmp=str(target.qmp_socket),
+        uri=target.migration_uri,
+        layout=layout,
+        src_ram=src_ram,
+        dst_ram=target.ram_file,
+        writelog=writelog,
+        balloon=balloon,
+        config=FphConfig(
+            max_rounds=params.max_rounds,
+            downtime_limit_ms=float(params.downtime_limit_ms),
+            bandwidth=params.bandwidth,
+        ),
+    )
+
+
+def native_engine(*, src_qmp: Path, target: Target, params: Params) -> NativeMigration:
+    return NativeMigration(
+        str(src_qmp),
+        str(target.qmp_socket),
+        target.migration_uri,
+        max_bandwidth=params.bandwidth,
+        downtime_limit_ms=params.downtime_limit_ms,
+    )

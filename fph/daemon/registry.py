@@ -1,0 +1,297 @@
+"""The VMs a daemon serves, the checks on what an orchestrator sends, and the error tree.
+
+Every path an orchestrator names must be absolute and resolve (symlinks followed) inside the daemon's state
+directory: the daemon listens on balloon sockets, creates write logs and maps RAM files, so a path outside
+it could make the daemon clobber or map any file root can reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from fph.hint_receiver import F_FREE_PAGE_HINT, BalloonControl, HintStatus, ThreadedHintReceiver
+from fph.ram_layout import PAGE_SIZE, RamLayout
+
+if TYPE_CHECKING:
+    from fph.daemon.jobs import MigrationJob
+    from fph.writelog.tcg import TcgWriteLog
+
+log = logging.getLogger("fph.daemon")
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+MIN_MEMORY = 64 << 20
+MAX_MEMORY = 1 << 40
+MEMORY_ALIGN = 2 << 20
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the NUL
+
+
+class ApiError(Exception):
+    """An error the orchestrator can act on; ``code`` is the gRPC status it becomes."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(ApiError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ApiError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ApiError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(ApiError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(ApiError):
+    code = grpc.StatusCode.ABORTED
+
+
+class Unavailable(ApiError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def check_name(name: str, what: str = "vm") -> str:
+    if not name:
+        raise InvalidArgument(f"{what} name is required")
+    if not NAME_RE.match(name):
+        raise InvalidArgument(
+            f"{what} name {name!r} is invalid: 1-63 characters of a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_path(
+    state_dir: Path, raw: str, what: str, *, required: bool = True, socket: bool = False
+) -> Path | None:
+    """``raw`` as an absolute path inside ``state_dir`` (resolved), or None if empty and not required."""
+    if not raw:
+        if required:
+            raise InvalidArgument(f"{what} is required (an absolute path inside {state_dir})")
+        return None
+    if "\0" in raw or len(raw) > 4096:
+        raise InvalidArgument(f"{what} is not a usable path")
+    p = Path(raw)
+    if not p.is_absolute():
+        raise InvalidArgument(f"{what} {raw!r} must be an absolute path inside {state_dir}")
+    root = Path(os.path.realpath(state_dir))
+    resolved = Path(os.path.realpath(p))
+    if root not in resolved.parents:
+        raise InvalidArgument(
+            f"{what} {raw!r} resolves to {resolved}, outside the daemon's state directory {root}; "
+            "put it under the state directory (state_dir in the config, --state-dir)"
+        )
+    if socket and len(os.fsencode(resolved)) > SUN_PATH_MAX:
+        raise InvalidArgument(f"{what} {resolved} is longer than {SUN_PATH_MAX} bytes, too long for a socket")
+    return resolved
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    name: str
+    qmp_socket: Path
+    ram_file: Path
+    balloon_socket: Path | None
+    memory_bytes: int
+    write_log: Path | None
+
+    @classmethod
+    def validate(cls, state_dir: Path, msg: Any) -> VmSpec:
+        """From a ``fph_pb2.VmSpec``: every field checked, every path inside ``state_dir``."""
+        name = check_name(msg.name)
+        mem = int(msg.memory_bytes)
+        if not MIN_MEMORY <= mem <= MAX_MEMORY or mem % MEMORY_ALIGN:
+            raise InvalidArgument(
+                f"memory_bytes {mem} out of range: {MIN_MEMORY >> 20} MiB .. {MAX_MEMORY >> 40} TiB, "
+                f"a multiple of {MEMORY_ALIGN >> 20} MiB (the guest's RAM size, QEMU's -m)"
+            )
+        qmp = check_path(state_dir, msg.qmp_socket, "qmp_socket", socket=True)
+        ram = check_path(state_dir, msg.ram_file, "ram_file")
+        balloon = check_path(state_dir, msg.balloon_socket, "balloon_socket", required=False, socket=True)
+        wlog = check_path(state_dir, msg.write_log, "write_log", required=False)
+        assert qmp is not None and ram is not None
+        paths = [p for p in (qmp, ram, balloon, wlog) if p is not None]
+        if len(set(paths)) != len(paths):
+            raise InvalidArgument("qmp_socket, ram_file, balloon_socket and write_log must be distinct paths")
+        return cls(name, qmp, ram, balloon, mem, wlog)
+
+
+class CountingSink:
+    """Hint sink outside migrations: counts, keeps nothing (RecordingSink would grow without bound)."""
+
+    def __init__(self) -> None:
+        self.pages = 0
+
+    def apply_hints(self, epoch: int, ranges: Any) -> int:
+        n = sum(length for _, length in ranges) // PAGE_SIZE
+        self.pages += n
+        return n
+
+
+@dataclass
+class VmRecord:
+    spec: VmSpec
+    layout: RamLayout
+    control: BalloonControl | None = None
+    sink: CountingSink = field(default_factory=CountingSink)
+    plugin_arg: str = ""
+    state: str = "registered"
+    acknowledge_on_stop: bool = False
+    hint_active: bool = False  # started through the API and not stopped through it
+    hint_runs: int = 0
+    job: MigrationJob | None = None
+    registered_at: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Registry:
+    """VMs by name, their balloon devices (one ThreadedHintReceiver thread for all), and the state dir."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(os.path.realpath(state_dir))
+        self.vms: dict[str, VmRecord] = {}
+        self.hints = ThreadedHintReceiver()
+        self._lock = asyncio.Lock()
+
+    def get(self, name: str) -> VmRecord:
+        check_name(name)
+        rec = self.vms.get(name)
+        if rec is None:
+            known = ", ".join(sorted(self.vms)) or "none"
+            raise NotFound(f"no VM {name!r} registered with this daemon (registered: {known})")
+        return rec
+
+    async def register(self, spec: VmSpec) -> VmRecord:
+        async with self._lock:
+            if spec.name in self.vms:
+                raise AlreadyExists(f"VM {spec.name!r} is already registered; unregister it first")
+            for other in self.vms.values():
+                mine = {spec.qmp_socket, spec.ram_file, spec.balloon_socket, spec.write_log} - {None}
+                theirs = {
+                    other.spec.qmp_socket,
+                    other.spec.ram_file,
+                    other.spec.balloon_socket,
+                    other.spec.write_log,
+                } - {None}
+                if mine & theirs:
+                    raise AlreadyExists(
+                        f"VM {other.name!r} already uses {sorted(map(str, mine & theirs))}; paths are per VM"
+                    )
+            for p in (spec.qmp_socket, spec.ram_file, spec.balloon_socket, spec.write_log):
+                if p is not None and not p.parent.is_dir():
+                    raise FailedPrecondition(f"directory {p.parent} does not exist; create it first")
+            if spec.balloon_socket is not None and spec.balloon_socket.exists():
+                raise AlreadyExists(
+                    f"{spec.balloon_socket} exists: another back-end may listen there; remove it if stale"
+                )
+            rec = VmRecord(spec, RamLayout.pc(spec.memory_bytes))
+            if spec.write_log is not None:
+                wl = await asyncio.to_thread(
+                    open_writelog, spec.write_log, rec.layout, not spec.write_log.exists()
+                )
+                rec.plugin_arg = wl.plugin_arg
+                wl.close()
+            if spec.balloon_socket is not None:
+                try:
+                    rec.control = await asyncio.to_thread(
+                        self.hints.add_vm, str(spec.balloon_socket), rec.sink, name=spec.name
+                    )
+                except Exception as e:
+                    raise FailedPrecondition(f"cannot listen on {spec.balloon_socket}: {e}") from e
+            self.vms[spec.name] = rec
+            log.info("vm registered", extra={"vm": spec.name, "balloon": str(spec.balloon_socket)})
+            return rec
+
+    async def unregister(self, name: str) -> bool:
+        """Drop a VM; DONE first if its guest may hold hinted pages. Returns whether DONE was sent."""
+        async with self._lock:
+            rec = self.get(name)
+            if rec.job is not None and not rec.job.finished:
+                raise FailedPrecondition(f"VM {name!r} is migrating ({rec.job.id}); cancel it first")
+            done = False
+            if rec.control is not None:
+                ctl = rec.control
+                st = await ctl.call_async(ctl.device.status)
+                if st.held_bytes or st.state.value in ("requested", "start"):
+                    await ctl.call_async(ctl.device.done)
+                    done = True
+                    # let the guest read DONE before the connection goes (bounded, as at shutdown)
+                    deadline = time.monotonic() + 2.0
+                    unread = ctl.device  # config_unread is read on the device's loop
+                    while time.monotonic() < deadline and await ctl.call_async(lambda: unread.config_unread):
+                        await asyncio.sleep(0.005)
+                path = str(rec.spec.balloon_socket)
+
+                async def remove() -> None:
+                    self.hints.receiver.devices.pop(path, None)
+                    await self.hints.receiver.server.remove_device(path)
+
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(remove(), self.hints.loop))
+            del self.vms[name]
+            log.info("vm unregistered", extra={"vm": name, "done_sent": done})
+            return done
+
+    def balloon(self, rec: VmRecord) -> BalloonControl:
+        if rec.control is None:
+            raise FailedPrecondition(
+                f"VM {rec.name!r} was registered without balloon_socket: fph serves no balloon for it"
+            )
+        return rec.control
+
+    async def status(self, rec: VmRecord) -> HintStatus:
+        ctl = self.balloon(rec)
+        return await ctl.call_async(ctl.device.status)
+
+    def connected(self, rec: VmRecord) -> bool:
+        return rec.spec.balloon_socket is not None and (
+            self.hints.receiver.connection(str(rec.spec.balloon_socket)) is not None
+        )
+
+    def negotiated(self, rec: VmRecord) -> bool:
+        return rec.control is not None and bool(rec.control.device.acked & F_FREE_PAGE_HINT)
+
+    def ring_ranges(self, rec: VmRecord) -> list[tuple[int, int]]:
+        """GPA ranges of the balloon's used rings (fph writes them; no guest store logs them)."""
+
+        async def get() -> list[tuple[int, int]]:
+            conn = self.hints.receiver.connection(str(rec.spec.balloon_socket))
+            if conn is None:
+                return []
+            return [
+                (v.queue.used_ring, 6 + 8 * v.queue.size)
+                for v in conn.handler.vrings
+                if v.queue.size and v.queue.used_ring
+            ]
+
+        return self.hints.run(get(), 2.0)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """DONE to every guest that can hear it (bounded wait), then stop listening."""
+        self.hints.close(timeout)
+
+
+def open_writelog(path: Path, layout: RamLayout, create: bool = False) -> TcgWriteLog:
+    """A consumer of the VM's TCG write log (one per migration: a log is started once)."""
+    from fph.writelog.tcg import TcgWriteLog
+
+    try:
+        return TcgWriteLog(path, layout, create=create)
+    except Exception as e:
+        raise FailedPrecondition(f"write log {path}: {e}") from e

@@ -1,0 +1,219 @@
+"""``fph serve``: the daemon process. Config from a TOML file, then flags; grpc.aio on a Unix socket created
+0600 (file permissions are the access control); TCP only with mutual TLS; JSON-lines logs; SIGTERM/SIGINT
+stop it cleanly: running migrations are cancelled (each rolls back), then every guest still holding hinted
+pages gets DONE before the balloon sockets close.
+
+Config file (every key optional; flags win)::
+
+    socket = "/run/fph/fph.sock"
+    socket_mode = "0600"
+    state_dir = "/run/fph"
+    metrics_address = "127.0.0.1:9477"     # opt-in Prometheus endpoint
+    log_format = "json"                    # or "text"
+    log_level = "info"
+    [tcp]                                  # opt-in; refused without all three files
+    address = "0.0.0.0:7443"
+    cert = "/etc/fph/server.pem"
+    key = "/etc/fph/server.key"
+    client_ca = "/etc/fph/clients-ca.pem"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import stat
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fph.daemon.service import Daemon, add_services
+
+log = logging.getLogger("fph.daemon")
+
+
+class ConfigError(ValueError):
+    """A config file or flag the daemon cannot start with; the message says which and why."""
+
+
+@dataclass
+class DaemonConfig:
+    socket: str = "/run/fph/fph.sock"
+    socket_mode: int = 0o600
+    state_dir: str = "/run/fph"
+    metrics_address: str = ""
+    log_format: str = "json"
+    log_level: str = "info"
+    tcp_address: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+
+    @classmethod
+    def load(cls, path: Path | None, overrides: dict[str, Any]) -> DaemonConfig:
+        cfg = cls()
+        if path is not None:
+            try:
+                data = tomllib.loads(path.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                raise ConfigError(f"config {path}: {e}") from e
+            tcp = data.pop("tcp", {})
+            flat = {**data, **{f"tcp_{k}" if k == "address" else f"tls_{k}": v for k, v in tcp.items()}}
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(flat) - known
+            if unknown:
+                raise ConfigError(f"config {path}: unknown keys {sorted(unknown)}")
+            for k, v in flat.items():
+                setattr(cfg, k, v)
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, v)
+        if isinstance(cfg.socket_mode, str):
+            try:
+                cfg.socket_mode = int(cfg.socket_mode, 8)
+            except ValueError as e:
+                raise ConfigError(f"socket_mode {cfg.socket_mode!r} is not an octal mode") from e
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not self.socket and not self.tcp_address:
+            raise ConfigError("nothing to listen on: give --socket PATH (or --tcp with mutual TLS)")
+        if self.socket and not os.path.isabs(self.socket):
+            raise ConfigError(f"socket {self.socket!r} must be an absolute path")
+        if self.socket_mode & 0o7077 & ~0o070:
+            raise ConfigError(f"socket_mode {self.socket_mode:o}: others may not get access (0600 or 0660)")
+        if self.tcp_address:
+            missing = [n for n in ("tls_cert", "tls_key", "tls_client_ca") if not getattr(self, n)]
+            if missing:
+                raise ConfigError(
+                    f"TCP ({self.tcp_address}) is served only with mutual TLS: also give "
+                    + ", ".join("--" + n.replace("_", "-") for n in missing)
+                )
+        if self.log_format not in ("json", "text"):
+            raise ConfigError(f"log_format {self.log_format!r}: json or text")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and every ``extra`` field."""
+
+    _std = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k, v in vars(record).items():
+            if k not in self._std:
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(cfg: DaemonConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if cfg.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cfg.log_level.upper())
+
+
+class DaemonServer:
+    """The daemon's gRPC server and state; ``await start()``, then ``await stop()``."""
+
+    def __init__(self, cfg: DaemonConfig) -> None:
+        self.cfg = cfg
+        state = Path(cfg.state_dir)
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.daemon = Daemon(state, cfg.socket)
+        self.server: Any = None
+        self.metrics_address: tuple[str, int] | None = None
+        self.tcp_port: int | None = None
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.server = grpc.aio.server()
+        add_services(self.server, self.daemon)
+        if cfg.socket:
+            _bind_unix(self.server, cfg.socket, cfg.socket_mode)
+        if cfg.tcp_address:
+            creds = grpc.ssl_server_credentials(
+                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+                root_certificates=Path(cfg.tls_client_ca).read_bytes(),
+                require_client_auth=True,
+            )
+            self.tcp_port = self.server.add_secure_port(cfg.tcp_address, creds)
+        await self.server.start()
+        if cfg.socket:
+            os.chmod(cfg.socket, cfg.socket_mode)
+        if cfg.metrics_address:
+            self.metrics_address = self.daemon.metrics.serve(cfg.metrics_address)
+        log.info(
+            "serving",
+            extra={
+                "socket": cfg.socket,
+                "tcp": cfg.tcp_address or None,
+                "state_dir": str(self.daemon.state_dir),
+                "metrics": self.metrics_address,
+            },
+        )
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Cancel migrations, DONE to guests holding hinted pages, then stop serving and remove the socket."""
+        log.info("shutting down")
+        await self.daemon.close()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.cfg.socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.cfg.socket)
+        log.info("stopped")
+
+
+def _bind_unix(server: Any, path: str, mode: int) -> None:
+    """Bind with a umask that leaves the socket no wider than ``mode`` from its creation on (no window)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(p)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+        os.unlink(p)  # a stale socket of an earlier run
+    old = os.umask(0o777 & ~mode)
+    try:
+        server.add_insecure_port(f"unix:{path}")
+    finally:
+        os.umask(old)
+
+
+async def serve(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> None:
+    srv = DaemonServer(cfg)
+    await srv.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await srv.stop()

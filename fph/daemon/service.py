@@ -1,0 +1,674 @@
+"""The gRPC servicers: proto <-> domain, nothing else. Every ApiError becomes its status code with its
+message; a QMP connection failure becomes UNAVAILABLE; anything else INTERNAL (and is logged)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from fph.api.v1 import fph_pb2 as pb
+from fph.api.v1 import fph_pb2_grpc as pbg
+from fph.daemon.jobs import (
+    PENDING,
+    PREPARING_TARGET,
+    RUNNING,
+    SUCCEEDED,
+    TARGET_READY,
+    MigrationJob,
+    Params,
+    Progress,
+    Target,
+    fph_engine,
+    native_engine,
+)
+from fph.daemon.metrics import Metrics
+from fph.daemon.registry import (
+    Aborted,
+    ApiError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Registry,
+    Unavailable,
+    VmRecord,
+    VmSpec,
+    check_name,
+    check_path,
+    open_writelog,
+)
+from fph.engine import FphReport
+from fph.hint_receiver import HintState
+from fph.qmp import QMPConnectError, QMPConnection, QMPError
+from fph.ram_layout import PAGE_SIZE
+
+log = logging.getLogger("fph.daemon")
+T = TypeVar("T")
+
+MODES: dict[int, str] = {pb.MODE_FPH: "fph", pb.MODE_NATIVE: "native", pb.MODE_NONE: "none"}
+MODE_ENUM: dict[str, Any] = {v: k for k, v in MODES.items()}
+PHASES = {
+    PENDING: pb.PHASE_PENDING,
+    PREPARING_TARGET: pb.PHASE_PREPARING_TARGET,
+    TARGET_READY: pb.PHASE_TARGET_READY,
+    RUNNING: pb.PHASE_RUNNING,
+    SUCCEEDED: pb.PHASE_SUCCEEDED,
+    "failed": pb.PHASE_FAILED,
+}
+STATES = {
+    "registered": pb.VM_STATE_REGISTERED,
+    "migrating": pb.VM_STATE_MIGRATING,
+    "migrated": pb.VM_STATE_MIGRATED,
+    "incoming": pb.VM_STATE_INCOMING,
+}
+MAX_BANDWIDTH = 100 << 30
+MIN_BANDWIDTH = 1 << 20
+QMP_TIMEOUT_S = 5.0
+
+
+def _map_error(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(e, ApiError):
+        return e.code, str(e)
+    if isinstance(e, QMPConnectError):
+        return grpc.StatusCode.UNAVAILABLE, f"QEMU does not answer: {e}"
+    if isinstance(e, QMPError):
+        return grpc.StatusCode.FAILED_PRECONDITION, f"QEMU refused: {e}"
+    log.exception("internal error")
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+
+
+def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await fn(self, request, context)
+        except Exception as e:
+            code, msg = _map_error(e)
+            await context.abort(code, msg)
+            raise AssertionError("unreachable") from e
+
+    return wrapper
+
+
+def streaming(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except Exception as e:
+            code, msg = _map_error(e)
+            await context.abort(code, msg)
+
+    return wrapper
+
+
+async def qmp_query(path: Path, command: str, args: dict[str, Any] | None = None) -> Any:
+    """One QMP command on a connection of its own (the VM's monitor: QEMU accepts one client at a time
+    per monitor, so this fails while a migration holds it; callers only use it when none runs)."""
+    if not path.exists():
+        raise Unavailable(f"QEMU's QMP socket {path} does not answer: no such socket (is QEMU running?)")
+    conn = QMPConnection(str(path), "fph-daemon")
+    try:
+        await asyncio.wait_for(conn.connect(timeout=2.0), QMP_TIMEOUT_S)
+    except (TimeoutError, OSError) as e:
+        raise Unavailable(f"QEMU's QMP socket {path} does not answer: {e}") from e
+    except QMPConnectError as e:
+        raise Unavailable(f"QEMU's QMP socket {path} does not answer: {e}") from e
+    try:
+        return await asyncio.wait_for(conn.execute(command, args), QMP_TIMEOUT_S)
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+
+class Daemon:
+    """State shared by the three services."""
+
+    def __init__(self, state_dir: Path, socket_path: str = "") -> None:
+        self.registry = Registry(state_dir)
+        self.metrics = Metrics(self.registry)
+        self.socket_path = socket_path
+        self.jobs: dict[str, MigrationJob] = {}
+
+    @property
+    def state_dir(self) -> Path:
+        return self.registry.state_dir
+
+    def vm_message(self, rec: VmRecord) -> Any:
+        s = rec.spec
+        return pb.Vm(
+            spec=pb.VmSpec(
+                name=s.name,
+                qmp_socket=str(s.qmp_socket),
+                ram_file=str(s.ram_file),
+                balloon_socket=str(s.balloon_socket or ""),
+                memory_bytes=s.memory_bytes,
+                write_log=str(s.write_log or ""),
+            ),
+            state=STATES[rec.state],
+            balloon_connected=self.registry.connected(rec),
+            free_page_hint_negotiated=self.registry.negotiated(rec),
+            plugin_arg=rec.plugin_arg,
+            migration_id=rec.job.id if rec.job is not None else "",
+        )
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Cancel running migrations (each rolls back), then DONE to every guest holding hinted pages."""
+        running = [j for j in self.jobs.values() if not j.finished and j.task is not None]
+        for job in running:
+            await job.cancel()
+        if running:
+            await asyncio.wait([j.task for j in running if j.task is not None], timeout=30)
+        await asyncio.to_thread(self.registry.close, timeout)
+        self.metrics.close()
+
+
+# ----------------------------------------------------------------------------------------------- VMs
+
+
+class VmService(pbg.VmServiceServicer):
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+
+    @unary
+    async def RegisterVm(self, request: Any, context: Any) -> Any:
+        if not request.HasField("spec"):
+            raise InvalidArgument("spec is required")
+        spec = VmSpec.validate(self.d.state_dir, request.spec)
+        rec = await self.d.registry.register(spec)
+        return self.d.vm_message(rec)
+
+    @unary
+    async def ListVms(self, request: Any, context: Any) -> Any:
+        return pb.ListVmsResponse(vms=[self.d.vm_message(r) for _, r in sorted(self.d.registry.vms.items())])
+
+    @unary
+    async def GetVm(self, request: Any, context: Any) -> Any:
+        return self.d.vm_message(self.d.registry.get(request.name))
+
+    @unary
+    async def UnregisterVm(self, request: Any, context: Any) -> Any:
+        return pb.UnregisterVmResponse(done_sent=await self.d.registry.unregister(request.name))
+
+
+# ------------------------------------------------------------------------------------------- Hinting
+
+
+class HintingService(pbg.HintingServiceServicer):
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+
+    async def _status(self, rec: VmRecord) -> Any:
+        st = await self.d.registry.status(rec)
+        return pb.HintingStatus(
+            vm=rec.name,
+            state=st.state.value,
+            host_cmd_id=st.host_cmd_id,
+            guest_cmd_id=st.guest_cmd_id or 0,
+            hinted_bytes=st.hinted_bytes,
+            guest_held_bytes=st.held_bytes,
+            run_seconds=st.run_seconds,
+            blocks=st.blocks,
+            rejected=st.rejected,
+            stale_dropped=st.dropped,
+            acknowledge_on_stop=rec.acknowledge_on_stop,
+            broken=st.broken or "",
+        )
+
+    def _idle(self, rec: VmRecord) -> None:
+        if rec.job is not None and not rec.job.finished:
+            raise FailedPrecondition(
+                f"VM {rec.name!r} is migrating ({rec.job.id}): the migration drives hinting; wait or cancel"
+            )
+        if rec.state == "migrated":
+            raise FailedPrecondition(f"VM {rec.name!r} was migrated away; its guest runs elsewhere")
+
+    @unary
+    async def StartHinting(self, request: Any, context: Any) -> Any:
+        rec = self.d.registry.get(request.vm)
+        self._idle(rec)
+        ctl = self.d.registry.balloon(rec)
+        if not self.d.registry.connected(rec):
+            raise FailedPrecondition(
+                f"no QEMU is connected to {rec.spec.balloon_socket}: "
+                "start the VM with its balloon chardev there"
+            )
+        st = await ctl.call_async(ctl.device.status)
+        if st.state in (HintState.REQUESTED, HintState.START):
+            raise FailedPrecondition(
+                f"a hint run (id {st.host_cmd_id}) is already on for {rec.name!r}; stop it"
+            )
+        try:
+            await ctl.call_async(ctl.device.request_hints)
+        except Exception as e:  # StateError: not negotiated, broken, no back-end channel
+            raise FailedPrecondition(f"cannot start hinting on {rec.name!r}: {e}") from e
+        rec.acknowledge_on_stop = request.acknowledge_on_stop
+        rec.hint_active = True
+        rec.hint_runs += 1
+        self.d.metrics.hint_runs.labels(rec.name).inc()
+        log.info("hinting started", extra={"vm": rec.name, "ack_on_stop": rec.acknowledge_on_stop})
+        return await self._status(rec)
+
+    @unary
+    async def StopHinting(self, request: Any, context: Any) -> Any:
+        rec = self.d.registry.get(request.vm)
+        self._idle(rec)
+        ctl = self.d.registry.balloon(rec)
+        st = await ctl.call_async(ctl.device.status)
+        if not rec.hint_active:
+            raise FailedPrecondition(
+                f"no hint run was started on {rec.name!r} through the API (state {st.state.value})"
+            )
+        rec.hint_active = False
+        await ctl.call_async(ctl.device.stop_hints)
+        if rec.acknowledge_on_stop:
+            await ctl.call_async(ctl.device.done)
+        log.info("hinting stopped", extra={"vm": rec.name, "done": rec.acknowledge_on_stop})
+        return await self._status(rec)
+
+    @unary
+    async def GetHintingStatus(self, request: Any, context: Any) -> Any:
+        return await self._status(self.d.registry.get(request.vm))
+
+    @streaming
+    async def WatchHintingStatus(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        rec = self.d.registry.get(request.vm)
+        self.d.registry.balloon(rec)
+        interval = request.interval_ms or 1000
+        if not 10 <= interval <= 60000:
+            raise InvalidArgument(f"interval_ms {interval} out of range 10..60000")
+        while request.vm in self.d.registry.vms:
+            yield await self._status(rec)
+            await asyncio.sleep(interval / 1e3)
+
+    @unary
+    async def GetGuestStats(self, request: Any, context: Any) -> Any:
+        rec = self.d.registry.get(request.vm)
+        ctl = self.d.registry.balloon(rec)
+        if request.refresh:
+            await ctl.call_async(ctl.device.request_stats)
+        gs = await ctl.call_async(ctl.device.guest_stats)
+        age = -1.0 if gs.updated is None else max(0.0, time.monotonic() - gs.updated)
+        return pb.GuestStats(vm=rec.name, values={k: int(v) for k, v in gs.values.items()}, age_seconds=age)
+
+    @unary
+    async def SetBalloonTarget(self, request: Any, context: Any) -> Any:
+        rec = self.d.registry.get(request.vm)
+        self._idle(rec)
+        ctl = self.d.registry.balloon(rec)
+        t = request.target_bytes
+        if t % PAGE_SIZE or t > rec.spec.memory_bytes:
+            raise InvalidArgument(
+                f"target_bytes {t} must be a multiple of {PAGE_SIZE} and at most the guest's "
+                f"{rec.spec.memory_bytes} bytes"
+            )
+        if not self.d.registry.connected(rec):
+            raise FailedPrecondition(f"no QEMU is connected to {rec.spec.balloon_socket}")
+        await ctl.call_async(ctl.device.set_target, t // PAGE_SIZE)
+        return pb.BalloonTarget(vm=rec.name, target_bytes=t)
+
+
+# ----------------------------------------------------------------------------------------- Migration
+
+
+def _progress_message(job: MigrationJob, p: Progress) -> Any:
+    s = p.stats
+    return pb.MigrationProgress(
+        migration_id=job.id,
+        phase=PHASES[p.phase],
+        status=p.status,
+        fph_phase=p.fph_phase,
+        time_elapsed_ms=p.time_elapsed_ms,
+        memory_total=s.get("memory_total", 0),
+        memory_processed=s.get("memory_processed", 0),
+        memory_remaining=s.get("memory_remaining", 0),
+        memory_iteration=s.get("memory_iteration", 0),
+        memory_dirty_rate=s.get("memory_dirty_rate", 0),
+        memory_bps=s.get("memory_bps", 0),
+        memory_constant=s.get("memory_constant", 0),
+        memory_normal=s.get("memory_normal", 0),
+        hinted_bytes=p.hinted_bytes,
+        stale_hints_dropped=p.stale_hints_dropped,
+        message=p.message,
+    )
+
+
+class MigrationService(pbg.MigrationServiceServicer):
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+
+    # -- helpers
+
+    def _mode(self, mode: int) -> str:
+        if mode not in MODES:
+            raise InvalidArgument("mode is required: MODE_FPH, MODE_NATIVE or MODE_NONE")
+        return MODES[mode]
+
+    def _target(self, msg: Any, *, fph: bool) -> Target:
+        name = check_name(msg.vm, "destination vm")
+        qmp = check_path(self.d.state_dir, msg.qmp_socket, "destination.qmp_socket", socket=True)
+        ram = check_path(self.d.state_dir, msg.ram_file, "destination.ram_file", required=fph)
+        balloon = check_path(
+            self.d.state_dir, msg.balloon_socket, "destination.balloon_socket", required=False, socket=True
+        )
+        uri = msg.migration_uri
+        if not uri.startswith("unix:"):
+            raise InvalidArgument(f"destination.migration_uri {uri!r}: only unix:PATH (inside the state dir)")
+        check_path(self.d.state_dir, uri[5:], "destination.migration_uri", socket=True)
+        assert qmp is not None
+        return Target(name, qmp, ram, balloon, uri, msg.daemon_socket)
+
+    def _params(self, request: Any, mode: str) -> Params:
+        bw = request.bandwidth_bytes_per_second
+        if bw and not MIN_BANDWIDTH <= bw <= MAX_BANDWIDTH:
+            raise InvalidArgument(
+                f"bandwidth_bytes_per_second {bw} out of range: "
+                f"0 (unlimited) or {MIN_BANDWIDTH} .. {MAX_BANDWIDTH}"
+            )
+        dt = request.downtime_limit_ms
+        if dt and not 1 <= dt <= 60000:
+            raise InvalidArgument(f"downtime_limit_ms {dt} out of range: 0 (default 300) or 1 .. 60000")
+        rounds = request.max_rounds
+        if rounds and not 1 <= rounds <= 1000:
+            raise InvalidArgument(f"max_rounds {rounds} out of range: 0 (default 30) or 1 .. 1000")
+        iv = request.progress_interval_ms
+        if iv and not 50 <= iv <= 10000:
+            raise InvalidArgument(f"progress_interval_ms {iv} out of range: 0 (default 500) or 50 .. 10000")
+        return Params(mode, bw or None, dt or 300, rounds or 30, (iv or 500) / 1e3)
+
+    async def _checks(self, rec: VmRecord, mode: str, target: Target | None) -> list[tuple[str, bool, str]]:
+        """Readiness checks; each says what was found or what to do."""
+        out: list[tuple[str, bool, str]] = []
+        reg = self.d.registry
+        try:
+            memdevs = await qmp_query(rec.spec.qmp_socket, "query-memdev")
+            out.append(("qmp", True, f"{rec.spec.qmp_socket} answers"))
+            shared = [m for m in memdevs if m.get("share") and int(m.get("size", 0)) == rec.spec.memory_bytes]
+            if mode == "fph":
+                out.append(
+                    (
+                        "shared_ram",
+                        bool(shared) and rec.spec.ram_file.exists(),
+                        f"{len(shared)} shared memory backend(s) of {rec.spec.memory_bytes} bytes; "
+                        f"ram_file {'exists' if rec.spec.ram_file.exists() else 'missing'}",
+                    )
+                )
+        except Unavailable as e:
+            out.append(("qmp", False, str(e)))
+        except QMPError as e:
+            out.append(("qmp", False, f"QEMU refused query-memdev: {e}"))
+        if mode == "fph":
+            if rec.control is None:
+                out.append(
+                    ("free_page_hint", False, "registered without balloon_socket: nothing will be hinted")
+                )
+            elif not reg.connected(rec):
+                out.append(("free_page_hint", False, f"no QEMU connected to {rec.spec.balloon_socket}"))
+            else:
+                ok = reg.negotiated(rec)
+                out.append(
+                    ("free_page_hint", ok, "negotiated" if ok else "the guest driver did not negotiate it")
+                )
+            if rec.spec.write_log is None:
+                out.append(("write_log", False, "registered without write_log: fph mode needs one"))
+            else:
+                out.append(await asyncio.to_thread(_writelog_check, rec))
+        else:
+            plugged = rec.control is not None and reg.connected(rec)
+            out.append(
+                (
+                    "balloon",
+                    not plugged,
+                    "the fph balloon (vhost-user) is plugged: QEMU cannot migrate it; use mode fph"
+                    if plugged
+                    else "no unmigratable fph balloon plugged",
+                )
+            )
+        if target is not None:
+            try:
+                st = await qmp_query(target.qmp_socket, "query-status")
+                ok = st.get("status") == "inmigrate"
+                out.append(
+                    (
+                        "destination",
+                        ok,
+                        f"destination QEMU status {st.get('status')!r}"
+                        + ("" if ok else ", expected 'inmigrate' (-incoming defer)"),
+                    )
+                )
+            except Unavailable as e:
+                out.append(("destination", False, str(e)))
+        return out
+
+    async def _estimate(self, rec: VmRecord, mode: str) -> tuple[int, str]:
+        total = rec.spec.memory_bytes
+        if mode == "none" or rec.control is None:
+            return total, "all guest RAM (no hinting)"
+        ctl = rec.control
+        gs = await ctl.call_async(ctl.device.guest_stats)
+        free = gs.values.get("free_memory")
+        if free is None:
+            return total, "all guest RAM (no guest stats yet)"
+        return max(0, total - int(free)), "guest RAM minus the guest's free_memory from the stats queue"
+
+    # -- RPCs
+
+    @unary
+    async def PrepareMigration(self, request: Any, context: Any) -> Any:
+        rec = self.d.registry.get(request.vm)
+        mode = self._mode(request.mode)
+        target = (
+            self._target(request.destination, fph=mode == "fph") if request.HasField("destination") else None
+        )
+        if rec.job is not None and not rec.job.finished:
+            raise FailedPrecondition(f"VM {rec.name!r} is already migrating ({rec.job.id})")
+        checks = await self._checks(rec, mode, target)
+        est, basis = await self._estimate(rec, mode)
+        return pb.PrepareMigrationResponse(
+            ready=all(ok for _, ok, _ in checks),
+            checks=[pb.Check(name=n, ok=ok, detail=d) for n, ok, d in checks],
+            memory_total=rec.spec.memory_bytes,
+            estimated_bytes=est,
+            estimate_basis=basis,
+        )
+
+    @unary
+    async def AcceptIncoming(self, request: Any, context: Any) -> Any:
+        rec = self.d.registry.get(request.vm)
+        if rec.state != "registered" or (rec.job is not None and not rec.job.finished):
+            raise FailedPrecondition(
+                f"VM {rec.name!r} is {rec.state}: only an idle registered VM can be a target"
+            )
+        st = await qmp_query(rec.spec.qmp_socket, "query-status")
+        if st.get("status") != "inmigrate":
+            raise FailedPrecondition(
+                f"VM {rec.name!r}: QEMU status {st.get('status')!r}; a target runs with -incoming defer "
+                "and has not received a migration yet"
+            )
+        rec.state = "incoming"
+        mig_sock = rec.spec.qmp_socket.parent / "mig.sock"
+        log.info("incoming accepted", extra={"vm": rec.name})
+        return pb.IncomingTarget(
+            daemon_socket=self.d.socket_path,
+            vm=rec.name,
+            qmp_socket=str(rec.spec.qmp_socket),
+            ram_file=str(rec.spec.ram_file),
+            balloon_socket=str(rec.spec.balloon_socket or ""),
+            migration_uri=f"unix:{mig_sock}",
+        )
+
+    async def _start(self, request: Any) -> MigrationJob:
+        rec = self.d.registry.get(request.vm)
+        mode = self._mode(request.mode)
+        if not request.HasField("destination"):
+            raise InvalidArgument(
+                "destination is required: the IncomingTarget from the destination's AcceptIncoming"
+            )
+        target = self._target(request.destination, fph=mode == "fph")
+        params = self._params(request, mode)
+        if target.qmp_socket == rec.spec.qmp_socket:
+            raise InvalidArgument("the destination is the source VM itself")
+        if rec.job is not None and not rec.job.finished:
+            raise FailedPrecondition(f"VM {rec.name!r} is already migrating ({rec.job.id})")
+        if rec.state != "registered":
+            raise FailedPrecondition(f"VM {rec.name!r} is {rec.state}: it cannot be migrated from here")
+        checks = await self._checks(rec, mode, target)
+        for name, ok, detail in checks:
+            if not ok and name in ("qmp", "destination") and "does not answer" in detail:
+                raise Unavailable(f"{name}: {detail}")
+            if not ok and not (name == "free_page_hint" and rec.control is None):
+                raise FailedPrecondition(f"not ready ({name}): {detail}")
+        job = MigrationJob(rec.name, params, target, rec.spec.memory_bytes)
+        if mode == "fph":
+            assert rec.spec.write_log is not None
+            wl = await asyncio.to_thread(open_writelog, rec.spec.write_log, rec.layout)
+            reg = self.d.registry
+            engine: Any = fph_engine(
+                src_qmp=rec.spec.qmp_socket,
+                src_ram=rec.spec.ram_file,
+                layout=rec.layout,
+                writelog=wl,
+                control=rec.control,
+                ring_ranges=(lambda: reg.ring_ranges(rec)) if rec.control else None,
+                target=target,
+                params=params,
+            )
+        else:
+            wl = None
+            engine = native_engine(src_qmp=rec.spec.qmp_socket, target=target, params=params)
+        rec.job = job
+        rec.state = "migrating"
+        self.d.jobs[job.id] = job
+
+        def on_end(j: MigrationJob) -> None:
+            if wl is not None:
+                with contextlib.suppress(Exception):
+                    wl.close()
+            if rec.control is not None:
+                rec.control.device.sink = rec.sink  # the engine made its bitmap the sink
+            rec.state = "migrated" if j.report is not None else "registered"
+            dst = self.d.registry.vms.get(target.vm)
+            if dst is not None and dst.spec.qmp_socket == target.qmp_socket and dst.state == "incoming":
+                dst.state = "registered" if j.report is not None else dst.state
+            self.d.metrics.ended(j)
+            log.info(
+                "migration ended", extra={"vm": j.vm, "migration": j.id, "phase": j.phase, "status": j.status}
+            )
+
+        job.start(engine, str(rec.spec.qmp_socket), on_end)
+        log.info("migration started", extra={"vm": rec.name, "migration": job.id, "mode": mode})
+        return job
+
+    @streaming
+    async def Migrate(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        job = await self._start(request)
+        q = job.subscribe()
+        try:
+            while True:
+                p = await q.get()
+                self.d.metrics.live(job, p.stats)
+                yield _progress_message(job, p)
+                if p.phase in (SUCCEEDED, "failed"):
+                    break
+        finally:
+            job.unsubscribe(q)
+        if job.phase == "failed":
+            what = "cancelled" if job.cancel_requested else "failed"
+            raise Aborted(
+                f"migration {job.id} {what}: {job.error}; "
+                f"rolled back: {'; '.join(job.cleanup) or 'nothing to undo'}"
+            )
+
+    @unary
+    async def CancelMigration(self, request: Any, context: Any) -> Any:
+        rec = self.d.registry.get(request.vm)
+        job = rec.job
+        if job is None or job.finished:
+            raise FailedPrecondition(f"no migration of {rec.name!r} is running; nothing to cancel")
+        await job.cancel()
+        return pb.CancelMigrationResponse(migration_id=job.id)
+
+    @unary
+    async def GetMigrationReport(self, request: Any, context: Any) -> Any:
+        rec = self.d.registry.get(request.vm)
+        if request.migration_id:
+            job = self.d.jobs.get(request.migration_id)
+            if job is None or job.vm != rec.name:
+                raise NotFound(f"no migration {request.migration_id!r} of VM {rec.name!r}")
+        elif rec.job is None:
+            raise NotFound(f"VM {rec.name!r} has not been migrated by this daemon")
+        else:
+            job = rec.job
+        return report_message(job)
+
+
+def report_message(job: MigrationJob) -> Any:
+    p = job.snapshot()
+    rep = job.report
+    fph: dict[str, float] = {}
+    rounds = []
+    if isinstance(rep, FphReport):
+        fph = {
+            k: float(v) for k, v in rep.fph.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        fph["converged"] = float(bool(rep.fph.get("converged")))
+        for r in rep.rounds:
+            rounds.append(
+                pb.RoundStats(
+                    round=int(r["round"]),
+                    pages_data=int(r["pages_data"]),
+                    pages_zero_skipped=int(r["pages_zero_skipped"]),
+                    bytes_on_wire=int(r["bytes_on_wire"]),
+                    hinted_pages=int(r["hinted_pages"]),
+                    ms=float(r["ms"]),
+                )
+            )
+    return pb.MigrationReport(
+        migration_id=job.id,
+        vm=job.vm,
+        mode=MODE_ENUM[job.params.mode],
+        phase=PHASES[job.phase],
+        status="active" if not job.finished else job.status,
+        job_stats={k: int(v) for k, v in p.stats.items()},
+        fph=fph,
+        rounds=rounds,
+        error=job.error,
+        cleanup=job.cleanup,
+        destination_vm=job.target.vm,
+        start_time=job.start_time,
+        end_time=job.end_time,
+        json=job.report_json(),
+    )
+
+
+def _writelog_check(rec: VmRecord) -> tuple[str, bool, str]:
+    assert rec.spec.write_log is not None
+    try:
+        wl = open_writelog(rec.spec.write_log, rec.layout)
+    except Exception as e:
+        return ("write_log", False, f"{e}")
+    try:
+        attached = wl.header().attach_count
+    finally:
+        wl.close()
+    if not attached:
+        return (
+            "write_log",
+            False,
+            f"no QEMU plugin attached to {rec.spec.write_log}: start QEMU with -plugin {rec.plugin_arg}",
+        )
+    return ("write_log", True, f"TCG write log attached ({attached} attach)")
+
+
+def add_services(server: Any, d: Daemon) -> None:
+    pbg.add_VmServiceServicer_to_server(VmService(d), server)
+    pbg.add_HintingServiceServicer_to_server(HintingService(d), server)
+    pbg.add_MigrationServiceServicer_to_server(MigrationService(d), server)

@@ -1,0 +1,587 @@
+"""The fph daemon through a real gRPC channel: an in-process grpc.aio server on a temporary Unix socket.
+
+Balloon paths use the fake vhost-user front-end and Linux driver model (tests/fake_frontend.py); QEMU's
+monitor is a fake QMP server (tests/fake_qmp.py). Real guests: tests/test_daemon_guest.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from fph.api.v1 import fph_pb2 as pb
+from fph.api.v1 import fph_pb2_grpc as pbg
+from fph.daemon.server import ConfigError, DaemonConfig, DaemonServer
+from tests.fake_frontend import HINT_BLOCK, FakeFrontend, GuestRam, LinuxBalloonDriver, MiB
+from tests.fake_qmp import FakeQMP
+
+pytestmark = pytest.mark.timeout(120)
+GiB = 1 << 30
+
+
+class RunningDaemon:
+    """A DaemonServer on its own event-loop thread, and sync stubs on a real channel to its socket."""
+
+    def __init__(self, cfg: DaemonConfig) -> None:
+        self.cfg = cfg
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.srv: DaemonServer = self.run(self._start())
+        self.channel = grpc.insecure_channel(f"unix:{cfg.socket}")
+        self.vms = pbg.VmServiceStub(self.channel)
+        self.hints = pbg.HintingServiceStub(self.channel)
+        self.migrations = pbg.MigrationServiceStub(self.channel)
+        self.stopped = False
+
+    async def _start(self) -> DaemonServer:
+        srv = DaemonServer(self.cfg)
+        await srv.start()
+        return srv
+
+    def run(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        self.channel.close()
+        self.run(self.srv.stop(0.5), 40)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    d = tmp_path / "state"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path, state: Path) -> Iterator[Callable[..., RunningDaemon]]:
+    started: list[RunningDaemon] = []
+
+    def make(**overrides: Any) -> RunningDaemon:
+        cfg = DaemonConfig.load(
+            None,
+            {
+                "socket": str(tmp_path / f"fph{len(started)}.sock"),
+                "state_dir": str(state),
+                "log_format": "text",
+                **overrides,
+            },
+        )
+        d = RunningDaemon(cfg)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(make_daemon: Callable[..., RunningDaemon]) -> RunningDaemon:
+    return make_daemon()
+
+
+def spec(state: Path, key: str = "vm1", *, balloon: bool = True, write_log: bool = False, **kw: Any) -> Any:
+    d = state / key
+    d.mkdir(exist_ok=True)
+    fields: dict[str, Any] = {
+        "name": key,
+        "qmp_socket": str(d / "qmp.sock"),
+        "ram_file": str(d / "ram"),
+        "balloon_socket": str(d / "balloon.sock") if balloon else "",
+        "memory_bytes": GiB,
+        "write_log": str(d / "wlog.bin") if write_log else "",
+    }
+    fields.update(kw)
+    return pb.VmSpec(**fields)
+
+
+def code_of(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        r = call()
+        if hasattr(r, "__iter__") and not isinstance(r, pb.Vm):
+            list(r)  # a stream: the error comes while reading it
+    err = info.value
+    return err.code(), err.details()
+
+
+def boot_frontend(path: str, ram: GuestRam) -> tuple[FakeFrontend, LinuxBalloonDriver]:
+    fe = FakeFrontend(path, ram)
+    fe.realize()
+    drv = LinuxBalloonDriver(fe)
+    drv.probe()
+    assert fe.wait_config_change()  # a fresh device announces DONE
+    drv.config_changed()
+    return fe, drv
+
+
+@pytest.fixture
+def ram() -> Iterator[GuestRam]:
+    r = GuestRam(64 * MiB, gpa=0x1_0000_0000)
+    yield r
+    r.close()
+
+
+# ------------------------------------------------------------------------------------------ socket + config
+
+
+def test_socket_is_0600_and_refuses_other_users(daemon: RunningDaemon) -> None:
+    path = daemon.cfg.socket
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert daemon.vms.ListVms(pb.ListVmsRequest()).vms == []  # the owner gets in
+    if os.geteuid() != 0:
+        pytest.skip("needs root to try as another user")
+    probe = (
+        "import os, socket, sys\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\nsys.exit(0)\n"
+    )
+    os.chmod(Path(path).parent, 0o755)  # the directory lets nobody in; only the socket's mode decides
+    rc = subprocess.run([sys.executable, "-c", probe, path], timeout=30).returncode
+    assert rc == 13, "user nobody could connect to a 0600 root socket"
+
+
+def test_socket_mode_from_config_and_stale_socket_replaced(
+    make_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    stale = tmp_path / "fph0.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()
+    d = make_daemon(socket_mode=0o660)
+    assert stat.S_IMODE(os.stat(d.cfg.socket).st_mode) == 0o660
+    assert d.vms.ListVms(pb.ListVmsRequest()).vms == []
+
+
+def test_config_file_flags_and_tcp_without_mutual_tls_refused(tmp_path: Path) -> None:
+    f = tmp_path / "fph.toml"
+    f.write_text('socket = "/run/x/fph.sock"\nstate_dir = "/run/x"\nmetrics_address = "127.0.0.1:0"\n')
+    cfg = DaemonConfig.load(f, {"state_dir": str(tmp_path), "socket": None})
+    assert (cfg.socket, cfg.state_dir, cfg.metrics_address) == (
+        "/run/x/fph.sock",
+        str(tmp_path),
+        "127.0.0.1:0",
+    )
+    f.write_text('[tcp]\naddress = "0.0.0.0:7443"\ncert = "/c.pem"\n')
+    with pytest.raises(ConfigError, match=r"mutual TLS.*--tls-key.*--tls-client-ca"):
+        DaemonConfig.load(f, {})
+    with pytest.raises(ConfigError, match="mutual TLS"):
+        DaemonConfig.load(None, {"tcp_address": "127.0.0.1:7443"})
+    f.write_text("sockett = 1\n")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        DaemonConfig.load(f, {})
+    with pytest.raises(ConfigError, match="others may not"):
+        DaemonConfig.load(None, {"socket_mode": 0o666})
+
+
+# ----------------------------------------------------------------------------------------------------- VMs
+
+
+def test_register_list_get_unregister(daemon: RunningDaemon, state: Path) -> None:
+    vm = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, write_log=True)))
+    assert vm.state == pb.VM_STATE_REGISTERED and not vm.balloon_connected
+    assert Path(vm.spec.balloon_socket).exists()  # the daemon listens for QEMU's balloon chardev
+    assert f"log={state / 'vm1' / 'wlog.bin'}" in vm.plugin_arg and (state / "vm1" / "wlog.bin").exists()
+    daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm2", balloon=False)))
+    assert [v.spec.name for v in daemon.vms.ListVms(pb.ListVmsRequest()).vms] == ["vm1", "vm2"]
+    assert daemon.vms.GetVm(pb.GetVmRequest(name="vm2")).spec.balloon_socket == ""
+    r = daemon.vms.UnregisterVm(pb.UnregisterVmRequest(name="vm1"))
+    assert not r.done_sent
+    assert not Path(vm.spec.balloon_socket).exists()
+    assert [v.spec.name for v in daemon.vms.ListVms(pb.ListVmsRequest()).vms] == ["vm2"]
+    # the name is free again
+    daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state)))
+
+
+def test_bad_registrations(daemon: RunningDaemon, state: Path, tmp_path: Path) -> None:
+    reg = daemon.vms.RegisterVm
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (state / "vm1").mkdir()
+    (state / "vm1" / "escape").symlink_to(outside)
+    cases = {
+        "missing spec": pb.RegisterVmRequest(),
+        "no name": pb.RegisterVmRequest(spec=spec(state, "x", name="")),
+        "bad name": pb.RegisterVmRequest(spec=spec(state, "vm1", name="VM/1")),
+        "relative path": pb.RegisterVmRequest(spec=spec(state, qmp_socket="vm1/qmp.sock")),
+        "dot-dot": pb.RegisterVmRequest(spec=spec(state, ram_file=f"{state}/vm1/../../outside/ram")),
+        "outside": pb.RegisterVmRequest(spec=spec(state, ram_file="/etc/passwd")),
+        "symlink out": pb.RegisterVmRequest(spec=spec(state, balloon_socket=f"{state}/vm1/escape/b.sock")),
+        "state dir itself": pb.RegisterVmRequest(spec=spec(state, ram_file=str(state))),
+        "memory too small": pb.RegisterVmRequest(spec=spec(state, memory_bytes=1 << 20)),
+        "memory unaligned": pb.RegisterVmRequest(spec=spec(state, memory_bytes=GiB + 4096)),
+        "memory too big": pb.RegisterVmRequest(spec=spec(state, memory_bytes=2 << 40)),
+        "same path twice": pb.RegisterVmRequest(spec=spec(state, ram_file=f"{state}/vm1/qmp.sock")),
+        "socket path too long": pb.RegisterVmRequest(spec=spec(state, qmp_socket=f"{state}/vm1/{'q' * 120}")),
+    }
+    for what, req in cases.items():
+        code, msg = code_of(lambda req=req: reg(req))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (what, code, msg)
+        assert msg, what
+    code, msg = code_of(lambda: reg(pb.RegisterVmRequest(spec=spec(state, ram_file="/etc/passwd"))))
+    assert "outside the daemon's state directory" in msg
+    assert not (outside / "b.sock").exists()
+    assert daemon.vms.ListVms(pb.ListVmsRequest()).vms == []
+    # a directory that does not exist yet
+    code, msg = code_of(
+        lambda: reg(pb.RegisterVmRequest(spec=spec(state, qmp_socket=f"{state}/nodir/q.sock")))
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "does not exist" in msg
+
+
+def test_duplicates_and_unknown_vms(daemon: RunningDaemon, state: Path) -> None:
+    daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state)))
+    code, msg = code_of(lambda: daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state))))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "already registered" in msg
+    other = spec(state, "vm2", balloon_socket=f"{state}/vm1/balloon.sock")
+    code, msg = code_of(lambda: daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=other)))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "vm1" in msg
+    unknown: list[Callable[[], Any]] = [
+        lambda: daemon.vms.GetVm(pb.GetVmRequest(name="nope")),
+        lambda: daemon.vms.UnregisterVm(pb.UnregisterVmRequest(name="nope")),
+        lambda: daemon.hints.StartHinting(pb.StartHintingRequest(vm="nope")),
+        lambda: daemon.hints.StopHinting(pb.StopHintingRequest(vm="nope")),
+        lambda: daemon.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="nope")),
+        lambda: daemon.hints.WatchHintingStatus(pb.WatchHintingStatusRequest(vm="nope")),
+        lambda: daemon.hints.GetGuestStats(pb.GetGuestStatsRequest(vm="nope")),
+        lambda: daemon.hints.SetBalloonTarget(pb.SetBalloonTargetRequest(vm="nope")),
+        lambda: daemon.migrations.PrepareMigration(pb.PrepareMigrationRequest(vm="nope", mode=pb.MODE_FPH)),
+        lambda: daemon.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="nope")),
+        lambda: daemon.migrations.Migrate(pb.MigrateRequest(vm="nope", mode=pb.MODE_FPH)),
+        lambda: daemon.migrations.CancelMigration(pb.CancelMigrationRequest(vm="nope")),
+        lambda: daemon.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="nope")),
+    ]
+    for call in unknown:
+        code, msg = code_of(call)
+        assert code == grpc.StatusCode.NOT_FOUND and "no VM 'nope'" in msg and "vm1" in msg, (code, msg)
+    code, msg = code_of(lambda: daemon.vms.GetVm(pb.GetVmRequest(name="")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ------------------------------------------------------------------------------------------------- Hinting
+
+
+def test_hinting_start_stop_status_stats_target(daemon: RunningDaemon, state: Path, ram: GuestRam) -> None:
+    vm = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state)))
+    code, msg = code_of(lambda: daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm1")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "no QEMU is connected" in msg
+    fe, drv = boot_frontend(vm.spec.balloon_socket, ram)
+    try:
+        got = daemon.vms.GetVm(pb.GetVmRequest(name="vm1"))
+        assert got.balloon_connected and got.free_page_hint_negotiated
+        st = daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm1", acknowledge_on_stop=True))
+        assert st.state == "requested" and st.host_cmd_id >= 0x8000_0000 and st.acknowledge_on_stop
+        code, msg = code_of(lambda: daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm1")))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "already on" in msg
+        assert fe.wait_config_change()
+        drv.config_changed()
+        drv.drain()
+        st = daemon.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="vm1"))
+        assert st.state == "stop" and st.host_cmd_id >= 0x8000_0000  # the guest's STOP ended its run
+        assert st.hinted_bytes == len(drv.held) * HINT_BLOCK > 0
+        assert st.guest_held_bytes == st.hinted_bytes and st.blocks == len(drv.held)
+        assert st.run_seconds > 0
+        st = daemon.hints.StopHinting(pb.StopHintingRequest(vm="vm1"))
+        assert st.state == "done" and st.guest_held_bytes == 0  # acknowledge_on_stop: DONE
+        assert fe.wait_config_change()
+        drv.config_changed()
+        assert drv.held == []
+        code, msg = code_of(lambda: daemon.hints.StopHinting(pb.StopHintingRequest(vm="vm1")))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "no hint run was started" in msg
+
+        stats = daemon.hints.GetGuestStats(pb.GetGuestStatsRequest(vm="vm1", refresh=False))
+        assert stats.values["free_memory"] == 100 * MiB and stats.values["total_memory"] == 256 * MiB
+        assert stats.age_seconds >= 0
+
+        t = daemon.hints.SetBalloonTarget(pb.SetBalloonTargetRequest(vm="vm1", target_bytes=64 * MiB))
+        assert t.target_bytes == 64 * MiB
+        assert fe.wait_config_change()
+        assert int.from_bytes(fe.get_config()[0:4], "little") == 64 * MiB // 4096
+        for bad in (4095, 2 * GiB):
+            code, msg = code_of(
+                lambda bad=bad: daemon.hints.SetBalloonTarget(
+                    pb.SetBalloonTargetRequest(vm="vm1", target_bytes=bad)
+                )
+            )
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, bad
+
+        watch = daemon.hints.WatchHintingStatus(pb.WatchHintingStatusRequest(vm="vm1", interval_ms=20))
+        seen = []
+        for s in watch:
+            seen.append(s)
+            if len(seen) == 3:
+                watch.cancel()
+                break
+        assert [s.state for s in seen] == ["done"] * 3
+        code, _ = code_of(
+            lambda: daemon.hints.WatchHintingStatus(pb.WatchHintingStatusRequest(vm="vm1", interval_ms=1))
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        fe.close()
+
+
+def test_hinting_without_a_balloon_is_refused(daemon: RunningDaemon, state: Path) -> None:
+    daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, balloon=False)))
+    for call in (
+        lambda: daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm1")),
+        lambda: daemon.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="vm1")),
+        lambda: daemon.hints.GetGuestStats(pb.GetGuestStatsRequest(vm="vm1")),
+    ):
+        code, msg = code_of(call)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "without balloon_socket" in msg
+
+
+def test_unregister_and_shutdown_send_done_to_guests_holding_hints(
+    make_daemon: Callable[..., RunningDaemon], state: Path, ram: GuestRam
+) -> None:
+    d = make_daemon()
+    vm = d.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state)))
+    fe, drv = boot_frontend(vm.spec.balloon_socket, ram)
+    try:
+        d.hints.StartHinting(pb.StartHintingRequest(vm="vm1"))  # no acknowledge_on_stop
+        assert fe.wait_config_change()
+        drv.config_changed()
+        drv.drain()
+        st = d.hints.StopHinting(pb.StopHintingRequest(vm="vm1"))
+        assert st.state == "stop" and st.guest_held_bytes > 0
+        assert drv.held  # STOP keeps the blocks with the guest
+        stopper = threading.Thread(target=d.stop)
+        stopper.start()
+        assert fe.wait_config_change(10)  # DONE on shutdown
+        drv.config_changed()
+        stopper.join(30)
+        assert not stopper.is_alive()
+        assert drv.held == []
+        assert not os.path.exists(d.cfg.socket)
+    finally:
+        fe.close()
+
+
+def test_unregister_sends_done(daemon: RunningDaemon, state: Path, ram: GuestRam) -> None:
+    vm = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state)))
+    fe, drv = boot_frontend(vm.spec.balloon_socket, ram)
+    try:
+        daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm1"))
+        assert fe.wait_config_change()
+        drv.config_changed()
+        drv.drain()
+        result: list[Any] = []
+        t = threading.Thread(
+            target=lambda: result.append(daemon.vms.UnregisterVm(pb.UnregisterVmRequest(name="vm1")))
+        )
+        t.start()
+        assert fe.wait_config_change(10)
+        drv.config_changed()  # the guest reads DONE; only then does the daemon drop the connection
+        t.join(10)
+        assert result and result[0].done_sent
+        assert drv.held == []
+        assert fe.is_closed()
+    finally:
+        fe.close()
+
+
+# ----------------------------------------------------------------------------------------------- Migration
+
+
+@pytest.fixture
+def qemus(state: Path) -> Iterator[dict[str, FakeQMP]]:
+    (state / "src").mkdir()
+    (state / "dst").mkdir()
+    memdev = [
+        {
+            "id": "mem",
+            "size": GiB,
+            "share": True,
+            "merge": True,
+            "dump": True,
+            "prealloc": False,
+            "policy": "default",
+            "host-nodes": [],
+        }
+    ]
+    q = {
+        "src": FakeQMP(
+            state / "src" / "qmp.sock",
+            {
+                "query-memdev": memdev,
+                "query-status": {"status": "running"},
+                "migrate-set-capabilities": RuntimeError("capability refused"),
+            },
+        ),
+        "dst": FakeQMP(
+            state / "dst" / "qmp.sock",
+            {"query-memdev": memdev, "query-status": {"status": "inmigrate"}, "migrate-set-capabilities": {}},
+        ),
+    }
+    yield q
+    for f in q.values():
+        f.close()
+
+
+def register_pair(d: RunningDaemon, state: Path, *, write_log: bool = False) -> Any:
+    for side in ("src", "dst"):
+        with open(state / side / "ram", "wb") as f:
+            f.truncate(GiB)
+    d.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "src", balloon=False, write_log=write_log)))
+    d.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "dst", balloon=False)))
+    return d.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dst"))
+
+
+def test_accept_prepare_and_a_failing_migration_is_aborted(
+    daemon: RunningDaemon, state: Path, qemus: dict[str, FakeQMP]
+) -> None:
+    target = register_pair(daemon, state)
+    assert target.vm == "dst" and target.migration_uri == f"unix:{state}/dst/mig.sock"
+    assert daemon.vms.GetVm(pb.GetVmRequest(name="dst")).state == pb.VM_STATE_INCOMING
+    code, msg = code_of(lambda: daemon.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dst")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION  # already reserved
+    code, msg = code_of(lambda: daemon.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="src")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "'running'" in msg
+
+    prep = daemon.migrations.PrepareMigration(
+        pb.PrepareMigrationRequest(vm="src", mode=pb.MODE_FPH, destination=target)
+    )
+    checks = {c.name: c for c in prep.checks}
+    assert not prep.ready
+    assert checks["qmp"].ok and checks["destination"].ok
+    assert not checks["write_log"].ok and "needs one" in checks["write_log"].detail
+    assert not checks["free_page_hint"].ok
+    assert prep.memory_total == GiB and prep.estimated_bytes == GiB
+    prep = daemon.migrations.PrepareMigration(
+        pb.PrepareMigrationRequest(vm="src", mode=pb.MODE_NATIVE, destination=target)
+    )
+    assert prep.ready, prep.checks
+
+    # fph mode without a write log: refused before anything starts
+    code, msg = code_of(
+        lambda: daemon.migrations.Migrate(pb.MigrateRequest(vm="src", mode=pb.MODE_FPH, destination=target))
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "write_log" in msg
+    # native: the source QEMU refuses a capability -> the migration fails, the stream ends ABORTED
+    events: list[Any] = []
+    with pytest.raises(grpc.RpcError) as info:
+        for ev in daemon.migrations.Migrate(
+            pb.MigrateRequest(vm="src", mode=pb.MODE_NATIVE, destination=target)
+        ):
+            events.append(ev)
+    assert info.value.code() == grpc.StatusCode.ABORTED
+    assert "capability refused" in info.value.details(), info.value.details()
+    assert events and events[-1].phase == pb.PHASE_FAILED and events[-1].status == "failed"
+    assert events[0].migration_id.startswith("mig-")
+    rep = daemon.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
+    assert rep.phase == pb.PHASE_FAILED and rep.status == "failed" and "capability refused" in rep.error
+    assert rep.mode == pb.MODE_NATIVE and rep.destination_vm == "dst"
+    again = daemon.migrations.GetMigrationReport(
+        pb.GetMigrationReportRequest(vm="src", migration_id=rep.migration_id)
+    )
+    assert again.migration_id == rep.migration_id
+    code, _ = code_of(
+        lambda: daemon.migrations.GetMigrationReport(
+            pb.GetMigrationReportRequest(vm="src", migration_id="mig-x")
+        )
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    # the source is usable again after the failure
+    assert daemon.vms.GetVm(pb.GetVmRequest(name="src")).state == pb.VM_STATE_REGISTERED
+
+
+def test_migrate_bad_inputs(daemon: RunningDaemon, state: Path, qemus: dict[str, FakeQMP]) -> None:
+    target = register_pair(daemon, state)
+    base = {"vm": "src", "mode": pb.MODE_NATIVE, "destination": target}
+
+    def migrate(**kw: Any) -> tuple[grpc.StatusCode, str]:
+        return code_of(lambda: daemon.migrations.Migrate(pb.MigrateRequest(**{**base, **kw})))
+
+    for kw in (
+        {"mode": pb.MODE_UNSPECIFIED},
+        {"bandwidth_bytes_per_second": 1000},
+        {"bandwidth_bytes_per_second": 200 << 30},
+        {"downtime_limit_ms": 60001},
+        {"max_rounds": 1001},
+        {"progress_interval_ms": 10},
+        {"destination": None},
+        {"destination": pb.IncomingTarget(**{**_fields(target), "qmp_socket": "/tmp/q.sock"})},
+        {"destination": pb.IncomingTarget(**{**_fields(target), "migration_uri": "tcp:1.2.3.4:5"})},
+        {"destination": pb.IncomingTarget(**{**_fields(target), "migration_uri": "unix:/tmp/m.sock"})},
+        {"destination": pb.IncomingTarget(**{**_fields(target), "vm": "Bad Name"})},
+        {"destination": pb.IncomingTarget(**{**_fields(target), "qmp_socket": f"{state}/src/qmp.sock"})},
+    ):
+        code, msg = migrate(**kw)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (kw, code, msg)
+    code, msg = code_of(lambda: daemon.migrations.CancelMigration(pb.CancelMigrationRequest(vm="src")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "nothing to cancel" in msg
+    code, msg = code_of(lambda: daemon.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src")))
+    assert code == grpc.StatusCode.NOT_FOUND
+    # a destination whose QEMU does not answer
+    (state / "gone").mkdir()
+    gone = pb.IncomingTarget(**{**_fields(target), "qmp_socket": f"{state}/gone/qmp.sock"})
+    code, msg = migrate(destination=gone)
+    assert code == grpc.StatusCode.UNAVAILABLE and "does not answer" in msg, msg
+    # a source whose QEMU does not answer
+    qemus["src"].close()
+    code, msg = migrate()
+    assert code == grpc.StatusCode.UNAVAILABLE and "does not answer" in msg, msg
+    # a registered VM whose QEMU is not a migration target
+    daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "gone", balloon=False)))
+    code, msg = code_of(lambda: daemon.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="gone")))
+    assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def _fields(msg: Any) -> dict[str, Any]:
+    return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
+
+
+# ------------------------------------------------------------------------------------------------- Metrics
+
+
+def test_metrics_endpoint(make_daemon: Callable[..., RunningDaemon], state: Path, ram: GuestRam) -> None:
+    d = make_daemon(metrics_address="127.0.0.1:0")
+    assert d.srv.metrics_address is not None
+    host, port = d.srv.metrics_address
+    vm = d.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state)))
+    fe, drv = boot_frontend(vm.spec.balloon_socket, ram)
+    try:
+        d.hints.StartHinting(pb.StartHintingRequest(vm="vm1"))
+        assert fe.wait_config_change()
+        drv.config_changed()
+        drv.drain()
+        want = len(drv.held) * HINT_BLOCK
+        deadline = time.monotonic() + 5
+        values: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+            values = {m[1]: float(m[2]) for m in re.finditer(r'^(\S+)\{vm="vm1"\} (\S+)$', text, re.M)}
+            if values.get("fph_hint_run_hinted_bytes") == want:
+                break
+            time.sleep(0.05)
+        assert values.get("fph_hint_run_hinted_bytes") == want > 0, text
+        assert values.get("fph_guest_held_bytes") == want
+        assert values.get("fph_hint_runs_started_total") == 1.0
+        assert values.get("fph_hint_dropped") == 0.0
+        assert "fph_migration_downtime_seconds" in text and "fph_migrations_total" in text
+    finally:
+        fe.close()
