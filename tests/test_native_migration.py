@@ -8,11 +8,16 @@ before the migration. Without hints QEMU must send the freed 300 MiB (non-zero);
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import re
+import signal
 import time
+from pathlib import Path
 
 import pytest
 
+from fph.lab.check import check_destination
 from fph.lab.pair import VMPair
 from fph.lab.provision import Lab
 from fph.lab.vm import VM, VMConfig
@@ -63,8 +68,14 @@ def test_native_migration_without_hints(lab: Lab) -> None:
         assert "driver=virtio_balloon" not in pair.src.console.text()
         _prepare(pair)
         report = pair.migrate_native()
-        check = pair.check()
+        hb = pair.last_source_heartbeat()
+        check = pair.check(hb)
         assert check.ok, check.problems
+        # Negative controls: the check must fail for other data or for a guest that (seemingly) rebooted.
+        other = check_destination(pair.dst, dataclasses.replace(hb, csum="0" * 16), timeout=3)
+        assert not other.ok and any("checksum" in p for p in other.problems), other.problems
+        rebooted = check_destination(pair.dst, dataclasses.replace(hb, uptime=hb.uptime + 1e6), timeout=2)
+        assert not rebooted.ok and any("heartbeat(s) after uptime" in p for p in rebooted.problems)
     assert report.status == "completed"
     # Free but non-zero memory cannot be skipped without hints: all of it crosses the wire.
     assert report.bytes >= FREED_MIB * MIB, report.bytes
@@ -116,3 +127,18 @@ def test_cancel_native_migration(vm_factory: object) -> None:
     assert src.qmp("query-migrate")["status"] == "cancelled"
     assert src.status() == "prelaunch"
     assert [h.point for h in mig.dispatcher.history][-1] is HookPoint.CLEANUP
+
+
+def test_teardown_kills_an_unresponsive_qemu(lab: Lab) -> None:
+    """A QEMU that answers neither QMP nor SIGTERM (stopped) is killed by PID; its run directory goes."""
+    vm = VM(lab, VMConfig(mem_mib=128, balloon="none", extra_args=("-S",)), name="stuck")
+    vm.start()
+    pid = vm.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    vm.stop(timeout=1.0)
+    assert time.monotonic() - t0 < 10
+    assert not vm.alive()
+    assert not Path(f"/proc/{pid}").exists()
+    assert not vm.run_dir.exists()
