@@ -535,12 +535,14 @@ class BalloonDevice:
             cmd_id = CMD_ID_STOP
         return CONFIG.pack(self.num_pages, self.actual, cmd_id, self.poison_val)
 
-    def _notify_config(self) -> None:
+    def _notify_config(self) -> bool:
+        """Raise a config interrupt; False when there is no back-end channel to raise it on."""
         if self.channel is None:
             log.warning("%s: config changed but there is no back-end channel to tell the guest", self.name)
-            return
+            return False
         self._config_unread = True
         self.channel.config_changed()
+        return True
 
     def _maybe_announce_done(self) -> None:
         if self._announce_done and self.channel is not None and self.state is HintState.DONE:
@@ -548,7 +550,8 @@ class BalloonDevice:
             log.info(
                 "%s: announcing DONE so that blocks held for an earlier instance are returned", self.name
             )
-            self._notify_config()
+            if self._notify_config():
+                self.held_bytes = 0
 
     @property
     def config_unread(self) -> bool:
@@ -598,8 +601,12 @@ class BalloonDevice:
         if self.state in (HintState.REQUESTED, HintState.START) and self._run_end is None:
             self._run_end = time.monotonic()
         self.state = HintState.DONE
-        self.held_bytes = 0
-        self._notify_config()
+        if self._notify_config():
+            self.held_bytes = 0  # only once the guest is told; the driver reads the id on the interrupt
+        # Without a channel the guest cannot hear DONE: status keeps showing what it may still hold, and a
+        # later device start announces DONE again (a new driver instance or a reconnect).
+        else:
+            self._announce_done = True
 
     def status(self) -> HintStatus:
         run = 0.0
@@ -646,6 +653,8 @@ class BalloonDevice:
         """Balloon target in 4 KiB pages; the driver inflates or deflates towards it."""
         if not 0 <= num_pages <= 0xFFFF_FFFF:
             raise StateError(f"target {num_pages} pages out of range")
+        if self.channel is None:
+            raise StateError(f"{self.name}: no back-end channel, cannot tell the guest its new target")
         self.num_pages = num_pages
         self._notify_config()
 

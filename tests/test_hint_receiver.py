@@ -398,3 +398,18 @@ def test_hints_before_a_broken_chain_still_reach_the_sink(hx: Harness, ram: Gues
     hx.kick(QueueRole.FREE_PAGE)
     assert hx.dev.broken is not None
     assert hx.sink.ranges(cmd) == [(ram.blocks[0], HINT_BLOCK)]
+
+
+def test_done_without_a_channel_is_not_pretended(hx: Harness, ram: GuestRam) -> None:
+    cmd = hx.dev.request_hints()
+    hx.cmd(cmd)
+    hx.hint(*blocks(ram, 2))
+    hx.dev.set_backend_channel(None)  # QEMU closed the channel (device_del in progress)
+    hx.dev.done()
+    assert hx.dev.status().held_bytes == 2 * HINT_BLOCK  # the guest was not told
+    with pytest.raises(StateError, match="channel"):
+        hx.dev.set_target(10)
+    hx.dev.set_backend_channel(hx.chan)
+    hx.kick(QueueRole.FREE_PAGE)  # the next time the ring runs, DONE is announced
+    assert hx.chan.changes == 2 and hx.config_id() == CMD_ID_DONE
+    assert hx.dev.status().held_bytes == 0
