@@ -3,8 +3,9 @@
 One boot covers: the driver binds and negotiates FREE_PAGE_HINT; after the guest writes and frees ~300 MiB,
 a hint round hints as many bytes as MemFree drops, in 4 MiB aligned blocks inside RAM, into a real
 DirtyBitmap; a second round with a new id after STOP; DONE gives the memory back; device_del gives it back
-too; device_add on the same connection (re-plug) works again; shutting fph down sends DONE. A second boot
-checks what happens when fph dies without DONE.
+too; device_add on the same connection (re-plug) works again; stats, inflate/deflate; shutting fph down
+sends DONE. Further boots: fph dying without DONE (EVENT_IDX rings), the entry point's SIGTERM, and free
+page reporting on a ``num_vqs=5`` device.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from pathlib import Path
 import pytest
 
 from fph.dirty_bitmap import DirtyBitmap
-from fph.hint_receiver import F_FREE_PAGE_HINT, BalloonControl, HintState, RecordingSink, ThreadedHintReceiver
+from fph.hint_receiver import (
+    F_FREE_PAGE_HINT,
+    F_REPORTING,
+    BalloonControl,
+    HintState,
+    RecordingSink,
+    ThreadedHintReceiver,
+)
+from fph.lab.provision import Lab
 from fph.lab.vm import FPH_DEVICE_ARGS, VM, VMConfig
 from fph.ram_layout import RamLayout
 from fph.vhost_user import message as m
@@ -240,3 +249,34 @@ def test_real_guest_entry_point_sigterm(vm_factory: Callable[..., VM], tmp_path:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class FiveQueueVM(VM):
+    """The lab VM with ``num_vqs=5``: room for the reporting queue."""
+
+    def command(self) -> list[str]:
+        return [a.replace("num_vqs=4", "num_vqs=5") for a in super().command()]
+
+
+def test_real_guest_free_page_reporting(lab: Lab, tmp_path: Path) -> None:
+    """REPORTING: the guest reports free 2 MiB+ ranges by itself; fph discards them from the shared RAM file
+    before returning each buffer; the guest keeps working, and hinting still works next to it."""
+    sock = str(tmp_path / "vu.sock")
+    rx = ThreadedHintReceiver()
+    ctl = rx.add_vm(sock, reporting=True)
+    vm = FiveQueueVM(
+        lab, VMConfig(mem_mib=GUEST_MIB, balloon="fph", vhost_user_socket=sock), name="fph-report"
+    )
+    try:
+        vm.start()
+        vm.wait_ready(120)
+        assert ctl.device.acked & F_REPORTING
+        counters = ctl.device.counters
+        wait_for(lambda: counters.reported_bytes >= 256 * MiB, 30, "the guest to report free memory")
+        assert counters.discarded_bytes >= counters.reported_bytes and counters.reports_not_discarded == 0
+        vm.guest.fill(300)  # writes over reported (discarded) pages
+        _, hinted = run_round(ctl)
+        assert hinted > 500 * MiB and ctl.status().broken is None
+    finally:
+        vm.stop()
+        rx.close(1.0)
