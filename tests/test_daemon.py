@@ -6,7 +6,6 @@ monitor is a fake QMP server (tests/fake_qmp.py). Real guests: tests/test_daemon
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import socket
@@ -24,47 +23,13 @@ import grpc
 import pytest
 
 from fph.api.v1 import fph_pb2 as pb
-from fph.api.v1 import fph_pb2_grpc as pbg
-from fph.daemon.server import ConfigError, DaemonConfig, DaemonServer
+from fph.daemon.server import ConfigError, DaemonConfig
+from tests.daemon_helper import RunningDaemon
 from tests.fake_frontend import HINT_BLOCK, FakeFrontend, GuestRam, LinuxBalloonDriver, MiB
 from tests.fake_qmp import FakeQMP
 
 pytestmark = pytest.mark.timeout(120)
 GiB = 1 << 30
-
-
-class RunningDaemon:
-    """A DaemonServer on its own event-loop thread, and sync stubs on a real channel to its socket."""
-
-    def __init__(self, cfg: DaemonConfig) -> None:
-        self.cfg = cfg
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.srv: DaemonServer = self.run(self._start())
-        self.channel = grpc.insecure_channel(f"unix:{cfg.socket}")
-        self.vms = pbg.VmServiceStub(self.channel)
-        self.hints = pbg.HintingServiceStub(self.channel)
-        self.migrations = pbg.MigrationServiceStub(self.channel)
-        self.stopped = False
-
-    async def _start(self) -> DaemonServer:
-        srv = DaemonServer(self.cfg)
-        await srv.start()
-        return srv
-
-    def run(self, coro: Any, timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-        self.channel.close()
-        self.run(self.srv.stop(0.5), 40)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 
 from fph.engine import Balloon, FphConfig, FphMigration, FphMigrationError, FphReport
 from fph.migration_hook import HookEvent, HookPoint, MigrationReport, NativeMigration, job_stats
-from fph.qmp import MigrationCancelledError, QMPConnection, QMPError
+from fph.qmp import MigrationCancelledError, QMPError
 from fph.ram_layout import PAGE_SIZE
 
 log = logging.getLogger("fph.daemon")
@@ -169,7 +169,7 @@ class MigrationJob:
         self.phase, self.status = RUNNING, "setup"
         self.publish(f"{self.params.mode} migration of {self.vm} to {self.target.vm} started")
         eng.dispatcher.register(self._on_hook)
-        ticker = asyncio.create_task(self._tick(src_qmp if isinstance(eng, NativeMigration) else None))
+        ticker = asyncio.create_task(self._tick(isinstance(eng, NativeMigration)))
         try:
             self.report = await eng.run()
             self.status = self.report.status
@@ -215,25 +215,19 @@ class MigrationJob:
         if event.point is not HookPoint.BEFORE_SYNC:
             self.publish(f"{event.point.value} (sync {event.sync})")
 
-    async def _tick(self, native_qmp: str | None) -> None:
-        """Progress every interval; native mode polls QEMU's query-migrate on a connection of its own."""
-        conn = QMPConnection(native_qmp, "fph-daemon-progress") if native_qmp else None
-        try:
+    async def _tick(self, native: bool) -> None:
+        """Progress every interval. Native mode asks QEMU's query-migrate on the engine's own monitor
+        connection (a QEMU monitor serves one client at a time: a second connection would wait)."""
+        while True:
+            await asyncio.sleep(self.params.interval_s)
+            conn = getattr(self.engine, "_src", None) if native else None
             if conn is not None:
                 with contextlib.suppress(QMPError, OSError):
-                    await conn.connect()
-            while True:
-                await asyncio.sleep(self.params.interval_s)
-                if conn is not None:
-                    with contextlib.suppress(QMPError, OSError):
-                        info = await conn.execute("query-migrate")
-                        self._native_stats = job_stats(info)
+                    info = await conn.execute("query-migrate")
+                    self._native_stats = job_stats(info)
+                    if not self.finished:
                         self.status = str(info.get("status", self.status))
-                self.publish()
-        finally:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+            self.publish()
 
     async def cancel(self) -> None:
         self.cancel_requested = True
@@ -296,4 +290,7 @@ def native_engine(*, src_qmp: Path, target: Target, params: Params) -> NativeMig
         target.migration_uri,
         max_bandwidth=params.bandwidth,
         downtime_limit_ms=params.downtime_limit_ms,
+        # A VM that arrived by an fph migration keeps x-ignore-shared on (fph sets it on both ends): left on,
+        # its RAM would not be sent and a plain destination fails loading device state (measured).
+        capabilities={"x-ignore-shared": False},
     )

@@ -1,0 +1,265 @@
+"""The daemon with real guests: everything through the gRPC API of an in-process daemon.
+
+One source boot. The daemon serves the source's balloon and owns its write log; the guest writes 700 MiB
+and frees it, keeps a checksummed region alive (``hold``). Then, through the API only: register, hint
+start/stop/status, guest stats, prepare, accept incoming, an fph migration src -> dst with streamed progress
+and the final report; then the same guest goes on: mode none is refused while fph's balloon is plugged,
+then (balloon unplugged) a mode-none migration dst -> dst2, and (QEMU's virtio-balloon hot-plugged) a
+native migration dst2 -> dst3. Every destination passes ``check_destination``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from fph.api.v1 import fph_pb2 as pb
+from fph.daemon.server import DaemonConfig
+from fph.lab.check import check_destination
+from fph.lab.provision import Lab
+from fph.lab.vm import VM, VMConfig
+from tests.daemon_helper import RunningDaemon
+
+pytestmark = [pytest.mark.guest, pytest.mark.timeout(600)]
+MiB = 1 << 20
+GiB = 1 << 30
+MEM_MIB = 1024
+# QEMU's virtio-balloon for the native hop, at the slot fph's balloon had (the source's PCI layout must match)
+NATIVE_BALLOON = (
+    "-object",
+    "iothread,id=io1",
+    "-device",
+    "virtio-balloon-pci,id=balloon0,iothread=io1,free-page-hint=on,bus=pci.0,addr=0x5",
+)
+
+
+@pytest.fixture
+def state(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # RAM files: not on disk
+    d = Path(tempfile.mkdtemp(prefix="fph-daemon-", dir=base))
+    monkeypatch.setenv("FPH_RUN_DIR", str(d / "vms"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(state: Path) -> Iterator[RunningDaemon]:
+    cfg = DaemonConfig.load(
+        None, {"socket": str(state / "fph.sock"), "state_dir": str(state), "log_format": "text"}
+    )
+    d = RunningDaemon(cfg)
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def vms() -> Iterator[list[VM]]:
+    started: list[VM] = []
+    yield started
+    for vm in started:
+        vm.stop()
+
+
+def register(d: RunningDaemon, vm: VM, *, balloon: bool, write_log: bool = False) -> Any:
+    s = pb.VmSpec(
+        name=vm.name,
+        qmp_socket=str(vm.qmp_socket),
+        ram_file=str(vm.run_dir / "ram"),
+        balloon_socket=str(vm.run_dir / "balloon.sock") if balloon else "",
+        memory_bytes=MEM_MIB * MiB,
+        write_log=str(vm.run_dir / "wlog.bin") if write_log else "",
+    )
+    return d.vms.RegisterVm(pb.RegisterVmRequest(spec=s))
+
+
+def destination(d: RunningDaemon, lab: Lab, vms: list[VM], name: str, extra: tuple[str, ...] = ()) -> VM:
+    """A destination QEMU (-incoming defer, RAM file, no fph balloon) registered with the daemon."""
+    cfg = VMConfig(mem_mib=MEM_MIB, balloon="none", ram_backend="file", incoming=True, extra_args=extra)
+    vm = VM(lab, cfg, name=name)
+    vms.append(vm)
+    register(d, vm, balloon=True)  # its balloon socket: where fph re-plugs a balloon after switchover
+    vm.start()
+    return vm
+
+
+def migrate(d: RunningDaemon, src: str, mode: int, target: Any) -> tuple[list[Any], Any, float]:
+    t0 = time.monotonic()
+    events = list(
+        d.migrations.Migrate(
+            pb.MigrateRequest(vm=src, mode=mode, destination=target, progress_interval_ms=200)
+        )
+    )
+    wall = time.monotonic() - t0
+    report = d.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm=src))
+    return events, report, wall
+
+
+def test_daemon_drives_hinting_and_fph_none_native_migrations(
+    lab: Lab, state: Path, daemon: RunningDaemon, vms: list[VM]
+) -> None:
+    d = daemon
+    t_start = time.monotonic()
+    src = VM(lab, VMConfig(mem_mib=MEM_MIB), name="src")
+    vms.append(src)
+    vm = register(d, src, balloon=True, write_log=True)
+    assert vm.plugin_arg
+    src.config = VMConfig(
+        mem_mib=MEM_MIB,
+        balloon="fph",
+        vhost_user_socket=vm.spec.balloon_socket,
+        ram_backend="file",
+        plugins=(vm.plugin_arg,),
+    )
+    src.start()
+    dst = destination(d, lab, vms, "dst")
+    src.wait_ready(180)
+    boot_s = time.monotonic() - t_start
+    src.guest.fill(700)
+    src.guest.start_hold(32, 1)
+
+    # ---- hinting through the API
+    got = d.vms.GetVm(pb.GetVmRequest(name="src"))
+    assert got.balloon_connected and got.free_page_hint_negotiated, got
+    st = d.hints.StartHinting(pb.StartHintingRequest(vm="src", acknowledge_on_stop=True))
+    assert st.state in ("requested", "start")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = d.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="src"))
+        if st.state == "stop":  # the guest reported every free block and sent its STOP
+            break
+        time.sleep(0.2)
+    assert st.state == "stop" and st.hinted_bytes > 500 * MiB, st
+    assert st.guest_held_bytes == st.hinted_bytes and st.guest_cmd_id == 0 and st.run_seconds > 0
+    free_held = src.guest.meminfo().memfree_kb
+    st = d.hints.StopHinting(pb.StopHintingRequest(vm="src"))
+    assert st.state == "done" and st.guest_held_bytes == 0  # acknowledge_on_stop: DONE
+    deadline = time.monotonic() + 30
+    while src.guest.meminfo().memfree_kb < free_held + 400 * 1024 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert src.guest.meminfo().memfree_kb >= free_held + 400 * 1024, "the guest did not get its blocks back"
+    d.hints.GetGuestStats(pb.GetGuestStatsRequest(vm="src", refresh=True))
+    deadline = time.monotonic() + 20
+    stats = d.hints.GetGuestStats(pb.GetGuestStatsRequest(vm="src"))
+    while "free_memory" not in stats.values and time.monotonic() < deadline:
+        time.sleep(0.5)
+        stats = d.hints.GetGuestStats(pb.GetGuestStatsRequest(vm="src", refresh=True))
+    assert 400 * MiB < stats.values["free_memory"] < GiB, stats
+
+    # ---- fph migration src -> dst
+    target = d.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dst"))
+    prep = d.migrations.PrepareMigration(
+        pb.PrepareMigrationRequest(vm="src", mode=pb.MODE_FPH, destination=target)
+    )
+    assert prep.ready, prep.checks
+    assert {c.name for c in prep.checks} >= {
+        "qmp",
+        "shared_ram",
+        "free_page_hint",
+        "write_log",
+        "destination",
+    }
+    assert prep.estimated_bytes < 600 * MiB, prep
+    events, rep, fph_wall = migrate(d, "src", pb.MODE_FPH, target)
+    assert events[-1].phase == pb.PHASE_SUCCEEDED and events[-1].status == "completed", events[-1]
+    running = [e for e in events if e.phase == pb.PHASE_RUNNING]
+    assert any(e.memory_iteration >= 1 and e.memory_processed > 0 for e in running), running[-3:]
+    assert {e.fph_phase for e in running} >= {"rounds"}
+    assert rep.status == "completed" and rep.phase == pb.PHASE_SUCCEEDED and not rep.error
+    assert rep.fph["hinted_bytes"] > 400 * MiB, dict(rep.fph)
+    assert rep.job_stats["memory_processed"] < 600 * MiB, dict(rep.job_stats)
+    assert rep.job_stats["memory_iteration"] == len(rep.rounds) >= 2
+    assert rep.job_stats["downtime"] > 0 and rep.end_time > rep.start_time
+    hb = src.guest.last_heartbeat()
+    assert hb is not None
+    check = check_destination(dst, hb, src=src)
+    assert check.ok, check.problems
+    assert d.vms.GetVm(pb.GetVmRequest(name="src")).state == pb.VM_STATE_MIGRATED
+    code = _code(lambda: d.hints.StartHinting(pb.StartHintingRequest(vm="src")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION  # the guest left
+
+    # ---- the fph balloon was re-plugged on dst: hinting through the API works there
+    deadline = time.monotonic() + 60
+    while not d.vms.GetVm(pb.GetVmRequest(name="dst")).free_page_hint_negotiated:
+        assert time.monotonic() < deadline, "the destination's re-plugged balloon never negotiated"
+        time.sleep(0.5)
+    d.hints.StartHinting(pb.StartHintingRequest(vm="dst", acknowledge_on_stop=True))
+    deadline = time.monotonic() + 60
+    while (st := d.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="dst"))).state != "stop":
+        assert time.monotonic() < deadline, st
+        time.sleep(0.2)
+    assert st.hinted_bytes > 400 * MiB
+    d.hints.StopHinting(pb.StopHintingRequest(vm="dst"))
+
+    # ---- mode none dst -> dst2: refused while fph's balloon is plugged, then after unplugging it
+    dst2 = destination(d, lab, vms, "dst2")
+    target2 = d.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dst2"))
+    code = _code(
+        lambda: list(
+            d.migrations.Migrate(pb.MigrateRequest(vm="dst", mode=pb.MODE_NONE, destination=target2))
+        )
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    dst.qmp("device_del", {"id": "bal0"})
+    deadline = time.monotonic() + 30
+    while "bal0" in {c["name"] for c in dst.qmp("qom-list", {"path": "/machine/peripheral"})}:
+        assert time.monotonic() < deadline, "bal0 not deleted"
+        time.sleep(0.2)
+    dst.qmp("chardev-remove", {"id": "vu"})
+    deadline = time.monotonic() + 10
+    while d.vms.GetVm(pb.GetVmRequest(name="dst")).balloon_connected:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    events, rep, none_wall = migrate(d, "dst", pb.MODE_NONE, target2)
+    assert events[-1].phase == pb.PHASE_SUCCEEDED and rep.status == "completed", (events[-1], rep.error)
+    # every page goes (no hints); the free ones are zero pages here (fph never sent them to dst, and the
+    # guest zeroed what it hinted with init_on_alloc), so QEMU counts them as constant, not as bytes
+    js = rep.job_stats
+    pages = js["memory_constant"] + js["memory_normal"]
+    assert js["memory_processed"] > 64 * MiB and pages >= 200_000, dict(js)
+    hb = dst.guest.last_heartbeat()
+    assert hb is not None
+    check = check_destination(dst2, hb, src=dst)
+    assert check.ok, check.problems
+
+    # ---- native dst2 -> dst3 with QEMU's own free page hinting (balloon hot-plugged on dst2)
+    dst2.qmp("object-add", {"qom-type": "iothread", "id": "io1"})
+    dst2.qmp(
+        "device_add",
+        {
+            "driver": "virtio-balloon-pci",
+            "id": "balloon0",
+            "iothread": "io1",
+            "free-page-hint": True,
+            "bus": "pci.0",
+            "addr": "0x5",
+        },
+    )
+    time.sleep(2)  # the guest driver probes the hot-plugged device
+    dst3 = destination(d, lab, vms, "dst3", NATIVE_BALLOON)
+    target3 = d.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dst3"))
+    events, rep, native_wall = migrate(d, "dst2", pb.MODE_NATIVE, target3)
+    assert events[-1].phase == pb.PHASE_SUCCEEDED and rep.status == "completed", (events[-1], rep.error)
+    assert rep.job_stats["memory_processed"] > 0 and rep.job_stats["memory_iteration"] >= 1
+    hb = dst2.guest.last_heartbeat()
+    assert hb is not None
+    check = check_destination(dst3, hb, src=dst2)
+    assert check.ok, check.problems
+    print(
+        f"\nboot {boot_s:.1f} s; fph {fph_wall:.1f} s; none {none_wall:.1f} s; native {native_wall:.1f} s; "
+        f"native sent {rep.job_stats['memory_processed'] / MiB:.0f} MiB; "
+        f"total {time.monotonic() - t_start:.1f} s"
+    )
+
+
+def _code(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
