@@ -24,7 +24,8 @@ Never strand guest memory. Hinted blocks stay allocated inside the guest until t
 guest's shrinker takes them back under memory pressure, or the device goes away). So fph sends DONE on
 shutdown (SIGTERM, :meth:`HintReceiver.close`) and waits, bounded, until the guest has read it; and a freshly
 started fph exposes DONE and announces it as soon as a front-end connects and starts the device, so a
-restart returns what a crashed instance left held.
+restart returns what a crashed instance left held -- with a front-end that reconnects (tested with
+tests/fake_frontend.py; QEMU 11.1.2 cannot, see below).
 
 What QEMU 11.1.2 does when fph is gone (measured with the lab guest): the VM keeps running and the guest keeps
 the blocks; memory pressure returns them (balloon shrinker), and ``echo 2 > /proc/sys/vm/drop_caches`` in the
