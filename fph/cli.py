@@ -1,4 +1,6 @@
-"""``fph`` command line. ``fph migrate --mode fph|native|none`` runs one lab migration with progress."""
+"""``fph`` command line. ``fph migrate --mode fph|native|none`` runs one lab migration with progress, or with
+``--socket`` asks a daemon to migrate a registered VM; ``fph serve`` runs the daemon; ``fph vm``, ``fph hint``
+and ``fph migration`` talk to it."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fph.daemon.cli import add_migrate_daemon_args, add_parsers
 from fph.lab.migrate import MODES, lab_migration
 from fph.lab.provision import provision
 from fph.lab.workload import WORKLOADS
@@ -16,6 +19,10 @@ from fph.report import rounds_table, side_by_side
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    if args.socket:
+        from fph.daemon.cli import migrate_via_daemon
+
+        return migrate_via_daemon(args)
     lab = provision(log=lambda m: print(f"[lab] {m}", file=sys.stderr))
     result = lab_migration(
         lab,
@@ -53,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--init-on-alloc", type=int, choices=(0, 1), default=None, help="default: the kernel's")
     m.add_argument("--bandwidth", type=int, default=None, help="bytes/s (default unlimited)")
     m.add_argument("--json", type=Path, help="write the full report here")
+    add_migrate_daemon_args(m)
     m.set_defaults(func=_migrate)
+    add_parsers(sub)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     return int(args.func(args))

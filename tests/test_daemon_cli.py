@@ -1,0 +1,109 @@
+"""``fph serve`` as a real process and the ``fph`` commands that talk to it (the daemon is ended by PID)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+FPH = [sys.executable, "-m", "fph.cli"]
+
+
+def fph(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FPH, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_serve_cli_and_clean_shutdown(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    sock = tmp_path / "run" / "fph.sock"
+    cfg = tmp_path / "fph.toml"
+    cfg.write_text(f'state_dir = "{state}"\nlog_format = "json"\n')
+    proc = subprocess.Popen(
+        [*FPH, "serve", "--config", str(cfg), "--socket", str(sock), "--metrics-address", "127.0.0.1:0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the daemon never created its socket"
+            time.sleep(0.05)
+        assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+        (state / "a").mkdir()
+        r = fph(
+            "vm",
+            "register",
+            "a",
+            "--socket",
+            str(sock),
+            "--qmp-socket",
+            f"{state}/a/qmp.sock",
+            "--ram-file",
+            f"{state}/a/ram",
+            "--balloon-socket",
+            f"{state}/a/b.sock",
+            "--memory-mib",
+            "512",
+        )
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["state"] == "VM_STATE_REGISTERED"
+        r = fph("vm", "list", "--socket", str(sock))
+        assert [v["spec"]["name"] for v in json.loads(r.stdout)["vms"]] == ["a"]
+        r = fph(
+            "vm",
+            "register",
+            "b",
+            "--socket",
+            str(sock),
+            "--qmp-socket",
+            "/etc/q.sock",
+            "--ram-file",
+            f"{state}/a/ram2",
+            "--memory-mib",
+            "512",
+        )
+        assert r.returncode == 2 and r.stderr.startswith("fph: INVALID_ARGUMENT: qmp_socket '/etc/q.sock'")
+        r = fph("hint", "start", "a", "--socket", str(sock))
+        assert r.returncode == 1 and "FAILED_PRECONDITION: no QEMU is connected" in r.stderr
+        r = fph("hint", "status", "nope", "--socket", str(sock))
+        assert r.returncode == 1 and "NOT_FOUND" in r.stderr
+        r = fph("migration", "cancel", "a", "--socket", str(sock))
+        assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "nothing to cancel" in r.stderr
+        r = fph("migrate", "--socket", str(sock), "--vm", "a", "--dest-vm", "nope")
+        assert r.returncode == 1 and "NOT_FOUND" in r.stderr
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not sock.exists() and not (state / "a" / "b.sock").exists()
+        logs = [json.loads(line) for line in (proc.stderr.read() if proc.stderr else "").splitlines() if line]
+        msgs = [entry["msg"] for entry in logs]
+        assert "serving" in msgs and "vm registered" in msgs and msgs[-1] == "stopped", msgs
+        assert next(e for e in logs if e["msg"] == "vm registered")["vm"] == "a"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_serve_refuses_tcp_without_mutual_tls_and_a_non_socket(tmp_path: Path) -> None:
+    r = fph(
+        "serve", "--socket", str(tmp_path / "s.sock"), "--state-dir", str(tmp_path), "--tcp", "127.0.0.1:0"
+    )
+    assert r.returncode == 2 and "mutual TLS" in r.stderr
+    not_a_socket = tmp_path / "file"
+    not_a_socket.write_text("x")
+    proc = subprocess.run(
+        [*FPH, "serve", "--socket", str(not_a_socket), "--state-dir", str(tmp_path / "st")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "is not a socket" in proc.stderr and "Traceback" not in proc.stderr
+    assert not_a_socket.read_text() == "x"
