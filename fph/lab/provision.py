@@ -29,7 +29,6 @@ from pathlib import Path
 from fph.lab.errors import LabError
 
 DEFAULT_LAB_DIR = Path("/var/cache/fph-lab")
-SUITE = "testing"
 MIRROR = "http://deb.debian.org/debian"
 # One QEMU for every mode: 11.1.x (forky/testing), or a host QEMU >= 10.2 with the generic vhost-user device.
 QEMU_ACCEPT = re.compile(r"^11\.1\.\d+$")
@@ -279,10 +278,23 @@ def _dpkg_version(root: Path, package: str) -> str:
     raise LabError(f"{package} is not installed in {root}")
 
 
+HOST_MODULE_DIR = "/usr/lib/x86_64-linux-gnu/qemu"
+# QEMU looks for a module in $QEMU_MODULE_DIR, then in its built-in directory, which on the host may hold
+# another QEMU's modules (Debian 12's 7.2): loading one aborts QEMU ("Only modules from the same build can
+# be loaded", then an assertion), e.g. for `-device help`. So QEMU runs in a private mount namespace where
+# the chroot's module directory is bound over the built-in one; the mount dies with the process and is never
+# visible on the host. Needs root; without it the prefix is left out.
+_MODULE_SHIELD = (
+    "unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+    f'mount --bind "$QEMU_MODULE_DIR" {HOST_MODULE_DIR} 2>/dev/null; exec "$@"', "sh",
+)  # fmt: skip
+
+
 def chroot_qemu(chroot: Path) -> QemuInstall:
-    """Describe the chroot's QEMU, run through the chroot's dynamic loader (no chroot(2), no mounts)."""
+    """Describe the chroot's QEMU, run through the chroot's dynamic loader (no chroot(2), no host mounts)."""
     libdirs = [chroot / "lib/x86_64-linux-gnu", chroot / "usr/lib/x86_64-linux-gnu"]
     loader = chroot / "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+    shield = _MODULE_SHIELD if os.geteuid() == 0 and shutil.which("unshare") else ()
     pkg = _dpkg_version(chroot, "qemu-system-x86")
     upstream = re.sub(r"^\d+:", "", pkg).split("+")[0].split("-")[0]
     return QemuInstall(
@@ -290,15 +302,68 @@ def chroot_qemu(chroot: Path) -> QemuInstall:
         version=upstream,
         package_version=pkg,
         binary=str(chroot / "usr/bin/qemu-system-x86_64"),
-        argv_prefix=(str(loader), "--library-path", ":".join(map(str, libdirs))),
+        argv_prefix=(*shield, str(loader), "--library-path", ":".join(map(str, libdirs))),
         data_dirs=(str(chroot / "usr/share/qemu"), str(chroot / "usr/share/seabios")),
         env={"QEMU_MODULE_DIR": str(chroot / "usr/lib/x86_64-linux-gnu/qemu")},
         root=str(chroot),
     )
 
 
+@dataclass(frozen=True)
+class QemuSource:
+    """Where a QEMU 11.1.x comes from: an mmdebstrap suite, its apt sources and the package to include."""
+
+    name: str
+    suite: str
+    sources: tuple[str, ...]
+    include: str
+    aptopts: tuple[str, ...] = ()
+
+
+# Tried in order until one gives 11.1.x (testing moves on; trixie-backports had 11.1.3 in late 2026).
+QEMU_SOURCES = (
+    QemuSource("testing", "testing", (f"deb {MIRROR} testing main",), "qemu-system-x86"),
+    QemuSource(
+        "trixie-backports",
+        "trixie",
+        (f"deb {MIRROR} trixie main", f"deb {MIRROR} trixie-backports main"),
+        "qemu-system-x86",
+        # Backports are pinned low; raise them so QEMU and its own backported dependencies come from there.
+        ('APT::Default-Release "trixie-backports"',),
+    ),
+)
+
+
+def _source_stamp(src: QemuSource) -> dict[str, object]:
+    """The stamp of a QEMU source as it reads back from JSON (tuples become lists)."""
+    return dict(json.loads(json.dumps(asdict(src))))
+
+
+def _mmdebstrap(src: QemuSource, target: Path) -> None:
+    shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _run(
+        [
+            "mmdebstrap",
+            "--quiet",
+            "--variant=apt",
+            f"--include={src.include}",
+            '--aptopt=APT::Install-Recommends "false"',
+            # The testing/sid Release files on the mirror were expired in late 2026.
+            '--aptopt=Acquire::Check-Valid-Until "false"',
+            *(f"--aptopt={o}" for o in src.aptopts),
+            src.suite,
+            str(target),
+            *src.sources,
+        ],
+        what=f"mmdebstrap ({src.name})",
+    )
+
+
 def ensure_qemu(root: Path, refresh: bool, log: Log) -> QemuInstall:
-    """QEMU 11.1.x from Debian testing in an mmdebstrap chroot (or a host QEMU >= 10.2), checked."""
+    """QEMU 11.1.x from Debian in an mmdebstrap chroot (or a host QEMU >= 10.2), checked.
+
+    ``FPH_QEMU=chroot`` ignores a host QEMU; ``FPH_QEMU_SOURCE=<name>`` forces one of QEMU_SOURCES."""
     if os.environ.get("FPH_QEMU", "auto") != "chroot":
         host = _host_qemu()
         if host is not None:
@@ -306,40 +371,49 @@ def ensure_qemu(root: Path, refresh: bool, log: Log) -> QemuInstall:
             return host
     chroot = root / "qemu" / "chroot"
     stamp = root / "stamps" / "qemu.json"
-    key: dict[str, object] = {"suite": SUITE, "mirror": MIRROR, "include": "qemu-system-x86"}
-    if refresh or not _stamp_ok(stamp, key) or not chroot.exists():
-        with _step("QEMU chroot (mmdebstrap testing, qemu-system-x86)", log):
-            tmp = root / "qemu" / "chroot.tmp"
+    forced = os.environ.get("FPH_QEMU_SOURCE")
+    sources = [s for s in QEMU_SOURCES if forced in (None, s.name)]
+    if not sources:
+        raise LabError(f"FPH_QEMU_SOURCE={forced!r}: not one of {[s.name for s in QEMU_SOURCES]}")
+    stamped = json.loads(stamp.read_text()) if stamp.exists() else {}
+    legacy = {"suite": "testing", "mirror": MIRROR, "include": "qemu-system-x86"}  # first stamp format
+    matches = any(stamped == _source_stamp(s) for s in sources) or (
+        stamped == legacy and sources[0].name == "testing"
+    )
+    valid = not refresh and chroot.exists() and matches
+    if not valid:
+        seen = []
+        for src in sources:
+            with _step(f"QEMU chroot (mmdebstrap {src.name}, {src.include})", log):
+                tmp = root / "qemu" / "chroot.tmp"
+                _mmdebstrap(src, tmp)
+                got = _dpkg_version(tmp, "qemu-system-x86")
+            if QEMU_ACCEPT.match(re.sub(r"^\d+:", "", got).split("+")[0].split("-")[0]):
+                shutil.rmtree(chroot, ignore_errors=True)
+                tmp.rename(chroot)
+                _write_stamp(stamp, _source_stamp(src))
+                break
+            seen.append(f"{src.name}: {got}")
+            log(f"[provision] {src.name} has QEMU {got}, not 11.1.x; trying the next source")
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            _run(
-                [
-                    "mmdebstrap",
-                    "--quiet",
-                    "--variant=apt",
-                    "--include=qemu-system-x86",
-                    '--aptopt=APT::Install-Recommends "false"',
-                    '--aptopt=Acquire::Check-Valid-Until "false"',
-                    SUITE,
-                    str(tmp),
-                    MIRROR,
-                ],
-                what="mmdebstrap",
+        else:
+            raise LabError(
+                f"no QEMU 11.1.x found ({'; '.join(seen)}); fph's lab is pinned to 11.1.x. Add a source "
+                "to QEMU_SOURCES or, after re-validating fph on the new QEMU, update QEMU_ACCEPT in "
+                "fph/lab/provision.py"
             )
-            shutil.rmtree(chroot, ignore_errors=True)
-            tmp.rename(chroot)
-            _write_stamp(stamp, key)
     q = chroot_qemu(chroot)
     if not QEMU_ACCEPT.match(q.version):
-        raise LabError(
-            f"QEMU in {chroot} is {q.package_version}; fph's lab is pinned to 11.1.x. "
-            f"Debian {SUITE} moved on: update QEMU_ACCEPT in fph/lab/provision.py after re-validating"
-        )
+        raise LabError(f"QEMU in {chroot} is {q.package_version}, not 11.1.x: run with --refresh")
     actual = _qemu_version(q.command(), q.environ())
     if actual != q.version:
         raise LabError(f"QEMU binary reports {actual}, package says {q.package_version}")
     check_stamp = root / "stamps" / "qemu-check.json"
-    ckey: dict[str, object] = {"package": q.package_version, "device": VHOST_USER_DEVICE}
+    ckey: dict[str, object] = {
+        "package": q.package_version,
+        "device": VHOST_USER_DEVICE,
+        "argv_prefix": list(q.argv_prefix),
+    }
     if refresh or not _stamp_ok(check_stamp, ckey):
         _check_device(q)
         _write_stamp(check_stamp, ckey)
