@@ -3,7 +3,9 @@
 A :class:`VM` owns a run directory (``$FPH_RUN_DIR`` or /tmp) holding its sockets, logs and (file backend)
 RAM file; every path in it is a host path and also the path QEMU uses (the lab's QEMU runs on the host
 through its chroot's loader). Teardown ends only the QEMU process this object started, by PID, and is
-registered with ``atexit`` so a failing test or Ctrl-C leaves no QEMU behind. Nothing is mounted.
+registered with ``atexit`` so a failing test or Ctrl-C leaves no QEMU behind; QEMU also runs with
+``-run-with exit-with-parent=on``, so a killed test process takes its QEMUs along. Nothing is mounted on the
+host (the module bind mount of fph.lab.provision lives in QEMU's private mount namespace).
 """
 
 from __future__ import annotations
