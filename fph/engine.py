@@ -378,6 +378,7 @@ class FphMigration:
                 },
             },
         )
+        await self._wait_chardev_connected(conn, balloon.chardev_id)
         await conn.execute(
             "device_add",
             {
@@ -387,6 +388,22 @@ class FphMigration:
                 **BALLOON_DEVICE_ARGS,
             },
         )
+
+    async def _wait_chardev_connected(self, conn: QMPConnection, label: str, timeout: float = 5.0) -> None:
+        """With reconnect-ms, chardev-add returns before the socket is connected (QEMU connects from its
+        main loop), and vhost-user-test-device-pci does not wait: a device_add in that window fails with
+        "vhost_backend_init failed: Protocol error" (measured through the daemon, 2 of 4 runs under load).
+        QEMU names a socket chardev "disconnected:..." until it is connected."""
+        deadline = time.monotonic() + timeout
+        while True:
+            chardevs = await conn.execute("query-chardev")
+            filename = next((str(c.get("filename", "")) for c in chardevs if c.get("label") == label), "")
+            if filename and not filename.startswith("disconnected:"):
+                return
+            if time.monotonic() > deadline:
+                state = filename or "absent"
+                raise TimeoutError(f"chardev {label} not connected after {timeout} s ({state})")
+            await asyncio.sleep(0.01)
 
     async def _migrate_device_state(self, src: QMPConnection) -> dict[str, Any]:
         listener = src.listener(("MIGRATION",))
