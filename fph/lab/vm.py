@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fph.lab.errors import VMError
+from fph.lab.errors import LabError, VMError
 from fph.lab.guest import Guest
 from fph.lab.provision import Lab
 from fph.lab.serial import SerialConsole
@@ -244,7 +244,18 @@ class VM:
                 self.stop()
                 raise VMError(f"{self.name}: no QMP socket after {timeout} s")
             time.sleep(0.02)
-        self.console.connect()
+        try:
+            self.console.connect()
+            self.qmp("query-status", timeout=timeout)  # answered only once init (plugins too) is done
+        except (LabError, QMPError):
+            # QEMU opens its monitors before it loads plugins: a plugin that refuses to start makes QEMU
+            # exit after the QMP socket appeared. Say what QEMU said, not that the serial is unreachable.
+            if self.proc.poll() is not None:
+                err = self.qemu_log.read_text(errors="replace").strip()
+                self.stop()
+                status = self.proc.returncode
+                raise VMError(f"{self.name}: QEMU exited at start (status {status}): {err}") from None
+            raise
         return self
 
     def wait_ready(self, timeout: float = 120.0) -> float:

@@ -1,0 +1,32 @@
+"""A VM whose write-log plugin refuses to start fails with QEMU's own words, not a serial-socket error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fph.lab.errors import VMError
+from fph.lab.provision import Lab
+from fph.lab.vm import VM, VMConfig
+from fph.ram_layout import RamLayout
+from fph.writelog.tcg import TcgWriteLog
+
+pytestmark = pytest.mark.guest
+MiB = 1 << 20
+
+
+def test_plugin_refusal_is_reported_with_qemus_message(lab: Lab, tmp_path: Path) -> None:
+    wrong = TcgWriteLog(tmp_path / "wlog.bin", RamLayout.pc(512 * MiB))  # made for a 512 MiB guest
+    vm = VM(
+        lab,
+        VMConfig(mem_mib=256, balloon="none", ram_backend="file", plugins=(wrong.plugin_arg,)),
+        name="bad",
+    )
+    try:
+        with pytest.raises(VMError, match="QEMU exited at start") as info:
+            vm.start()
+        assert "wlog" in str(info.value) or "plugin" in str(info.value).lower()
+    finally:
+        vm.stop()
+        wrong.close()
