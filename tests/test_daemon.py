@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -23,6 +24,7 @@ import grpc
 import pytest
 
 from fph.api.v1 import fph_pb2 as pb
+from fph.api.v1 import fph_pb2_grpc as pbg
 from fph.daemon.server import ConfigError, DaemonConfig
 from tests.daemon_helper import RunningDaemon
 from tests.fake_frontend import HINT_BLOCK, FakeFrontend, GuestRam, LinuxBalloonDriver, MiB
@@ -550,3 +552,98 @@ def test_metrics_endpoint(make_daemon: Callable[..., RunningDaemon], state: Path
         assert "fph_migration_downtime_seconds" in text and "fph_migrations_total" in text
     finally:
         fe.close()
+
+
+# --------------------------------------------------------------------------------------------- TCP + mTLS
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(d: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fph-test-ca",
+        cwd=d,
+    )
+    for name, san in (("server", "IP:127.0.0.1"), ("client", "DNS:orchestrator")):
+        _openssl(
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
+        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            cwd=d,
+        )
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+def test_tcp_needs_a_client_certificate(make_daemon: Callable[..., RunningDaemon], tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_pki(pki)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = make_daemon(
+        tcp_address=f"127.0.0.1:{port}",
+        tls_cert=str(pki / "server.pem"),
+        tls_key=str(pki / "server.key"),
+        tls_client_ca=str(pki / "ca.pem"),
+    )
+    ca = (pki / "ca.pem").read_bytes()
+    with_cert = grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=(pki / "client.key").read_bytes(),
+        certificate_chain=(pki / "client.pem").read_bytes(),
+    )
+    with grpc.secure_channel(f"127.0.0.1:{port}", with_cert) as ch:
+        assert pbg.VmServiceStub(ch).ListVms(pb.ListVmsRequest(), timeout=10).vms == []
+    without = grpc.ssl_channel_credentials(root_certificates=ca)
+    with grpc.secure_channel(f"127.0.0.1:{port}", without) as ch, pytest.raises(grpc.RpcError) as info:
+        pbg.VmServiceStub(ch).ListVms(pb.ListVmsRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, pytest.raises(grpc.RpcError):  # plaintext: refused
+        pbg.VmServiceStub(ch).ListVms(pb.ListVmsRequest(), timeout=10)
+    assert d.vms.ListVms(pb.ListVmsRequest()).vms == []  # the Unix socket still serves
