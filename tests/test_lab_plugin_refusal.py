@@ -17,12 +17,9 @@ MiB = 1 << 20
 
 
 def test_plugin_refusal_is_reported_with_qemus_message(lab: Lab, tmp_path: Path) -> None:
-    wrong = TcgWriteLog(tmp_path / "wlog.bin", RamLayout.pc(512 * MiB))  # made for a 512 MiB guest
-    vm = VM(
-        lab,
-        VMConfig(mem_mib=256, balloon="none", ram_backend="file", plugins=(wrong.plugin_arg,)),
-        name="bad",
-    )
+    wrong = TcgWriteLog(tmp_path / "wlog.bin", RamLayout.pc(512 * MiB))  # a log made for a 512 MiB guest
+    arg = f"{wrong.plugin},log={wrong.path},ram={256 * MiB}"  # ... handed to a 256 MiB one
+    vm = VM(lab, VMConfig(mem_mib=256, balloon="none", ram_backend="file", plugins=(arg,)), name="bad")
     try:
         with pytest.raises(VMError, match="QEMU exited at start") as info:
             vm.start()

@@ -246,7 +246,13 @@ class VM:
             time.sleep(0.02)
         try:
             self.console.connect()
-            self.qmp("query-status", timeout=timeout)  # answered only once init (plugins too) is done
+            while True:  # QMP answers only once init (plugins too) is done
+                try:
+                    self.qmp("query-status", timeout=1.0)
+                    break
+                except QMPError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise
         except (LabError, QMPError):
             # QEMU opens its monitors before it loads plugins: a plugin that refuses to start makes QEMU
             # exit after the QMP socket appeared. Say what QEMU said, not that the serial is unreachable.
