@@ -92,6 +92,7 @@ class MigrationJob:
         self._subscribers: list[asyncio.Queue[Progress]] = []
         self._native_stats: dict[str, int] = {}
         self.last = Progress(PENDING, "none")
+        self.on_progress: Callable[[MigrationJob, Progress], None] | None = None  # e.g. live metrics
 
     @property
     def finished(self) -> bool:
@@ -112,6 +113,8 @@ class MigrationJob:
 
     def publish(self, message: str = "") -> None:
         p = self.last = self.snapshot(message)
+        if self.on_progress is not None:
+            self.on_progress(self, p)
         for q in self._subscribers:
             if q.full():  # keep the newest: drop the oldest
                 with contextlib.suppress(asyncio.QueueEmpty):

@@ -563,6 +563,7 @@ class MigrationService(pbg.MigrationServiceServicer):
                 "migration ended", extra={"vm": j.vm, "migration": j.id, "phase": j.phase, "status": j.status}
             )
 
+        job.on_progress = lambda j, p: self.d.metrics.live(j, p.stats)
         job.start(engine, str(rec.spec.qmp_socket), on_end)
         log.info("migration started", extra={"vm": rec.name, "migration": job.id, "mode": mode})
         return job
@@ -574,7 +575,6 @@ class MigrationService(pbg.MigrationServiceServicer):
         try:
             while True:
                 p = await q.get()
-                self.d.metrics.live(job, p.stats)
                 yield _progress_message(job, p)
                 if p.phase in (SUCCEEDED, "failed"):
                     break
