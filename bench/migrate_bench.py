@@ -1,11 +1,15 @@
-"""Migration baseline: QEMU-native free page hinting vs no hinting, same guest, same workload, same run.
+"""Migrations compared: fph, QEMU-native free page hinting, and no hinting; same guest, workload, run.
 
-For every run: bytes on the wire (``ram.transferred``), normal and zero pages, total time, downtime, sync
-count, the lower bound (pages allocated at migration start, from the guest's buddyinfo), and the
-destination check. Modes are interleaved inside each run index so drift on the host hits every mode alike.
+For every run: bytes on the wire (``ram.transferred``; for fph the data plane plus QEMU's device-state
+stream), normal and zero pages, total time, downtime, sync count (fph: rounds), the lower bound (pages
+allocated at migration start, from the guest's buddyinfo), and the destination check. Modes are
+interleaved inside each run index so drift on the host hits every mode alike.
 
-    python bench/migrate_bench.py --workload memhog-exit --modes native,none --runs 3 \\
+    python bench/migrate_bench.py --workload memhog-exit --modes fph,native,none --runs 3 \\
         --init-on-alloc default,0 --json bench/results/x.json [--bandwidth BYTES_PER_S]
+
+fph's downtime is measured from QMP ``stop`` on the source to ``cont`` answered on the destination;
+QEMU's is its own ``downtime`` figure (vCPUs stopped to destination resume request).
 
 Workloads (1 GiB guest, 32 MiB checksummed ``hold`` region with a heartbeat in every workload):
 ``memhog-exit`` ~700 MiB written then freed; ``idle`` fresh boot; ``dirty`` 64 MiB rewritten at
@@ -27,15 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fph.engine import FphConfig, FphMigrationError, FphReport
+from fph.lab.fph_mode import FphPair
 from fph.lab.pair import VMPair
 from fph.lab.provision import Lab, QemuInstall, provision
 from fph.lab.vm import VMConfig
-from fph.migration_hook import UNLIMITED_BANDWIDTH
+from fph.lab.workload import wait_allocation_settles
+from fph.migration_hook import UNLIMITED_BANDWIDTH, MigrationReport
 from fph.qmp import QMPError
 
 MIB = 1 << 20
 WORKLOADS = ("memhog-exit", "idle", "dirty")
-MODES = ("native", "none")
+MODES = ("fph", "native", "none")
 MEMHOG_MIB = 700
 HOLD_MIB = 32
 DIRTY_MIB = 64
@@ -93,7 +100,12 @@ def vm_config(spec: Spec) -> VMConfig:
 def one_run(lab: Lab, spec: Spec, logs: Path | None) -> dict[str, Any]:
     """Boot, run the workload, measure the lower bound, migrate, check the destination."""
     t0 = time.monotonic()
-    with VMPair(lab, vm_config(spec), keep_logs=logs) as pair:
+    pair: VMPair | FphPair
+    if spec.mode == "fph":
+        pair = FphPair(lab, mem_mib=spec.mem_mib, init_on_alloc=spec.init_on_alloc, keep_logs=logs)
+    else:
+        pair = VMPair(lab, vm_config(spec), keep_logs=logs)
+    with pair:
         guest = pair.src.guest
         guest.start_hold(HOLD_MIB, 1)
         if spec.workload == "memhog-exit":
@@ -103,13 +115,19 @@ def one_run(lab: Lab, spec: Spec, logs: Path | None) -> dict[str, Any]:
         elif spec.workload != "idle":
             raise SystemExit(f"unknown workload {spec.workload!r}")
         time.sleep(SETTLE_S)
+        if spec.workload != "dirty":  # an exiting memhog frees slowly under TCG (slower with the plugin)
+            wait_allocation_settles(guest)
         mem = guest.meminfo()
         hb = pair.last_source_heartbeat()
         load = {"loadavg_1m": os.getloadavg()[0], "qemu_processes": count_qemu() - 2}
         error = None
+        report: MigrationReport | FphReport | None
         try:
-            report = pair.migrate_native(max_bandwidth=spec.bandwidth)
-        except QMPError as e:
+            if isinstance(pair, FphPair):
+                report = pair.migrate(FphConfig(bandwidth=spec.bandwidth))
+            else:
+                report = pair.migrate_native(max_bandwidth=spec.bandwidth)
+        except (QMPError, FphMigrationError) as e:
             error = str(e)
             report = None
         check = pair.check(hb) if report is not None else None
@@ -133,7 +151,9 @@ def one_run(lab: Lab, spec: Spec, logs: Path | None) -> dict[str, Any]:
             "max_bandwidth": spec.bandwidth if spec.bandwidth is not None else UNLIMITED_BANDWIDTH,
             "guest_meminfo": vars(mem),
             "job_stats": report.job_stats if report else None,
-            "qemu_query_migrate": report.raw if report else None,
+            "qemu_query_migrate": getattr(report, "raw", None) or getattr(report, "qemu_device_state", None),
+            "fph": getattr(report, "fph", None),
+            "rounds": getattr(report, "rounds", None),
             "hooks": report.to_dict()["hooks"] if report else None,
             "run_wall_s": round(time.monotonic() - t0, 2),
             "host_load_at_start": load,
