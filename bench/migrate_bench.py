@@ -36,18 +36,20 @@ from fph.lab.fph_mode import FphPair
 from fph.lab.pair import VMPair
 from fph.lab.provision import Lab, QemuInstall, provision
 from fph.lab.vm import VMConfig
-from fph.lab.workload import wait_allocation_settles
+from fph.lab.workload import (
+    DIRTY_MIB,
+    DIRTY_RATE,
+    HOLD_MIB,
+    MEMHOG_MIB,
+    SETTLE_S,
+    WORKLOADS,
+    wait_allocation_settles,
+)
 from fph.migration_hook import UNLIMITED_BANDWIDTH, MigrationReport
 from fph.qmp import QMPError
 
 MIB = 1 << 20
-WORKLOADS = ("memhog-exit", "idle", "dirty")
 MODES = ("fph", "native", "none")
-MEMHOG_MIB = 700
-HOLD_MIB = 32
-DIRTY_MIB = 64
-DIRTY_RATE = 4000
-SETTLE_S = 2.0
 
 
 @dataclass(frozen=True)

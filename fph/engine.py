@@ -38,6 +38,7 @@ from fph.migration_hook import (
     HookEvent,
     HookListener,
     HookPoint,
+    JobStatsView,
     figures_final,
     job_stats,
 )
@@ -103,7 +104,7 @@ class FphConfig:
 
 
 @dataclass
-class FphReport:
+class FphReport(JobStatsView):
     """libvirt job-stat names (as for native migrations) plus fph's hint and sender figures."""
 
     mode: str
@@ -115,35 +116,6 @@ class FphReport:
     destination: dict[str, Any]
     hooks: list[HookEvent] = field(default_factory=list)
     wall_s: float = 0.0
-
-    @property
-    def bytes(self) -> int:
-        return self.job_stats.get("memory_processed", 0)
-
-    @property
-    def normal_pages(self) -> int:
-        return self.job_stats.get("memory_normal", 0)
-
-    @property
-    def zero_pages(self) -> int:
-        return self.job_stats.get("memory_constant", 0)
-
-    @property
-    def total_ms(self) -> int:
-        return self.job_stats.get("time_elapsed", 0)
-
-    @property
-    def downtime_ms(self) -> int:
-        return self.job_stats.get("downtime", 0)
-
-    @property
-    def syncs(self) -> int:
-        return self.job_stats.get("memory_iteration", 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["hooks"] = [{**asdict(h), "point": h.point.value} for h in self.hooks]
-        return d
 
 
 class FphMigration:

@@ -154,22 +154,15 @@ def figures_final(info: Mapping[str, Any]) -> bool:
     return bool(info.get("total-time")) and "downtime" in info and "ram" in info
 
 
-@dataclass
-class MigrationReport:
-    """The outcome of one migration: libvirt-named stats, QEMU's raw answer, hooks, events."""
+class JobStatsView:
+    """Shortcuts over libvirt job stats, shared by every mode's report (QEMU-native and fph)."""
 
-    mode: str
-    status: str
     job_stats: dict[str, int]
-    raw: dict[str, Any]
-    hooks: list[HookEvent] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    wall_s: float = 0.0
-    parameters: dict[str, Any] = field(default_factory=dict)
+    hooks: list[HookEvent]
 
     @property
     def bytes(self) -> int:
-        """RAM stream bytes (``ram.transferred``)."""
+        """Bytes on the wire (``memory_processed``; QEMU: ``ram.transferred``)."""
         return self.job_stats.get("memory_processed", 0)
 
     @property
@@ -193,9 +186,23 @@ class MigrationReport:
         return self.job_stats.get("memory_iteration", 0)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = asdict(self)  # type: ignore[call-overload]
         d["hooks"] = [{**asdict(h), "point": h.point.value} for h in self.hooks]
-        return d
+        return dict(d)
+
+
+@dataclass
+class MigrationReport(JobStatsView):
+    """The outcome of one migration: libvirt-named stats, QEMU's raw answer, hooks, events."""
+
+    mode: str
+    status: str
+    job_stats: dict[str, int]
+    raw: dict[str, Any]
+    hooks: list[HookEvent] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 class NativeMigration:

@@ -17,8 +17,7 @@ from typing import Any
 
 from fph.engine import Balloon, FphConfig, FphMigration, FphReport
 from fph.hint_receiver import BalloonControl, ThreadedHintReceiver
-from fph.lab.check import DestinationCheck, check_destination
-from fph.lab.guest import Heartbeat
+from fph.lab.pair import PairBase
 from fph.lab.provision import Lab
 from fph.lab.vm import VM, VMConfig
 from fph.ram_layout import RamLayout
@@ -36,7 +35,7 @@ def _run_base() -> str:
 
 
 @dataclass
-class FphPair:
+class FphPair(PairBase):
     """``with FphPair(lab) as p: p.src.guest.fill(700); p.migrate(); p.check().raise_for_problems()``."""
 
     lab: Lab
@@ -141,33 +140,7 @@ class FphPair:
     def migrate(self, config: FphConfig | None = None, **kwargs: Any) -> FphReport:
         return asyncio.run(self.migration(config, **kwargs).run())
 
-    def last_source_heartbeat(self) -> Heartbeat:
-        hb = self.src.guest.last_heartbeat()
-        if hb is None:
-            raise AssertionError("no heartbeat on the source: start the hold program first")
-        return hb
-
-    def check(self, source_heartbeat: Heartbeat | None = None, timeout: float = 30.0) -> DestinationCheck:
-        return check_destination(
-            self.dst, source_heartbeat or self.last_source_heartbeat(), src=self.src, timeout=timeout
-        )
-
     def stop(self) -> None:
-        if self.keep_logs is not None:
-            self.src.save_logs(self.keep_logs)
-            self.dst.save_logs(self.keep_logs)
-        self.src.stop()
-        self.dst.stop()
+        super().stop()
         self.hints.close()
         self.writelog.close()
-
-    def __enter__(self) -> FphPair:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from fph.lab.check import DestinationCheck, check_destination
 from fph.lab.guest import Heartbeat
@@ -17,8 +18,48 @@ from fph.lab.vm import VM, VMConfig
 from fph.migration_hook import HookListener, MigrationReport, NativeMigration
 
 
+class PairBase:
+    """What every source/destination pair does the same way: heartbeat, destination check, teardown."""
+
+    src: VM
+    dst: VM
+    keep_logs: Path | None
+
+    def start(self, ready_timeout: float = 120.0) -> float:
+        raise NotImplementedError
+
+    def last_source_heartbeat(self) -> Heartbeat:
+        hb = self.src.guest.last_heartbeat()
+        if hb is None:
+            raise AssertionError("no heartbeat on the source: start the hold program first")
+        return hb
+
+    def check(self, source_heartbeat: Heartbeat | None = None, timeout: float = 30.0) -> DestinationCheck:
+        """The destination check against the source's last heartbeat."""
+        hb = source_heartbeat or self.last_source_heartbeat()
+        return check_destination(self.dst, hb, src=self.src, timeout=timeout)
+
+    def stop(self) -> None:
+        if self.keep_logs is not None:
+            self.src.save_logs(self.keep_logs)
+            self.dst.save_logs(self.keep_logs)
+        self.src.stop()
+        self.dst.stop()
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
-class VMPair:
+class VMPair(PairBase):
     """``with VMPair(lab, cfg) as p: p.src.guest.fill(100); hb = ...; report = p.migrate_native()``."""
 
     lab: Lab
@@ -60,31 +101,4 @@ class VMPair:
         )
         return asyncio.run(mig.run(timeout))
 
-    def last_source_heartbeat(self) -> Heartbeat:
-        hb = self.src.guest.last_heartbeat()
-        if hb is None:
-            raise AssertionError("no heartbeat on the source: start the hold program first")
-        return hb
 
-    def check(self, source_heartbeat: Heartbeat | None = None, timeout: float = 30.0) -> DestinationCheck:
-        """The destination check against the source's last heartbeat."""
-        hb = source_heartbeat or self.last_source_heartbeat()
-        return check_destination(self.dst, hb, src=self.src, timeout=timeout)
-
-    def stop(self) -> None:
-        if self.keep_logs is not None:
-            self.src.save_logs(self.keep_logs)
-            self.dst.save_logs(self.keep_logs)
-        self.src.stop()
-        self.dst.stop()
-
-    def __enter__(self) -> VMPair:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
