@@ -6,6 +6,7 @@ monitor is a fake QMP server (tests/fake_qmp.py). Real guests: tests/test_daemon
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -647,3 +648,43 @@ def test_tcp_needs_a_client_certificate(make_daemon: Callable[..., RunningDaemon
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, pytest.raises(grpc.RpcError):  # plaintext: refused
         pbg.VmServiceStub(ch).ListVms(pb.ListVmsRequest(), timeout=10)
     assert d.vms.ListVms(pb.ListVmsRequest()).vms == []  # the Unix socket still serves
+
+
+def test_status_streams_share_device_queries(daemon: RunningDaemon, state: Path, ram: GuestRam) -> None:
+    """Many watchers of one VM cost a few device round trips, not one per message (the load check)."""
+    vm = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state)))
+    fe, _drv = boot_frontend(vm.spec.balloon_socket, ram)
+    try:
+        device = daemon.srv.daemon.registry.vms["vm1"].control.device  # type: ignore[union-attr]
+        real = device.status
+        calls = [0]
+
+        def counting() -> Any:
+            calls[0] += 1
+            return real()
+
+        device.status = counting
+        streams = [
+            daemon.hints.WatchHintingStatus(pb.WatchHintingStatusRequest(vm="vm1", interval_ms=20))
+            for _ in range(20)
+        ]
+        got = [0] * len(streams)
+
+        def read(i: int) -> None:
+            with contextlib.suppress(grpc.RpcError):  # CANCELLED at the end
+                for _ in streams[i]:
+                    got[i] += 1
+
+        readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(len(streams))]
+        for t in readers:
+            t.start()
+        time.sleep(1.0)
+        for s in streams:
+            s.cancel()
+        for t in readers:
+            t.join(5)
+        messages = sum(got)
+        assert min(got) >= 10, got  # every stream flows (~50 per second each)
+        assert calls[0] * 4 < messages, (calls[0], messages)  # without sharing: one query per message
+    finally:
+        fe.close()

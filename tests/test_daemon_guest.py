@@ -2,8 +2,9 @@
 
 One source boot. The daemon serves the source's balloon and owns its write log; the guest writes 700 MiB
 and frees it, keeps a checksummed region alive (``hold``). Then, through the API only: register, hint
-start/stop/status, guest stats, prepare, accept incoming, an fph migration src -> dst with streamed progress
-and the final report; then the same guest goes on: mode none is refused while fph's balloon is plugged,
+start/stop/status, guest stats, prepare, accept incoming, an fph migration cancelled through the API (the
+source keeps running, the stream ends ABORTED), an fph migration src -> dst with streamed progress and the
+final report; then the same guest goes on: mode none is refused while fph's balloon is plugged,
 then (balloon unplugged) a mode-none migration dst -> dst2, and (QEMU's virtio-balloon hot-plugged) a
 native migration dst2 -> dst3. Every destination passes ``check_destination``.
 """
@@ -11,9 +12,11 @@ native migration dst2 -> dst3. Every destination passes ``check_destination``.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,7 +56,13 @@ def state(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 @pytest.fixture
 def daemon(state: Path) -> Iterator[RunningDaemon]:
     cfg = DaemonConfig.load(
-        None, {"socket": str(state / "fph.sock"), "state_dir": str(state), "log_format": "text"}
+        None,
+        {
+            "socket": str(state / "fph.sock"),
+            "state_dir": str(state),
+            "log_format": "text",
+            "metrics_address": "127.0.0.1:0",
+        },
     )
     d = RunningDaemon(cfg)
     yield d
@@ -120,6 +129,7 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
     )
     src.start()
     dst = destination(d, lab, vms, "dst")
+    dstc = destination(d, lab, vms, "dstc")  # the target of the cancelled migration
     src.wait_ready(180)
     boot_s = time.monotonic() - t_start
     src.guest.fill(700)
@@ -153,6 +163,37 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
         stats = d.hints.GetGuestStats(pb.GetGuestStatsRequest(vm="src", refresh=True))
     assert 400 * MiB < stats.values["free_memory"] < GiB, stats
 
+    # ---- an fph migration cancelled after its first progress figures: ABORTED, rolled back
+    target_c = d.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dstc"))
+    stream = d.migrations.Migrate(pb.MigrateRequest(vm="src", mode=pb.MODE_FPH, destination=target_c))
+    seen: list[Any] = []
+    with pytest.raises(grpc.RpcError) as info:
+        for ev in stream:
+            seen.append(ev)
+            if ev.phase == pb.PHASE_RUNNING and len(seen) == 2:
+                assert (
+                    d.migrations.CancelMigration(pb.CancelMigrationRequest(vm="src")).migration_id
+                    == ev.migration_id
+                )
+    assert info.value.code() == grpc.StatusCode.ABORTED and "cancelled" in info.value.details(), info.value
+    assert seen[-1].phase == pb.PHASE_FAILED and seen[-1].status == "cancelled"
+    rep = d.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
+    assert rep.status == "cancelled" and rep.cleanup and all("FAILED" not in c for c in rep.cleanup), (
+        rep.cleanup
+    )
+    assert (
+        src.status() == "running" and d.vms.GetVm(pb.GetVmRequest(name="src")).state == pb.VM_STATE_REGISTERED
+    )
+    hb0 = src.guest.last_heartbeat()
+    time.sleep(2.5)
+    hb1 = src.guest.last_heartbeat()
+    assert hb0 is not None and hb1 is not None and hb1.seq > hb0.seq and hb1.ok
+    deadline = time.monotonic() + 10
+    while dstc.alive():  # the rollback told the destination QEMU to quit
+        assert time.monotonic() < deadline, "the cancelled migration's destination QEMU is still running"
+        time.sleep(0.1)
+    d.vms.UnregisterVm(pb.UnregisterVmRequest(name="dstc"))
+
     # ---- fph migration src -> dst
     target = d.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dst"))
     prep = d.migrations.PrepareMigration(
@@ -182,6 +223,13 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
     check = check_destination(dst, hb, src=src)
     assert check.ok, check.problems
     assert d.vms.GetVm(pb.GetVmRequest(name="src")).state == pb.VM_STATE_MIGRATED
+    metrics = scrape(d)
+    assert metrics['fph_migration_rounds{vm="src"}'] == rep.job_stats["memory_iteration"]
+    assert metrics['fph_migration_bytes_total{mode="fph",vm="src"}'] == rep.job_stats["memory_processed"]
+    assert metrics['fph_migration_hinted_bytes_total{vm="src"}'] == rep.fph["hinted_bytes"]
+    assert metrics['fph_migration_downtime_seconds{vm="src"}'] == rep.job_stats["downtime"] / 1e3
+    assert metrics['fph_migrations_total{mode="fph",result="succeeded",vm="src"}'] == 1
+    assert metrics['fph_migrations_total{mode="fph",result="cancelled",vm="src"}'] == 1
     code = _code(lambda: d.hints.StartHinting(pb.StartHintingRequest(vm="src")))
     assert code == grpc.StatusCode.FAILED_PRECONDITION  # the guest left
 
@@ -257,6 +305,13 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
         f"native sent {rep.job_stats['memory_processed'] / MiB:.0f} MiB; "
         f"total {time.monotonic() - t_start:.1f} s"
     )
+
+
+def scrape(d: RunningDaemon) -> dict[str, float]:
+    assert d.srv.metrics_address is not None
+    host, port = d.srv.metrics_address
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(\S+\{[^}]*\}) (\S+)$", text, re.M)}
 
 
 def _code(call: Any) -> grpc.StatusCode:
