@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -114,22 +115,31 @@ def ram() -> Iterator[GuestRam]:
 # ------------------------------------------------------------------------------------------ socket + config
 
 
-def test_socket_is_0600_and_refuses_other_users(daemon: RunningDaemon) -> None:
-    path = daemon.cfg.socket
-    st = os.stat(path)
-    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
-    assert daemon.vms.ListVms(pb.ListVmsRequest()).vms == []  # the owner gets in
+def test_socket_is_0600_and_refuses_other_users(make_daemon: Callable[..., RunningDaemon]) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to try as another user")
-    probe = (
-        "import os, socket, sys\n"
-        "os.setgid(65534); os.setuid(65534)\n"
-        "s = socket.socket(socket.AF_UNIX)\n"
-        "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\nsys.exit(0)\n"
-    )
-    os.chmod(Path(path).parent, 0o755)  # the directory lets nobody in; only the socket's mode decides
-    rc = subprocess.run([sys.executable, "-c", probe, path], timeout=30).returncode
-    assert rc == 13, "user nobody could connect to a 0600 root socket"
+    # a directory user nobody can traverse, so that only the socket's own mode decides
+    base = Path(tempfile.mkdtemp(prefix="fph-perm-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        daemon = make_daemon(socket=str(base / "fph.sock"))
+        path = daemon.cfg.socket
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+        assert daemon.vms.ListVms(pb.ListVmsRequest()).vms == []  # the owner gets in
+        probe = (
+            "import os, socket, sys\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\nsys.exit(0)\n"
+        )
+        rc = subprocess.run([sys.executable, "-c", probe, path], timeout=30).returncode
+        assert rc == 13, "user nobody could connect to a 0600 root socket"
+        os.chmod(path, 0o666)  # control: the same probe gets in once the mode allows it
+        rc = subprocess.run([sys.executable, "-c", probe, path], timeout=30).returncode
+        assert rc == 0, "the probe cannot reach the socket at all: the test would prove nothing"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_socket_mode_from_config_and_stale_socket_replaced(
