@@ -64,9 +64,12 @@ def pair(lab: Lab, tmp_path: Path) -> Iterator[FphPair]:
         yield p
 
 
-def test_fph_migration_with_shrinker_pressure_is_byte_exact(pair: FphPair) -> None:
-    """Adversarial: after the first hint run the guest allocates hard enough that the balloon's shrinker
-    hands hinted blocks back, and writes them, while fph's rounds go on."""
+@pytest.mark.parametrize("policy", ["every-round", "release-early"])
+def test_fph_migration_with_shrinker_pressure_is_byte_exact(pair: FphPair, policy: str) -> None:
+    """Adversarial: after the first hint run the guest allocates hard enough to use the blocks it hinted,
+    and writes them, while fph's rounds go on. ``every-round``: the blocks are still held by the driver,
+    so its shrinker hands them back early (the race the epoch rule is for). ``release-early``: DONE gave
+    them back before round 0 and the guest simply reuses them."""
     compare = PageCompare(pair)
     started: list[float] = []
 
@@ -76,7 +79,7 @@ def test_fph_migration_with_shrinker_pressure_is_byte_exact(pair: FphPair) -> No
             started.append(time.monotonic())
             time.sleep(1.5)  # let it eat into the hinted blocks while the next rounds run
 
-    mig = pair.migration(FphConfig(max_rounds=8), hooks=(pressure, compare))
+    mig = pair.migration(FphConfig(max_rounds=8, hint_policy=policy), hooks=(pressure, compare))
     report = asyncio.run(mig.run())
     assert started, "the pressure hook never ran"
     assert compare.diff == [], f"{len(compare.diff or [])} pages differ, first {(compare.diff or [])[:8]}"
@@ -85,7 +88,7 @@ def test_fph_migration_with_shrinker_pressure_is_byte_exact(pair: FphPair) -> No
     fph = report.fph
     assert fph["hinted_bytes"] > 500 * MiB, fph
     assert fph["redirtied_after_hint"] > 0  # the pressure re-used hinted blocks and the log caught it
-    assert report.job_stats["memory_iteration"] >= 3
+    assert report.job_stats["memory_iteration"] >= 2
     assert fph["replug_ms"] is not None  # a fresh balloon was plugged on the destination
     # the destination's balloon is bound and hinting works there
     assert pair.dst_control is not None
