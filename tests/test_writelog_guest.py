@@ -144,20 +144,30 @@ def test_pte_accessed_bits_set_by_the_page_walker_are_the_known_blind_spot(trace
     qemu-lab.md §9 and this test."""
     t = traced
     assert t.vm.ram_path is not None
-    reports = []
-    for command in ("echo 1 > /proc/$$/clear_refs", "echo walk"):
-        t.log.harvest()
-        before = snapshot(t.vm.ram_path)
-        t.vm.console.run(command)
-        after, words = _stopped_snapshot_and_harvest(t)
-        reports.append(coverage(before, after, words, t.layout))
-    FIGURES["pte_accessed_blind_spot"] = {"clear": reports[0].as_dict(), "walk": reports[1].as_dict()}
-    for rep in reports:
-        assert rep.unexplained == [], (
-            f"guest writes missing from the log (RAM file pages): {rep.unexplained[:20]}"
-        )
-    assert reports[0].missed_pte_ad_only == []  # clearing is done by kernel stores: logged
-    assert reports[1].missed_pte_ad_only, "no PTE page re-marked Accessed by the walker (see docstring)"
+    # A walk happens only on a TLB miss: a window may see none. Three clear/walk pairs, one must show it.
+    attempts = []
+    for _ in range(3):
+        reports = []
+        for command in ("echo 1 > /proc/$$/clear_refs", "echo walk"):
+            t.log.harvest()
+            before = snapshot(t.vm.ram_path)
+            t.vm.console.run(command)
+            after, words = _stopped_snapshot_and_harvest(t)
+            reports.append(coverage(before, after, words, t.layout))
+        for rep in reports:
+            assert rep.unexplained == [], (
+                f"guest writes missing from the log (RAM file pages): {rep.unexplained[:20]}"
+            )
+        assert reports[0].missed_pte_ad_only == []  # clearing is done by kernel stores: logged
+        attempts.append(reports)
+        if reports[1].missed_pte_ad_only:
+            break
+    FIGURES["pte_accessed_blind_spot"] = {
+        "clear": attempts[-1][0].as_dict(),
+        "walk": attempts[-1][1].as_dict(),
+        "attempts": len(attempts),
+    }
+    assert attempts[-1][1].missed_pte_ad_only, "no PTE page re-marked Accessed by the walker (see docstring)"
 
 
 def test_pte_dirty_bit_after_madv_free_is_not_logged(traced: Traced) -> None:
