@@ -30,30 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from fph.dirty_bitmap import DirtyBitmap, warm_up
-from fph.hint_receiver import BalloonControl, HintState, RecordingSink, ThreadedHintReceiver
+from fph.hint_receiver import BalloonControl, BitmapSink, HintState, ThreadedHintReceiver
 from fph.lab.provision import Lab, provision
 from fph.lab.vm import VM, VMConfig
 from fph.ram_layout import RamLayout
 
 MiB = 1 << 20
 GUEST_MIB = 1024
-
-
-class BitmapSink(RecordingSink):
-    """Records every hint and applies it to a DirtyBitmap. Epochs are opened by ``request_hints(on_issue=
-    sink.open_epoch)`` on the device loop, before any hint of the new id can arrive (the engine's way)."""
-
-    def __init__(self, bitmap: DirtyBitmap) -> None:
-        super().__init__()
-        self.bitmap = bitmap
-
-    def open_epoch(self, cmd_id: int) -> None:
-        self.bitmap.close_epoch()  # the migration harvests the write log here; these runs have none
-        self.bitmap.open_epoch(cmd_id)
-
-    def apply_hints(self, epoch: int, ranges: Sequence[tuple[int, int]]) -> int:
-        super().apply_hints(epoch, ranges)
-        return self.bitmap.apply_hints(epoch, ranges)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:

@@ -56,6 +56,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from fph.dirty_bitmap import DirtyBitmap
 from fph.vhost_user import message as m
 from fph.vhost_user.backend import BackendChannel
 from fph.vhost_user.connection import VhostUserConnection
@@ -200,6 +201,24 @@ class RecordingSink:
 
     def ranges(self, epoch: int | None = None) -> list[tuple[int, int]]:
         return [r for e, rs in self.calls for r in rs if epoch is None or e == epoch]
+
+
+class BitmapSink(RecordingSink):
+    """Records every hint and applies it to a DirtyBitmap (tests, benchmarks). Epochs are opened by
+    ``request_hints(on_issue=sink.open_epoch)`` on the device loop, before any hint of the new id can
+    arrive: the engine's way."""
+
+    def __init__(self, bitmap: DirtyBitmap) -> None:
+        super().__init__()
+        self.bitmap = bitmap
+
+    def open_epoch(self, cmd_id: int) -> None:
+        self.bitmap.close_epoch()  # a migration harvests the write log here; these runs have none
+        self.bitmap.open_epoch(cmd_id)
+
+    def apply_hints(self, epoch: int, ranges: Sequence[tuple[int, int]]) -> int:
+        super().apply_hints(epoch, ranges)
+        return self.bitmap.apply_hints(epoch, ranges)
 
 
 class BalloonDevice:

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,8 +25,8 @@ from fph.hint_receiver import (
     F_FREE_PAGE_HINT,
     F_REPORTING,
     BalloonControl,
+    BitmapSink,
     HintState,
-    RecordingSink,
     ThreadedHintReceiver,
 )
 from fph.lab.provision import Lab
@@ -39,23 +39,6 @@ pytestmark = [pytest.mark.guest, pytest.mark.timeout(300)]
 MiB = 1 << 20
 GUEST_MIB = 1024
 BLOCK = 4 * MiB
-
-
-class BitmapSink(RecordingSink):
-    """Records every hint and applies it to a DirtyBitmap. Epochs are opened by ``request_hints(on_issue=
-    sink.open_epoch)`` on the device loop, before any hint of the new id can arrive (the engine's way)."""
-
-    def __init__(self, bitmap: DirtyBitmap) -> None:
-        super().__init__()
-        self.bitmap = bitmap
-
-    def open_epoch(self, cmd_id: int) -> None:
-        self.bitmap.close_epoch()  # the migration harvests the write log here; these runs have none
-        self.bitmap.open_epoch(cmd_id)
-
-    def apply_hints(self, epoch: int, ranges: Sequence[tuple[int, int]]) -> int:
-        super().apply_hints(epoch, ranges)
-        return self.bitmap.apply_hints(epoch, ranges)
 
 
 def memfree(vm: VM) -> int:

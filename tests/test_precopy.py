@@ -228,9 +228,8 @@ def test_the_switchover_check_does_not_cover_reused_hinted_pages(ram_files: tupl
     assert differing_pages(src, dst, guest) == [(8 * MiB >> 12) + 3]
 
 
-def test_verify_resends_pages_changed_without_a_logged_store(ram_files: tuple[RamFile, RamFile]) -> None:
-    """TCG's page walker sets PTE A/D bits with no logged store: the switchover check finds them."""
-    src, dst = ram_files
+def no_log_precopy(src: RamFile, dst: RamFile) -> tuple[Precopy, SourceChannel, Receiver]:
+    """A connected precopy with an empty write log, after its first round."""
     bitmap = DirtyBitmap(LAYOUT)
     receiver = Receiver(dst)
     channel = SourceChannel(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
@@ -238,6 +237,13 @@ def test_verify_resends_pages_changed_without_a_logged_store(ram_files: tuple[Ra
     pc = Precopy(bitmap, channel.ram, channel, lambda: np.zeros(bitmap.nwords, dtype=np.uint64))
     pc.start()
     pc.run_round()
+    return pc, channel, receiver
+
+
+def test_verify_resends_pages_changed_without_a_logged_store(ram_files: tuple[RamFile, RamFile]) -> None:
+    """TCG's page walker sets PTE A/D bits with no logged store: the switchover check finds them."""
+    src, dst = ram_files
+    pc, channel, receiver = no_log_precopy(src, dst)
     src.buf[5 * PAGE_SIZE + 8] ^= 0x20  # an "Accessed" bit in a page sent as data, not in any log
     pc.final_round()
     assert pc.final_round().pages_data == 0
@@ -252,13 +258,7 @@ def test_skipped_zero_pages_are_not_re_read(ram_files: tuple[RamFile, RamFile]) 
     can only become non-zero by a logged store: the walker sets A/D bits only in PTEs that a store wrote.
     This pins that boundary: an unlogged change to a skipped page is not found by the check."""
     src, dst = ram_files
-    bitmap = DirtyBitmap(LAYOUT)
-    receiver = Receiver(dst)
-    channel = SourceChannel(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
-    channel.connect()
-    pc = Precopy(bitmap, channel.ram, channel, lambda: np.zeros(bitmap.nwords, dtype=np.uint64))
-    pc.start()
-    pc.run_round()
+    pc, channel, receiver = no_log_precopy(src, dst)
     src.buf[50 * MiB + 16] = 0x40
     pc.final_round()
     assert pc.verify_and_resend() == 0
