@@ -135,7 +135,8 @@ class FphMigration:
         uri: str,
         layout: RamLayout,
         src_ram: Path,
-        dst_ram: Path,
+        dst_ram: Path | None = None,
+        receiver_address: tuple[str, int] | None = None,
         writelog: WriteLog,
         balloon: Balloon | None = None,
         config: FphConfig | None = None,
@@ -143,7 +144,13 @@ class FphMigration:
     ) -> None:
         self.src_qmp, self.dst_qmp, self.uri = src_qmp, dst_qmp, uri
         self.layout = layout
-        self.src_ram_path, self.dst_ram_path = Path(src_ram), Path(dst_ram)
+        if (dst_ram is None) == (receiver_address is None):
+            raise ValueError(
+                "give either dst_ram (fph runs the receiver here) or receiver_address (a remote one)"
+            )
+        self.src_ram_path = Path(src_ram)
+        self.dst_ram_path = None if dst_ram is None else Path(dst_ram)
+        self.receiver_address = receiver_address
         self.writelog = writelog
         self.balloon = balloon
         self.config = config or FphConfig()
@@ -214,9 +221,14 @@ class FphMigration:
         t_start = time.monotonic()
         self.phase = Phase.SETUP
         await self._hook(HookPoint.SETUP)
-        dst_ram = hold["dst_ram"] = RamFile(self.dst_ram_path, self.layout, writable=True)
-        receiver = hold["receiver"] = Receiver(dst_ram, cfg.data_host)  # prepares the RAM file first
-        address = receiver.start()
+        receiver: Receiver | None = None
+        if self.dst_ram_path is not None:
+            dst_ram = hold["dst_ram"] = RamFile(self.dst_ram_path, self.layout, writable=True)
+            receiver = hold["receiver"] = Receiver(dst_ram, cfg.data_host)  # prepares the RAM file first
+            address = receiver.start()
+        else:
+            assert self.receiver_address is not None
+            address = self.receiver_address  # a receiver on the destination host (fph.sender.receive)
         caps = [{"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]
         for conn in (src, dst):
             await conn.execute("migrate-set-capabilities", {"capabilities": caps})
@@ -273,9 +285,11 @@ class FphMigration:
         if cfg.verify_sent:
             await asyncio.to_thread(pc.verify_and_resend)
         ack = await asyncio.to_thread(channel.finish, {"rounds": pc.round})
-        rx = await asyncio.to_thread(receiver.wait, 30.0)
-        if not rx.ok:
-            raise RuntimeError(f"destination receiver: {rx.error}")
+        rx = None
+        if receiver is not None:
+            rx = await asyncio.to_thread(receiver.wait, 30.0)
+            if not rx.ok:
+                raise RuntimeError(f"destination receiver: {rx.error}")
         t_pages_done = time.monotonic()
 
         self.phase = Phase.DEVICE_STATE
@@ -309,7 +323,7 @@ class FphMigration:
                 "unplug_ms": round(unplug_ms, 1),
                 "final_round_ms": round(final_ms, 1),
                 "replug_ms": None if replug_ms is None else round(replug_ms, 1),
-                "destination_prepare_s": round(receiver.prepare_s, 3),
+                "destination_prepare_s": None if receiver is None else round(receiver.prepare_s, 3),
             },
         )
 
@@ -473,7 +487,7 @@ class FphMigration:
         pc: Precopy,
         final: RoundStats,
         ack: dict[str, Any],
-        rx: ReceiverResult,
+        rx: ReceiverResult | None,
         device_state: dict[str, Any],
         times: dict[str, float],
         extra: dict[str, Any],
@@ -528,7 +542,7 @@ class FphMigration:
             fph=fph,
             rounds=[asdict(r) for r in rounds],
             qemu_device_state=device_state,
-            destination={"ack": ack, "receiver": asdict(rx)},
+            destination={"ack": ack, "receiver": None if rx is None else asdict(rx)},
             hooks=list(self.dispatcher.history),
             wall_s=elapsed_ms / 1e3,
         )

@@ -103,6 +103,21 @@ def test_fph_migration_with_shrinker_pressure_is_byte_exact(pair: FphPair, polic
         pytest.fail("destination balloon never became usable")
 
 
+def test_fph_migration_into_a_receiver_process(pair: FphPair) -> None:
+    """The destination's receiver runs as its own process (``fph.sender.receive``), as on another host."""
+    compare = PageCompare(pair)
+    report = asyncio.run(
+        pair.migration(FphConfig(max_rounds=8), receiver_process=True, hooks=(compare,)).run()
+    )
+    assert compare.diff == [], f"{len(compare.diff or [])} pages differ"
+    check = pair.check()
+    assert check.ok, check.problems
+    assert report.destination["receiver"] is None and report.destination["ack"]["ok"]
+    proc = pair.receiver_procs[0]
+    out, _err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and '"ok": true' in out
+
+
 class IgnoredLog(WriteLog):
     """Negative control: harvests the real log (so the plugin keeps running) but reports nothing."""
 

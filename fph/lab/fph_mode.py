@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ class FphPair(PairBase):
     dst_control: BalloonControl | None = field(init=False, default=None)
     writelog: TcgWriteLog = field(init=False)
     keep_logs: Path | None = None
+    receiver_procs: list[subprocess.Popen[str]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         os.environ["FPH_RUN_DIR"] = _run_base()
@@ -117,8 +120,27 @@ class FphPair(PairBase):
 
         return self.hints.run(get(), 2.0)
 
+    def start_receiver_process(self, timeout: float = 600.0) -> tuple[str, int]:
+        """The destination's receiver as its own process (as on a destination host); ended at stop()."""
+        assert self.dst.ram_path is not None
+        cmd = [sys.executable, "-m", "fph.sender.receive", "--ram", str(self.dst.ram_path),
+               "--mem-mib", str(self.mem_mib), "--timeout", str(timeout)]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.receiver_procs.append(proc)
+        assert proc.stdout is not None
+        words = proc.stdout.readline().split()
+        if words[:1] != ["FPH-RECEIVER"]:
+            proc.kill()
+            raise RuntimeError(f"receiver process did not start: {proc.communicate()[1].strip()}")
+        return words[1], int(words[2])
+
     def migration(
-        self, config: FphConfig | None = None, *, writelog: WriteLog | None = None, **kwargs: Any
+        self,
+        config: FphConfig | None = None,
+        *,
+        writelog: WriteLog | None = None,
+        receiver_process: bool = False,
+        **kwargs: Any,
     ) -> FphMigration:
         assert self.src.ram_path is not None and self.dst.ram_path is not None
         balloon = None
@@ -130,7 +152,8 @@ class FphPair(PairBase):
             uri=f"unix:{self.dst.migration_socket}",
             layout=self.layout,
             src_ram=self.src.ram_path,
-            dst_ram=self.dst.ram_path,
+            dst_ram=None if receiver_process else self.dst.ram_path,
+            receiver_address=self.start_receiver_process() if receiver_process else None,
             writelog=writelog or self.writelog,
             balloon=balloon,
             config=config,
@@ -141,6 +164,10 @@ class FphPair(PairBase):
         return asyncio.run(self.migration(config, **kwargs).run())
 
     def stop(self) -> None:
+        for proc in self.receiver_procs:  # only the processes this pair started, by their Popen
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
         super().stop()
         self.hints.close()
         self.writelog.close()
