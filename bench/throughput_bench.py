@@ -3,7 +3,8 @@
     .venv/bin/python bench/throughput_bench.py --runs 2 --json bench/results/throughput.json
 
 Per run: a 1 GiB guest writes 700 MiB and frees it (no balloon: nothing is hinted, so round 0 sends
-~820 MiB of data); fph's round 0 rate = its bytes on the wire / the round's send time. The same workload
+~820 MiB of data); fph's round 0 rate = its bytes on the wire / the round's send time, with the
+receiver in fph's process and in its own (``fph.sender.receive``, as on a destination host). The same workload
 migrated by QEMU without hints at unlimited bandwidth gives QEMU's rate (``ram.transferred`` /
 ``total-time``, and QEMU's own ``mbps``). Both run on loopback (fph: TCP on 127.0.0.1; QEMU: a unix
 socket). A third figure is fph's data plane alone on a 1 GiB RAM file with no guest running.
@@ -12,6 +13,7 @@ socket). A third figure is fph's data plane alone on a 1 GiB RAM file with no gu
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import time
@@ -34,13 +36,13 @@ from fph.sender.ram import RamFile
 GiB = 1 << 30
 
 
-def fph_guest(lab: Any) -> dict[str, Any]:
+def fph_guest(lab: Any, receiver_process: bool = False) -> dict[str, Any]:
     with FphPair(lab, mem_mib=1024, balloon=False) as p:
         p.src.guest.fill(700)
         p.src.guest.start_hold(32, 1)
         time.sleep(2)
         load = os.getloadavg()[0]
-        rep = p.migrate(FphConfig(max_rounds=5))
+        rep = asyncio.run(p.migration(FphConfig(max_rounds=5), receiver_process=receiver_process).run())
         r0 = rep.rounds[0]
         ok = p.check().ok
     return {
@@ -125,6 +127,7 @@ def main() -> None:
             "run": i,
             "data_plane_only": data_plane_only(),
             "fph": fph_guest(lab),
+            "fph_receiver_process": fph_guest(lab, receiver_process=True),
             "qemu_none": qemu_guest(lab),
         }
         print(json.dumps(row), flush=True)
