@@ -233,20 +233,6 @@ def _next_clear(words: Any, pos: Any, limit: Any) -> Any:
     return min(found, limit)
 
 
-@njit(cache=True, nogil=True)
-def _set_bits(words: Any, start: Any, end: Any, value: Any) -> Any:
-    w0 = start >> 6
-    w1 = (end - 1) >> 6
-    for w in range(w0, w1 + 1):
-        lo = start - w * 64 if w == w0 else 0
-        hi = end - w * 64 if w == w1 else 64
-        m = _mask(lo, hi)
-        if value:
-            words[w] |= m
-        else:
-            words[w] &= ~m
-
-
 @njit(cache=True, nogil=True, inline="always")
 def _take_bits(words: Any, sent: Any, hinted: Any, start: Any, end: Any) -> None:
     """Pages [start, end) leave the dirty set: clear dirty and hinted, set sent, in one pass."""
@@ -347,6 +333,14 @@ def _plan_send(known_zero: Any, start: Any, zero_flags: Any, out: Any) -> Any:
 # ------------------------------------------------------------------------------------------ public API
 
 
+def _ram_mask(layout: RamLayout, nwords: int) -> Words:
+    """One bit per RAM page (holes and the tail of the last word clear), built once per bitmap."""
+    pages = np.zeros(nwords * 64, dtype=bool)
+    for r in layout:
+        pages[r.gpa >> PAGE_SHIFT : r.end >> PAGE_SHIFT] = True
+    return np.packbits(pages, bitorder="little").view(np.uint64).copy()
+
+
 def _partial_words(ram_mask: Words) -> tuple[npt.NDArray[np.int64], Words]:
     """Indexes and RAM masks of the words that are not all RAM (holes and range edges)."""
     idx = np.flatnonzero(ram_mask != _ALL).astype(np.int64)
@@ -382,9 +376,7 @@ class DirtyBitmap:
         self.hinted: Words = np.zeros(nwords, dtype=np.uint64)
         """Pages hinted free and not sent since: a write log bit that makes one dirty again counts in
         ``redirtied_after_hint`` (once, until the page is sent)."""
-        self.ram_mask: Words = np.zeros(nwords, dtype=np.uint64)
-        for r in layout:
-            _set_bits(self.ram_mask, r.gpa >> PAGE_SHIFT, r.end >> PAGE_SHIFT, True)
+        self.ram_mask: Words = _ram_mask(layout, nwords)
         self.known_zero_at_destination: Words = (
             self.ram_mask.copy() if destination_zeroed else np.zeros(nwords, dtype=np.uint64)
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import json
 import logging
 import select
 import socket
@@ -350,10 +349,3 @@ class Receiver:
                 self._conn.shutdown(socket.SHUT_RDWR)
         if self._thread.is_alive():
             self._thread.join(5)
-
-
-def describe(result: ReceiverResult) -> str:
-    return json.dumps(asdict(result), indent=1)
-
-
-__all__ = ["PAGE_SIZE", "ChannelError", "Receiver", "ReceiverResult", "SourceChannel", "WireCounters"]

