@@ -366,10 +366,13 @@ def test_device_log_concurrent_marks_are_never_lost() -> None:
     dl.start()
     pages = np.random.default_rng(3).permutation(layout.span_pages)
     done = threading.Event()
+    harvested = threading.Event()
 
     def writer() -> None:
-        for chunk in np.array_split(pages, 2000):
+        for i, chunk in enumerate(np.array_split(pages, 2000)):
             dl.mark_pages(chunk)
+            if i == 1000:  # threads need not interleave by themselves: let one harvest land mid-way
+                harvested.wait(10)
         done.set()
 
     t = threading.Thread(target=writer)
@@ -377,6 +380,8 @@ def test_device_log_concurrent_marks_are_never_lost() -> None:
     harvests = []
     while not done.is_set():
         harvests.append(dl.harvest())
+        if harvests[-1].any():
+            harvested.set()
     t.join()
     harvests.append(dl.harvest())
     assert sum(count_bits(h) for h in harvests) == layout.span_pages
