@@ -3,6 +3,10 @@ destination check (VM running, same heartbeat checksum at a later uptime, shell 
 
 Guest: 512 MiB, init_on_alloc=0, a 32 MiB checksummed region with a heartbeat, 300 MiB written and freed
 before the migration. Without hints QEMU must send the freed 300 MiB (non-zero); with hints it must not.
+
+QEMU's hinting races its own bulk stage: a hint for a page already sent saves nothing. Unlimited, the
+migration thread outran a TCG guest slowed by a loaded CI host once (195 MiB sent, 78 of them freed); at
+128 MiB/s (what the baselines in bench/results use) the hints win the race, as on a real link.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ pytestmark = pytest.mark.guest
 
 MIB = 1 << 20
 MEM_MIB = 512
+HINTED_BANDWIDTH = 128 * MIB
 FREED_MIB = 300
 VIRTIO_BALLOON_F_FREE_PAGE_HINT = 3
 
@@ -49,7 +54,7 @@ def test_native_migration_with_free_page_hints(lab: Lab) -> None:
         assert m, "guest has no virtio-balloon driver bound"
         assert m.group(1)[VIRTIO_BALLOON_F_FREE_PAGE_HINT] == "1", "free page hinting not negotiated"
         lower_bound = _prepare(pair)
-        report = pair.migrate_native(hooks=(hooks.append,))
+        report = pair.migrate_native(max_bandwidth=HINTED_BANDWIDTH, hooks=(hooks.append,))
         check = pair.check()
         assert check.ok, check.problems
     assert report.status == "completed"
