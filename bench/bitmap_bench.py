@@ -28,6 +28,7 @@ import numba
 import numpy as np
 from bitarray import bitarray
 from bitarray import util as bautil
+from numba import njit
 
 from fph.dirty_bitmap import DirtyBitmap, warm_up, zero_page_flags
 from fph.ram_layout import PAGE_SIZE, RamLayout
@@ -65,6 +66,70 @@ def hint_ranges(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.stack([start * np.uint64(PAGE_SIZE), npages * np.uint64(PAGE_SIZE)], axis=1)
 
 
+@njit(cache=True, nogil=True)
+def _store_only_clear(words: Any, ranges: Any) -> None:
+    """The least a range clear can cost on this host: one array, plain stores, no counts, no hinted map."""
+    ones = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+    for i in range(ranges.shape[0]):
+        start = ranges[i, 0] >> np.uint64(12)
+        last = start + (ranges[i, 1] >> np.uint64(12)) - np.uint64(1)
+        w0 = np.int64(start >> np.uint64(6))
+        w1 = np.int64(last >> np.uint64(6))
+        mlo = ones << (start & np.uint64(63))
+        mhi = ones >> (np.uint64(63) - (last & np.uint64(63)))
+        if w0 == w1:
+            words[w0] &= ~(mlo & mhi)
+            continue
+        words[w0] &= ~mlo
+        for w in range(w0 + 1, w1):
+            words[w] = np.uint64(0)
+        words[w1] &= ~mhi
+
+
+def host_floors(
+    bm: DirtyBitmap, ranges: np.ndarray, reps: int, raw: dict[str, list[float]]
+) -> dict[str, float]:
+    """What this host allows at best, measured in the same run as the figures it bounds."""
+    res: dict[str, float] = {}
+    by_address = ranges[np.argsort(ranges[:, 0])]  # same work, sequential access: no cache misses
+
+    def reset_open() -> None:
+        bm.close_epoch()
+        bm.mark_all()
+        bm.open_epoch(4)
+
+    s = timed(lambda: bm.apply_hints(4, by_address), reps, reset_open)
+    bm.close_epoch()
+    res["floor_apply_hints_100k_sorted_ms"], raw["floor_apply_hints_100k_sorted"] = (
+        ms(s),
+        [x * 1e3 for x in s],
+    )
+    words = np.empty(PAGES // 64, dtype=np.uint64)
+    _store_only_clear(words, ranges[:1])
+    s = timed(lambda: _store_only_clear(words, ranges), reps, lambda: words.fill(np.uint64(2**64 - 1)))
+    res["floor_clear_store_only_ms"], raw["floor_clear_store_only"] = ms(s), [x * 1e3 for x in s]
+    src = np.ones(1 << 27)  # 1 GiB
+    dst = np.zeros_like(src)
+    s = timed(lambda: np.copyto(dst, src), max(3, reps // 3))
+    res["floor_copy_gbps"] = round(src.nbytes / statistics.median(s) / 1e9, 2)
+    imports = [subprocess_seconds(IMPORT_NUMBA_CODE, dict(os.environ)) for _ in range(max(3, reps // 3))]
+    res["floor_import_numba_s"] = round(statistics.median(imports), 3)
+    return res
+
+
+def hint_batches(bm: DirtyBitmap, rng: np.random.Generator, reps: int) -> dict[str, float]:
+    """What a guest really sends: 4 MiB blocks, a virtqueue's worth (256) per call, through the API."""
+    blocks = rng.integers(0, PAGES // 1024, (reps, 256)).astype(np.uint64) * np.uint64(1024 * PAGE_SIZE)
+    batches = [np.stack([b, np.full(256, 1024 * PAGE_SIZE, np.uint64)], axis=1) for b in blocks]
+    it = iter(batches)
+    bm.close_epoch()
+    bm.mark_all()
+    bm.open_epoch(3)
+    s = timed(lambda: bm.apply_hints(3, next(it)), reps)
+    bm.close_epoch()
+    return {"apply_hints_batch_256x4mib_us": round(statistics.median(s) * 1e6, 1)}
+
+
 def subprocess_seconds(code: str, env: dict[str, str]) -> float:
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -78,6 +143,7 @@ JIT_ONLY_CODE = (
     "import numba, time; t=time.perf_counter(); import fph.dirty_bitmap as d; d.warm_up(); "
     "print(time.perf_counter()-t)"
 )
+IMPORT_NUMBA_CODE = "import time; t=time.perf_counter(); import numba; print(time.perf_counter()-t)"
 BASELINE_START_CODE = (
     "import time; t=time.perf_counter(); import numpy, bitarray.util; print(time.perf_counter()-t)"
 )
@@ -235,6 +301,8 @@ def main() -> None:
     res["baseline_runs_5k_ms"], raw["baseline_runs_5k"] = ms(s), [x * 1e3 for x in s]
 
     res.update(zero_scan(reps, raw))
+    res.update(hint_batches(bm, rng, reps))
+    res.update(host_floors(bm, ranges, reps, raw))
 
     # -- JIT start-up, in fresh interpreters
     res.update(jit_start(max(3, reps // 3)))
@@ -272,6 +340,11 @@ def main() -> None:
     print(
         f"{'zero_scan_mixed_gbps':<24}{res['zero_scan_mixed_gbps']:>14}{res['baseline_zero_scan_mixed_gbps']:>12}"
     )
+    print("host floors (same run):")
+    floors = ("floor_apply_hints_100k_sorted_ms", "floor_clear_store_only_ms", "floor_copy_gbps")
+    for key in (*floors, "floor_import_numba_s"):
+        print(f"  {key:<30}{res[key]:>10}")
+    print(f"  {'apply_hints_batch_256x4mib_us':<30}{res['apply_hints_batch_256x4mib_us']:>10}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=1) + "\n")
