@@ -119,6 +119,18 @@ class ModelBitmap:
         self.cursor = 0
         return runs
 
+    def skip_zero_pages(self, runs: list[tuple[int, int]]) -> int:
+        skipped = 0
+        for first, n in runs:
+            for p in range(first, first + n):
+                if self.dirty[p] and self.known_zero[p]:
+                    self.dirty[p] = 0
+                    self.hinted[p] = 0
+                    self.sent[p] = 1
+                    skipped += 1
+        self.stats.zero_pages_unread += skipped
+        return skipped
+
     def plan_send(self, first_page: int, zero_flags: list[int]) -> list[int]:
         out = []
         for i, z in enumerate(zero_flags):

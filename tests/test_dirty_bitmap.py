@@ -249,12 +249,31 @@ def test_reuse_after_a_current_hint_is_caught_at_the_next_harvest() -> None:
     assert bm.stats.redirtied_after_hint == 1
 
 
+def test_unread_zero_pages_leave_only_where_the_destination_holds_zeros() -> None:
+    bm = DirtyBitmap(RamLayout.flat(256 * PAGE))
+    bm.mark_all()
+    bm.plan_send(10, np.zeros(2, np.uint8))  # pages 10-11 now hold data at the destination
+    runs = np.array([[0, 4], [8, 8], [255, 1]], dtype=np.int64)
+    assert bm.skip_zero_pages(runs) == 4 + 6 + 1  # 10 and 11 must still be sent (as zero markers)
+    assert bm.count_dirty() == bm.recount_dirty() == 256 - 11
+    assert from_words(bm.sent, bm.nbits) == {0, 1, 2, 3, 8, 9, 12, 13, 14, 15, 255}
+    assert bm.is_dirty(10) and bm.is_dirty(11) and not bm.is_dirty(8)
+    assert bm.skip_zero_pages(runs) == 0  # no longer dirty
+    assert bm.stats.zero_pages_unread == 11
+    before = (bm.dirty.copy(), bm.sent.copy())
+    for bad in ([[250, 7]], [[-1, 2]], [[3, 0]], [[1, 2, 3]], [[0.5, 1.0]]):
+        with pytest.raises(BitmapError):
+            bm.skip_zero_pages(np.array(bad))
+    assert np.array_equal(before[0], bm.dirty) and np.array_equal(before[1], bm.sent)
+
+
 def test_kernels_compile_to_the_intended_types() -> None:
     """numba unifies uint64 with int64 to float64 silently (numba #4631): pin the signatures."""
     from fph import dirty_bitmap as d
 
     d.warm_up()
-    for kernel in (d._clear_ranges, d._merge_log, d._count, d._take_runs, d._zero_page_flags):
+    kernels = (d._clear_ranges, d._merge_log, d._count, d._take_runs, d._zero_page_flags, d._skip_zero_runs)
+    for kernel in kernels:
         assert kernel.nopython_signatures, kernel
         for sig in kernel.nopython_signatures:
             assert "float" not in str(sig.return_type), (kernel, sig)

@@ -66,12 +66,13 @@ class LostWriteChecker:
 
 
 class BitmapMachine(RuleBasedStateMachine):
-    @initialize(layout=st.sampled_from(LAYOUTS))
-    def setup(self, layout: RamLayout) -> None:
+    @initialize(layout=st.sampled_from(LAYOUTS), hole_every=st.integers(2, 5))
+    def setup(self, layout: RamLayout, hole_every: int) -> None:
         self.bm = DirtyBitmap(layout)
         self.model = ModelBitmap(layout)
         self.ram_pages = [p for r in layout for p in range(r.gpa >> PAGE_SHIFT, r.end >> PAGE_SHIFT)]
         self.truth = LostWriteChecker(self.ram_pages)
+        self.holes = {p for p in self.ram_pages if p % hole_every == 0}  # never written: zero, unallocated
         self.pending: set[int] = set()
         self.next_id = 2
         self.issued: list[int] = []
@@ -85,6 +86,7 @@ class BitmapMachine(RuleBasedStateMachine):
         for p in range(start, start + n):
             if p in self.truth.last_write:
                 self.pending.add(p)
+                self.holes.discard(p)
                 self.truth.last_write[p] = self.truth.tick()
 
     @rule(data=st.data(), stale=st.booleans(), npages=st.integers(1, 20), nranges=st.integers(1, 4))
@@ -163,6 +165,24 @@ class BitmapMachine(RuleBasedStateMachine):
         for start, n in expected:
             for p in range(start, start + n):
                 self.truth.last_send[p] = now
+
+    @rule(data=st.data())
+    def skip_holes(self, data: st.DataObject) -> None:
+        """The sender looks at the source file: pages still in holes leave unread where allowed."""
+        start = data.draw(st.sampled_from(self.ram_pages))
+        window = [p for p in range(start, start + data.draw(st.integers(1, 40))) if p in self.holes]
+        runs: list[tuple[int, int]] = []
+        for p in window:
+            if runs and runs[-1][0] + runs[-1][1] == p:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((p, 1))
+        skipped = {p for p in window if self.model.dirty[p] and self.model.known_zero[p]}
+        arr = np.array(runs, dtype=np.int64).reshape(-1, 2)
+        assert self.bm.skip_zero_pages(arr) == self.model.skip_zero_pages(runs) == len(skipped)
+        now = self.truth.tick()
+        for p in skipped & self.holes:  # the destination holds the page's content (zeros): a send
+            self.truth.last_send[p] = now
 
     @precondition(lambda self: self.truth.clock % 7 == 0)
     @rule()

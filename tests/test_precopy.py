@@ -291,3 +291,37 @@ def test_unreachable_destination_and_bad_ram_file(tmp_path: Path) -> None:
         RamFile(small, LAYOUT, writable=False)
     with pytest.raises(RamFileError, match="cannot open"):
         RamFile(tmp_path / "missing.ram", LAYOUT, writable=False)
+
+
+def test_holes_of_the_source_stay_unread_and_a_later_write_into_one_still_arrives(
+    ram_files: tuple[RamFile, RamFile],
+) -> None:
+    """The fixture's source holds data in [0, 40 MiB) and [56, 60 MiB) of the file; the rest never was
+    written. Those pages must not be read (reading a tmpfs hole allocates it), nor sent; a page written
+    into a hole after the sender looked must still reach the destination through the write log."""
+    src, dst = ram_files
+    if os.stat(src.path).st_blocks * 512 >= LAYOUT.ram_bytes:
+        pytest.skip("file system without holes")
+    guest = SoftGuest(src, LAYOUT)
+    bitmap = DirtyBitmap(LAYOUT)
+    receiver = Receiver(dst)
+    channel = SourceChannel(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
+    channel.connect()
+    pc = Precopy(bitmap, channel.ram, channel, guest.harvest)
+    pc.start()
+    hole_pages = (LAYOUT.ram_bytes - 44 * MiB) // PAGE_SIZE
+    assert pc.result.pages_unread_holes == hole_pages
+    allocated = os.stat(src.path).st_blocks
+    pc.run_round()
+    assert os.stat(src.path).st_blocks == allocated, "round 0 read (and allocated) a hole"
+    late = (66 * MiB >> 12) + 3  # file offset 50 MiB + 3 pages
+    guest.write(late)
+    pc.run_round()
+    pc.final_round()
+    assert pc.verify_and_resend() == 0
+    channel.finish({})
+    assert receiver.wait(10).ok
+    assert np.array_equal(src.buf, dst.buf)
+    sent = sum(r.pages_data + r.pages_zero_sent for r in [*pc.result.rounds, pc.result.final])
+    assert sent == 44 * MiB // PAGE_SIZE + 1
+    channel.close()

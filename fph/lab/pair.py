@@ -100,5 +100,3 @@ class VMPair(PairBase):
             hooks=hooks,
         )
         return asyncio.run(mig.run(timeout))
-
-

@@ -86,6 +86,7 @@ class RoundStats:
     bytes_on_wire: int = 0
     hint_cmd_id: int | None = None
     hint_wait_ms: float = 0.0
+    populate_wait_ms: float = 0.0
     hinted_pages: int = 0
     hint_bits_cleared: int = 0
     redirtied_after_hint: int = 0
@@ -99,6 +100,7 @@ class RoundStats:
 class PrecopyResult:
     rounds: list[RoundStats] = field(default_factory=list)
     final: RoundStats | None = None
+    pages_unread_holes: int = 0
     verify_pages_checked: int = 0
     verify_pages_resent: int = 0
     verify_ms: float = 0.0
@@ -141,10 +143,21 @@ class Precopy:
     # ------------------------------------------------------------------------------------- rounds
 
     def start(self) -> None:
-        """Arm: discard what the log holds (every page is about to be dirty anyway), mark all dirty."""
+        """Arm: discard what the log holds (every page is about to be dirty anyway), mark all dirty.
+
+        Then pages in holes of the source RAM file (never written: zero) that the destination holds as
+        zeros leave the dirty set unread, after the harvest so any later write is in the next log; the
+        rest of the mapping is populated meanwhile, hidden behind round 0's wait for the guest's hints.
+        Reading a hole would allocate it: a sparse guest would grow to its full size on the source."""
         self.harvest()
         self._last_harvest = time.monotonic()
         self.bitmap.mark_all()
+        extents = self.ram.data_extents()
+        holes = self.ram.hole_runs(extents)
+        self.result.pages_unread_holes = self.bitmap.skip_zero_pages(holes)
+        for first, n in holes.tolist():
+            self.sent_hash[first : first + n] = ZERO_PAGE_HASH
+        self.ram.populate_in_background(extents)
 
     def sync(self, *, new_epoch: bool) -> tuple[int, float]:
         """Close the hint epoch, harvest the write log, and (if asked) issue a fresh id. The order is
@@ -186,6 +199,10 @@ class Precopy:
             rs.dirty_rate_pps = self._dirty_rate
             rs.hint_cmd_id = self.bitmap.epoch
         rs.dirty_at_start = self.bitmap.count_dirty()
+        if self.round == 0:
+            t_pop = time.monotonic()
+            self.ram.wait_populated()
+            rs.populate_wait_ms = (time.monotonic() - t_pop) * 1e3
         ts = time.monotonic()
         self._send_dirty(rs)
         rs.send_ms = (time.monotonic() - ts) * 1e3

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import mmap
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +16,15 @@ import numpy.typing as npt
 
 from fph.ram_layout import PAGE_SHIFT, PAGE_SIZE, LayoutError, RamLayout
 
-MADV_POPULATE_WRITE = 23  # Linux 5.14; not in Python's mmap module yet
+MADV_POPULATE_READ = 22  # Linux 5.14; not in Python's mmap module yet
+MADV_POPULATE_WRITE = 23
+_POPULATE_STEP = 64 << 20
+
+# mmap.madvise holds the GIL for the whole call (0.2-0.6 s for 1 GiB): a ctypes call releases it, so the
+# device loop and QMP keep running while a mapping is populated.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
 
 
 class RamFileError(RuntimeError):
@@ -46,6 +57,101 @@ class RamFile:
         if not writable:
             self.buf.flags.writeable = False
         self.view = memoryview(self._mm)
+        self._closing = threading.Event()
+        self._populating: threading.Thread | None = None
+        self.populate_s = 0.0
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """(offset, length) of the parts of the file that hold data, from SEEK_DATA/SEEK_HOLE; the whole
+        file where the file system cannot tell (then nothing counts as a hole)."""
+        size = self.layout.ram_bytes
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            extents: list[tuple[int, int]] = []
+            pos = 0
+            while pos < size:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:
+                        break  # only holes from pos to the end
+                    return [(0, size)]
+                if start >= size:
+                    break
+                end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+                extents.append((start, end - start))
+                pos = end
+            return extents
+        finally:
+            os.close(fd)
+
+    def hole_runs(self, extents: list[tuple[int, int]] | None = None) -> npt.NDArray[np.int64]:
+        """(first page, count) runs of guest pages inside file holes: never written, so zero.
+
+        Page-aligned inward (a hole smaller than a page is no hole here), split at RAM-range edges.
+        """
+        if extents is None:
+            extents = self.data_extents()
+        runs: list[tuple[int, int]] = []
+        for r in self.layout:
+            lo, hi = r.offset, r.offset + r.size
+            cursor = lo
+            for off, length in [*extents, (hi, 0)]:
+                end = off + length
+                if end <= cursor:
+                    continue
+                hole_lo = -(-cursor // PAGE_SIZE) * PAGE_SIZE
+                hole_hi = min(off, hi) // PAGE_SIZE * PAGE_SIZE
+                if hole_hi > hole_lo:
+                    first = (hole_lo - r.offset + r.gpa) >> PAGE_SHIFT
+                    runs.append((first, (hole_hi - hole_lo) >> PAGE_SHIFT))
+                cursor = max(cursor, end)
+                if cursor >= hi:
+                    break
+        return np.array(runs, dtype=np.int64).reshape(-1, 2)
+
+    def populate(self, extents: list[tuple[int, int]] | None = None) -> float:
+        """Map every page into this process now, in 64 MiB steps with the GIL released; returns seconds.
+
+        Round 0 reads every page once: one page fault each (262,144 for 1 GiB) slowed its copy loop from
+        0.9 to 0.55 GB/s on the development host, while one populate call per 64 MiB costs a fraction.
+        Kernels before 5.14 lack the advice; the pages then fault in as they are read (slower, not wrong).
+        """
+        t0 = time.monotonic()
+        advice = MADV_POPULATE_WRITE if self.writable else MADV_POPULATE_READ
+        base = self.buf.ctypes.data
+        for start, length in extents if extents is not None else [(0, self.layout.ram_bytes)]:
+            for off in range(start, start + length, _POPULATE_STEP):
+                if self._closing.is_set():
+                    break
+                n = min(_POPULATE_STEP, start + length - off)
+                if _libc.madvise(base + off, n, advice) != 0:
+                    err = ctypes.get_errno()
+                    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        break  # no populate advice here (old kernel, hugetlbfs quirks)
+                    raise RamFileError(f"populating {self.path} at offset {off:#x}: {os.strerror(err)}")
+        self.populate_s = time.monotonic() - t0
+        return self.populate_s
+
+    def populate_in_background(self, extents: list[tuple[int, int]] | None = None) -> None:
+        """Start :meth:`populate` in a thread; :meth:`wait_populated` (or :meth:`close`) joins it."""
+        if self._populating is None:
+            self._populating = threading.Thread(
+                target=self._populate_quietly,
+                args=(extents,),
+                name=f"fph-populate-{self.path.name}",
+                daemon=True,
+            )
+            self._populating.start()
+
+    def _populate_quietly(self, extents: list[tuple[int, int]] | None) -> None:
+        with contextlib.suppress(RamFileError):  # only speed is at stake: pages still fault in on read
+            self.populate(extents)
+
+    def wait_populated(self) -> float:
+        if self._populating is not None:
+            self._populating.join()
+        return self.populate_s
 
     def prepare_destination(self) -> float:
         """Allocate and map every page of a destination file before the migration starts.
@@ -62,8 +168,8 @@ class RamFile:
             pass  # a file system without fallocate: the populate below still prefaults
         finally:
             os.close(fd)
-        with contextlib.suppress(OSError, ValueError):
-            self._mm.madvise(MADV_POPULATE_WRITE)
+        with contextlib.suppress(RamFileError):  # the first write to each page faults it in instead
+            self.populate()
         return time.monotonic() - t0
 
     def offset(self, first_page: int, npages: int) -> int:
@@ -78,6 +184,9 @@ class RamFile:
         return self.buf[off : off + npages * PAGE_SIZE]
 
     def close(self) -> None:
+        self._closing.set()
+        if self._populating is not None:
+            self._populating.join()  # at most one 64 MiB step: the mapping must outlive the madvise
         self.view.release()
         del self.buf
         with contextlib.suppress(BufferError):  # a caller still holds a view: the mapping goes with it

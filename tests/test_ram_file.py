@@ -1,0 +1,102 @@
+"""RamFile: file holes as never-written guest pages, and populating a mapping without filling holes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fph.ram_layout import PAGE_SIZE, RamLayout, RamRange
+from fph.sender.ram import RamFile
+
+MiB = 1 << 20
+# Two ranges as on a pc machine: GPA 0 at file offset 0, GPA 64 MiB at file offset 8 MiB.
+LAYOUT = RamLayout([RamRange(0, 8 * MiB, 0), RamRange(64 * MiB, 4 * MiB, 8 * MiB)])
+
+
+@pytest.fixture
+def sparse(tmp_path: Path) -> Iterator[Path]:
+    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else tmp_path
+    path = base / f"fph-test-holes-{os.getpid()}.ram"
+    with open(path, "wb") as f:
+        f.truncate(LAYOUT.ram_bytes)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def allocated_pages(path: Path) -> int:
+    return os.stat(path).st_blocks * 512 // PAGE_SIZE
+
+
+def supports_holes(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE) == 0
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_holes_are_the_never_written_pages_in_guest_page_numbers(sparse: Path) -> None:
+    if not supports_holes(sparse):
+        pytest.skip("file system without SEEK_HOLE")
+    with RamFile(sparse, LAYOUT, writable=True) as ram:
+        written_offsets = [0, 5 * PAGE_SIZE, 8 * MiB - PAGE_SIZE, 8 * MiB, 12 * MiB - PAGE_SIZE]
+        for off in written_offsets:
+            ram.buf[off + 100] = 1
+        holes = {(int(a), int(n)) for a, n in ram.hole_runs()}
+    page = PAGE_SIZE
+    # file offset 8 MiB is GPA 64 MiB: the runs are split at the range edge and named by GPA page
+    assert holes == {
+        (1, 4),
+        (6, (8 * MiB // page) - 7),
+        ((64 * MiB // page) + 1, (4 * MiB // page) - 2),
+    }
+
+
+def test_a_fresh_file_is_one_hole_per_range_and_a_full_one_has_none(sparse: Path) -> None:
+    if not supports_holes(sparse):
+        pytest.skip("file system without SEEK_HOLE")
+    with RamFile(sparse, LAYOUT, writable=True) as ram:
+        assert [tuple(r) for r in ram.hole_runs().tolist()] == [
+            (0, 8 * MiB // PAGE_SIZE),
+            (64 * MiB // PAGE_SIZE, 4 * MiB // PAGE_SIZE),
+        ]
+        ram.buf[:] = 7
+        assert ram.hole_runs().shape == (0, 2)
+        assert ram.data_extents() == [(0, LAYOUT.ram_bytes)]
+
+
+def test_populating_the_data_leaves_the_holes_unallocated(sparse: Path) -> None:
+    if not supports_holes(sparse):
+        pytest.skip("file system without SEEK_HOLE")
+    with RamFile(sparse, LAYOUT, writable=True) as w:
+        w.buf[: 2 * MiB] = 3
+    before = allocated_pages(sparse)
+    with RamFile(sparse, LAYOUT, writable=False) as ram:
+        extents = ram.data_extents()
+        ram.populate_in_background(extents)
+        assert ram.wait_populated() >= 0.0
+        assert allocated_pages(sparse) == before  # reading a hole would allocate it (tmpfs)
+        assert int(ram.buf[: 2 * MiB].sum()) == 3 * 2 * MiB
+    with RamFile(sparse, LAYOUT, writable=False) as ram:
+        ram.populate()  # everything: the holes are read, and on tmpfs that allocates them
+        grown = allocated_pages(sparse)
+    if Path("/dev/shm") in sparse.parents:
+        assert grown == LAYOUT.ram_bytes // PAGE_SIZE
+
+
+def test_close_stops_and_joins_a_running_populate(sparse: Path) -> None:
+    """The mapping must outlive every madvise on it: close() stops the populate thread and joins it."""
+    with RamFile(sparse, LAYOUT, writable=True) as w:
+        w.buf[:] = 1
+    ram = RamFile(sparse, LAYOUT, writable=False)
+    ram.populate_in_background()
+    thread = ram._populating
+    ram.close()
+    assert thread is not None and not thread.is_alive()
