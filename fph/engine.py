@@ -101,6 +101,8 @@ class FphConfig:
     data_host: str = "127.0.0.1"
     device_deleted_timeout_s: float = 10.0
     migrate_timeout_s: float = 60.0
+    receiver_prepare_timeout_s: float = 120.0
+    """How long round 0 waits for the in-process receiver to allocate the destination RAM file."""
 
 
 @dataclass
@@ -249,7 +251,8 @@ class FphMigration:
             first_hint_wait_s=cfg.first_hint_wait_s,
             hint_policy=cfg.hint_policy,
         )
-        pc = self.precopy = Precopy(bitmap, src_ram, channel, self._harvest, self._hints(), pcfg)
+        ready = None if receiver is None else lambda: receiver.wait_prepared(cfg.receiver_prepare_timeout_s)
+        pc = self.precopy = Precopy(bitmap, src_ram, channel, self._harvest, self._hints(), pcfg, ready)
         t_setup = time.monotonic()
 
         # ---- rounds, guest running

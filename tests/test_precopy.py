@@ -325,3 +325,20 @@ def test_holes_of_the_source_stay_unread_and_a_later_write_into_one_still_arrive
     sent = sum(r.pages_data + r.pages_zero_sent for r in [*pc.result.rounds, pc.result.final])
     assert sent == 44 * MiB // PAGE_SIZE + 1
     channel.close()
+
+
+def test_the_receiver_is_prepared_when_it_says_so(ram_files: tuple[RamFile, RamFile]) -> None:
+    """wait_prepared returns once every page of the destination file is allocated: round 0 waits for it
+    rather than streaming into a socket the kernel cannot drain while it allocates."""
+    _src, dst = ram_files
+    receiver = Receiver(dst)
+    receiver.start()
+    try:
+        assert receiver.wait_prepared(60) > 0.0
+        assert os.stat(dst.path).st_blocks * 512 >= LAYOUT.ram_bytes
+    finally:
+        receiver.stop()
+    unprepared = Receiver(dst, prepare=False)
+    with pytest.raises(ChannelError, match="still preparing"):
+        unprepared.wait_prepared(0.01)  # never started
+    unprepared.stop()

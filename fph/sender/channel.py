@@ -268,6 +268,7 @@ class Receiver:
         self.result: ReceiverResult | None = None
         self.prepare = prepare
         self.prepare_s = 0.0
+        self._prepared = threading.Event()
 
     def start(self) -> tuple[str, int]:
         self._thread.start()
@@ -277,8 +278,11 @@ class Receiver:
         t0 = time.monotonic()
         error: str | None = None
         try:
-            if self.prepare:  # meanwhile the source may connect (backlog) and start sending (buffered)
-                self.prepare_s = self.ram.prepare_destination()
+            try:  # meanwhile the source may connect (backlog) and start sending (buffered)
+                if self.prepare:
+                    self.prepare_s = self.ram.prepare_destination()
+            finally:
+                self._prepared.set()
             conn, _peer = self._listener.accept()
             self._conn = conn
             conn.settimeout(self.timeout)
@@ -334,6 +338,15 @@ class Receiver:
         frame, payload = json_frame(Kind.ACK, body)
         with contextlib.suppress(OSError):
             self._conn.sendall(frame.pack() + payload)
+
+    def wait_prepared(self, timeout: float | None = None) -> float:
+        """Block until the destination RAM file is allocated and mapped; returns the seconds it took.
+
+        A source that streams before that waits on a full socket while the kernel allocates pages: the
+        engine calls this just before round 0 sends, after the wait for the guest's hints."""
+        if not self._prepared.wait(timeout):
+            raise ChannelError(f"receiver on {self.address} still preparing after {timeout} s")
+        return self.prepare_s
 
     def wait(self, timeout: float | None = None) -> ReceiverResult:
         if not self._done.wait(timeout):

@@ -86,7 +86,7 @@ class RoundStats:
     bytes_on_wire: int = 0
     hint_cmd_id: int | None = None
     hint_wait_ms: float = 0.0
-    populate_wait_ms: float = 0.0
+    ready_wait_ms: float = 0.0
     hinted_pages: int = 0
     hint_bits_cleared: int = 0
     redirtied_after_hint: int = 0
@@ -121,8 +121,11 @@ class Precopy:
         harvest: Harvest,
         hints: HintControl | None = None,
         config: PrecopyConfig | None = None,
+        destination_ready: Callable[[], object] | None = None,
     ) -> None:
         self.bitmap = bitmap
+        self.destination_ready = destination_ready
+        """Blocks until the destination can take pages at full speed (its RAM file prepared)."""
         self.ram = ram
         self.channel = channel
         self.harvest = harvest
@@ -199,10 +202,12 @@ class Precopy:
             rs.dirty_rate_pps = self._dirty_rate
             rs.hint_cmd_id = self.bitmap.epoch
         rs.dirty_at_start = self.bitmap.count_dirty()
-        if self.round == 0:
-            t_pop = time.monotonic()
+        if self.round == 0:  # both overlap the hint wait; without hints they are round 0's first cost
+            t_ready = time.monotonic()
             self.ram.wait_populated()
-            rs.populate_wait_ms = (time.monotonic() - t_pop) * 1e3
+            if self.destination_ready is not None:
+                self.destination_ready()
+            rs.ready_wait_ms = (time.monotonic() - t_ready) * 1e3
         ts = time.monotonic()
         self._send_dirty(rs)
         rs.send_ms = (time.monotonic() - ts) * 1e3

@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     addr = receiver.start()
+    receiver.wait_prepared()  # "ready" means the RAM file is allocated and mapped, not just listening
     print(f"FPH-RECEIVER {addr[0]} {addr[1]}", flush=True)
     result = receiver.wait(args.timeout + 60)
     print(json.dumps(asdict(result)), flush=True)
