@@ -21,6 +21,7 @@ FPH_ROWS: tuple[tuple[str, str, float, str], ...] = (
     ("re-dirtied after hint (pages)", "redirtied_after_hint", 1, "{:.0f}"),
     ("stale hints dropped", "stale_hints_dropped", 1, "{:.0f}"),
     ("zero pages skipped", "zero_pages_skipped", 1, "{:.0f}"),
+    ("zero pages left unread (holes)", "zero_pages_unread", 1, "{:.0f}"),
     ("resent by switchover check", "pages_resent_by_check", 1, "{:.0f}"),
     ("switchover check (ms)", "switchover_check_ms", 1, "{:.1f}"),
 )
