@@ -44,6 +44,13 @@ TARGETS = {
 }
 
 
+def fresh_epoch(bm: DirtyBitmap, cmd_id: int) -> None:
+    """Every page dirty again and hint epoch ``cmd_id`` open: the state each apply run starts from."""
+    bm.close_epoch()
+    bm.mark_all()
+    bm.open_epoch(cmd_id)
+
+
 def timed(fn: Callable[[], Any], reps: int, setup: Callable[[], Any] | None = None) -> list[float]:
     samples = []
     for _ in range(reps):
@@ -92,13 +99,7 @@ def host_floors(
     """What this host allows at best, measured in the same run as the figures it bounds."""
     res: dict[str, float] = {}
     by_address = ranges[np.argsort(ranges[:, 0])]  # same work, sequential access: no cache misses
-
-    def reset_open() -> None:
-        bm.close_epoch()
-        bm.mark_all()
-        bm.open_epoch(4)
-
-    s = timed(lambda: bm.apply_hints(4, by_address), reps, reset_open)
+    s = timed(lambda: bm.apply_hints(4, by_address), reps, lambda: fresh_epoch(bm, 4))
     bm.close_epoch()
     res["floor_apply_hints_100k_sorted_ms"], raw["floor_apply_hints_100k_sorted"] = (
         ms(s),
@@ -122,9 +123,7 @@ def hint_batches(bm: DirtyBitmap, rng: np.random.Generator, reps: int) -> dict[s
     blocks = rng.integers(0, PAGES // 1024, (reps, 256)).astype(np.uint64) * np.uint64(1024 * PAGE_SIZE)
     batches = [np.stack([b, np.full(256, 1024 * PAGE_SIZE, np.uint64)], axis=1) for b in blocks]
     it = iter(batches)
-    bm.close_epoch()
-    bm.mark_all()
-    bm.open_epoch(3)
+    fresh_epoch(bm, 3)
     s = timed(lambda: bm.apply_hints(3, next(it)), reps)
     bm.close_epoch()
     return {"apply_hints_batch_256x4mib_us": round(statistics.median(s) * 1e6, 1)}
@@ -214,12 +213,7 @@ def main() -> None:
     # -- apply 100,000 hint ranges
     ranges = hint_ranges(rng, 100_000)
 
-    def reset_open() -> None:
-        bm.close_epoch()
-        bm.mark_all()
-        bm.open_epoch(2)
-
-    s = timed(lambda: bm.apply_hints(2, ranges), reps, reset_open)
+    s = timed(lambda: bm.apply_hints(2, ranges), reps, lambda: fresh_epoch(bm, 2))
     res["apply_hints_100k_ms"], raw["apply_hints_100k"] = ms(s), [x * 1e3 for x in s]
     ba = bitarray(PAGES, endian="little")
     page_ranges = [(int(a) // PAGE_SIZE, int(a + b) // PAGE_SIZE) for a, b in ranges]
@@ -268,7 +262,7 @@ def main() -> None:
     res["baseline_count_ms"], raw["baseline_count"] = ms(s), [x * 1e3 for x in s]
 
     # -- extract 5,000 dirty runs (bitmap fragmented by 10,000 hint ranges: ~9,000 runs)
-    reset_open()
+    fresh_epoch(bm, 2)
     bm.apply_hints(2, ranges[:10_000])
     bm.close_epoch()
     fragmented = bm.dirty.copy()

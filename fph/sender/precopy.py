@@ -158,8 +158,6 @@ class Precopy:
         extents = self.ram.data_extents()
         holes = self.ram.hole_runs(extents)
         self.result.pages_unread_holes = self.bitmap.skip_zero_pages(holes)
-        for first, n in holes.tolist():
-            self.sent_hash[first : first + n] = ZERO_PAGE_HASH
         self.ram.populate_in_background(extents)
 
     def sync(self, *, new_epoch: bool) -> tuple[int, float]:

@@ -120,16 +120,20 @@ class RamFile:
         t0 = time.monotonic()
         advice = MADV_POPULATE_WRITE if self.writable else MADV_POPULATE_READ
         base = self.buf.ctypes.data
-        for start, length in extents if extents is not None else [(0, self.layout.ram_bytes)]:
-            for off in range(start, start + length, _POPULATE_STEP):
-                if self._closing.is_set():
-                    break
-                n = min(_POPULATE_STEP, start + length - off)
-                if _libc.madvise(base + off, n, advice) != 0:
-                    err = ctypes.get_errno()
-                    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                        break  # no populate advice here (old kernel, hugetlbfs quirks)
-                    raise RamFileError(f"populating {self.path} at offset {off:#x}: {os.strerror(err)}")
+        spans = extents if extents is not None else [(0, self.layout.ram_bytes)]
+        steps = (
+            (off, min(_POPULATE_STEP, start + length - off))
+            for start, length in spans
+            for off in range(start, start + length, _POPULATE_STEP)
+        )
+        for off, n in steps:
+            if self._closing.is_set():
+                break
+            if _libc.madvise(base + off, n, advice) != 0:
+                err = ctypes.get_errno()
+                if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    break  # no populate advice here (old kernel, hugetlbfs quirks)
+                raise RamFileError(f"populating {self.path} at offset {off:#x}: {os.strerror(err)}")
         self.populate_s = time.monotonic() - t0
         return self.populate_s
 
