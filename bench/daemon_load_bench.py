@@ -33,9 +33,9 @@ import grpc
 
 from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
-from fph.lab.check import check_destination
-from fph.lab.provision import Lab, provision
-from fph.lab.vm import VM, VMConfig
+from fph_lab.check import check_destination
+from fph_lab.provision import Lab, provision
+from fph_lab.vm import VM, VMConfig
 
 MiB = 1 << 20
 MEM_MIB = 1024

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from fph.dirty_bitmap import DirtyBitmap, warm_up
-from fph.hint_receiver import BalloonControl, BitmapSink, HintState, ThreadedHintReceiver
-from fph.lab.provision import Lab, provision
-from fph.lab.vm import VM, VMConfig
+from fph.hint_receiver import BalloonControl, HintState, ThreadedHintReceiver
 from fph.ram_layout import RamLayout
+from fph_lab.provision import Lab, provision
+from fph_lab.sinks import BitmapSink
+from fph_lab.vm import VM, VMConfig
 
 MiB = 1 << 20
 GUEST_MIB = 1024

@@ -31,12 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fph.engine import FphConfig, FphMigrationError, FphReport
-from fph.lab.fph_mode import FphPair
-from fph.lab.pair import VMPair
-from fph.lab.provision import Lab, QemuInstall, provision
-from fph.lab.vm import VMConfig
-from fph.lab.workload import (
+from fph.migration.fph_mode import FphConfig, FphMigrationError, FphReport
+from fph.migration_hook import UNLIMITED_BANDWIDTH, MigrationReport
+from fph.qmp import QMPError
+from fph_lab.fph_mode import FphPair
+from fph_lab.pair import VMPair
+from fph_lab.provision import Lab, QemuInstall, provision
+from fph_lab.vm import VMConfig
+from fph_lab.workload import (
     DIRTY_MIB,
     DIRTY_RATE,
     HOLD_MIB,
@@ -45,8 +47,6 @@ from fph.lab.workload import (
     WORKLOADS,
     wait_allocation_settles,
 )
-from fph.migration_hook import UNLIMITED_BANDWIDTH, MigrationReport
-from fph.qmp import QMPError
 
 MIB = 1 << 20
 MODES = ("fph", "native", "none")

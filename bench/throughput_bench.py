@@ -4,7 +4,7 @@
 
 Per run: a 1 GiB guest writes 700 MiB and frees it (no balloon: nothing is hinted, so round 0 sends
 ~820 MiB of data); fph's round 0 rate = its bytes on the wire / the round's send time, with the
-receiver in fph's process and in its own (``fph.sender.receive``, as on a destination host). Before
+receiver in fph's process and in its own (``fph.transfer.receiver``, as on a destination host). Before
 sending, round 0 waits for the source mapping to be populated and the destination RAM file to be
 allocated (with hints both hide behind the wait for the guest's hint run; here there is none): the rate
 including that wait is reported too. The same workload
@@ -26,15 +26,16 @@ from typing import Any
 import numpy as np
 
 from fph.dirty_bitmap import DirtyBitmap, warm_up
-from fph.engine import FphConfig
-from fph.lab.fph_mode import FphPair
-from fph.lab.pair import VMPair
-from fph.lab.provision import provision
-from fph.lab.vm import VMConfig
+from fph.migration.fph_mode import FphConfig
+from fph.migration.precopy import Precopy
 from fph.ram_layout import RamLayout
-from fph.sender.channel import Receiver, SourceChannel
-from fph.sender.precopy import Precopy
-from fph.sender.ram import RamFile
+from fph.transfer.ram_file import RamFile
+from fph.transfer.receiver import RamReceiver
+from fph.transfer.sender import RamSender
+from fph_lab.fph_mode import FphPair
+from fph_lab.pair import VMPair
+from fph_lab.provision import provision
+from fph_lab.vm import VMConfig
 
 GiB = 1 << 30
 
@@ -93,12 +94,12 @@ def data_plane_only() -> dict[str, Any]:
                 f.truncate(GiB)
         ram = RamFile(src, layout, writable=True)
         ram.buf.reshape(-1, 4096)[:, 7] = 0x5A  # every page holds data
-        receiver = Receiver(RamFile(dst, layout, writable=True))
+        receiver = RamReceiver(RamFile(dst, layout, writable=True))
         addr = receiver.start()
         time.sleep(0.5)
         while receiver.prepare_s == 0.0:
             time.sleep(0.05)
-        channel = SourceChannel(addr, RamFile(src, layout, writable=False))
+        channel = RamSender(addr, RamFile(src, layout, writable=False))
         channel.connect()
         bitmap = DirtyBitmap(layout)
         pc = Precopy(bitmap, channel.ram, channel, lambda: np.zeros(bitmap.nwords, dtype=np.uint64))

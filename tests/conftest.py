@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from fph.lab.provision import Lab, provision
-from fph.lab.vm import VM, VMConfig
+from fph_lab.provision import Lab, provision
+from fph_lab.vm import VM, VMConfig
 
 
 @pytest.fixture(scope="session")

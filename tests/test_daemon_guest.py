@@ -26,9 +26,9 @@ import pytest
 
 from fph.api.v1 import fph_pb2 as pb
 from fph.daemon.server import DaemonConfig
-from fph.lab.check import check_destination
-from fph.lab.provision import Lab
-from fph.lab.vm import VM, VMConfig
+from fph_lab.check import check_destination
+from fph_lab.provision import Lab
+from fph_lab.vm import VM, VMConfig
 from tests.daemon_helper import RunningDaemon
 
 pytestmark = [pytest.mark.guest, pytest.mark.timeout(600)]

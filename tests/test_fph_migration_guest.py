@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fph.engine import FphConfig, FphMigrationError, Phase
-from fph.lab.fph_mode import FphPair
-from fph.lab.provision import Lab
+from fph.migration.fph_mode import FphConfig, FphMigrationError, Phase
 from fph.migration_hook import HookEvent, HookPoint
 from fph.ram_layout import PAGE_SIZE
 from fph.writelog.base import Words, WriteLog
+from fph_lab.fph_mode import FphPair
+from fph_lab.provision import Lab
 
 pytestmark = pytest.mark.guest
 MiB = 1 << 20
@@ -104,7 +104,7 @@ def test_fph_migration_with_shrinker_pressure_is_byte_exact(pair: FphPair, polic
 
 
 def test_fph_migration_into_a_receiver_process(pair: FphPair) -> None:
-    """The destination's receiver runs as its own process (``fph.sender.receive``), as on another host."""
+    """The destination's receiver runs as its own process (``fph.transfer.receiver``), as on another host."""
     compare = PageCompare(pair)
     report = asyncio.run(
         pair.migration(FphConfig(max_rounds=8), receiver_process=True, hooks=(compare,)).run()

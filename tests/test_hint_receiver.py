@@ -156,9 +156,9 @@ def test_queue_roles_are_compacted_like_linux() -> None:
 def test_full_run(hx: Harness, ram: GuestRam) -> None:
     cmd = hx.dev.request_hints()
     assert cmd >= CMD_ID_MIN and hx.chan.changes == 1
-    assert hx.config_id() == cmd and hx.dev.state is HintState.REQUESTED
+    assert hx.config_id() == cmd and hx.dev.hinting.state is HintState.REQUESTED
     hx.cmd(cmd)
-    assert hx.dev.state is HintState.START
+    assert hx.dev.hinting.state is HintState.START
     assert hx.config_id() == cmd  # kept while started (QEMU would expose 0 = STOP)
     hx.hint(*blocks(ram, 4))
     assert hx.sink.ranges(cmd) == blocks(ram, 4)
@@ -168,19 +168,19 @@ def test_full_run(hx: Harness, ram: GuestRam) -> None:
     assert st.guest_cmd_id == CMD_ID_STOP and st.host_cmd_id == cmd
     assert hx.config_id() == CMD_ID_STOP
     assert hx.all_returned()
-    assert len(hx.dev.counters.hint_latency_ns) == 4
+    assert len(hx.dev.hinting.latency_ns) == 4
 
 
 def test_start_needs_requested_and_matching_id(hx: Harness, ram: GuestRam) -> None:
     cmd = hx.dev.request_hints()
     hx.cmd(cmd - 1)  # stale id of an earlier run
-    assert hx.dev.state is HintState.REQUESTED
+    assert hx.dev.hinting.state is HintState.REQUESTED
     hx.hint(*blocks(ram, 2))  # in-buffers outside START: dropped, but returned
-    assert hx.sink.calls == [] and hx.dev.dropped == 2
+    assert hx.sink.calls == [] and hx.dev.hinting.dropped == 2
     hx.cmd(CMD_ID_STOP)  # a stale STOP must not end the new request
-    assert hx.dev.state is HintState.REQUESTED
+    assert hx.dev.hinting.state is HintState.REQUESTED
     hx.cmd(cmd)
-    assert hx.dev.state is HintState.START
+    assert hx.dev.hinting.state is HintState.START
     assert hx.all_returned()
 
 
@@ -193,7 +193,7 @@ def test_host_stop_then_late_hints_are_dropped(hx: Harness, ram: GuestRam) -> No
     hx.hint(*blocks(ram, 3)[1:])
     assert hx.sink.ranges() == blocks(ram, 1)
     hx.cmd(cmd)  # a replayed START after STOP does not restart the run
-    assert hx.dev.state is HintState.STOP
+    assert hx.dev.hinting.state is HintState.STOP
     assert hx.all_returned()
 
 
@@ -204,22 +204,22 @@ def test_new_request_while_started_and_stale_stop(hx: Harness, ram: GuestRam) ->
     assert second != first
     hx.hint(*blocks(ram, 1))  # late block of the first run
     hx.cmd(CMD_ID_STOP)  # the guest's STOP for the first run, arriving in REQUESTED
-    assert hx.dev.state is HintState.REQUESTED
+    assert hx.dev.hinting.state is HintState.REQUESTED
     hx.cmd(second)
     hx.hint(*blocks(ram, 2)[1:])
     assert [e for e, _ in hx.sink.calls] == [second]
 
 
 def test_ids_wrap_and_skip_the_id_the_guest_still_runs(hx: Harness) -> None:
-    hx.dev._last_id = 0xFFFF_FFFE
+    hx.dev.hinting._last_id = 0xFFFF_FFFE
     a = hx.dev.request_hints()
     assert a == 0xFFFF_FFFF
     hx.cmd(a)  # the guest runs a and has not sent STOP
-    hx.dev._last_id = a - 1  # force a full cycle back onto a
+    hx.dev.hinting._last_id = a - 1  # force a full cycle back onto a
     b = hx.dev.request_hints()
     assert b != a and b == CMD_ID_MIN  # a skipped, wrapped past 0 and 1
     hx.cmd(CMD_ID_STOP)
-    hx.dev._last_id = a - 1
+    hx.dev.hinting._last_id = a - 1
     assert hx.dev.request_hints() == a  # reusable after the guest's STOP
 
 
@@ -236,9 +236,9 @@ def test_hint_validation_and_sink_errors(ram: GuestRam) -> None:
         hx.cmd(cmd)
         b = ram.blocks[0]
         hx.hint((b + 1, HINT_BLOCK - 4096), (b, 100))  # not page aligned
-        assert hx.dev.rejected == 2 and hx.sink.calls == []
+        assert hx.dev.hinting.rejected == 2 and hx.sink.calls == []
         hx.hint((ram.blocks[1], 2 * HINT_BLOCK))
-        assert hx.dev.sink_errors == 1 and hx.dev.broken is None
+        assert hx.dev.hinting.sink_errors == 1 and hx.dev.broken is None
         hx.hint((ram.blocks[3], HINT_BLOCK))
         assert hx.sink.ranges(cmd) == [(ram.blocks[3], HINT_BLOCK)]
         assert hx.all_returned()
@@ -289,7 +289,7 @@ def test_done_and_stop_notify_once(hx: Harness) -> None:
     hx.dev.stop_hints()
     hx.dev.stop_hints()
     hx.dev.done()
-    assert hx.chan.changes == 3 and hx.config_id() == CMD_ID_DONE and hx.dev.held_bytes == 0
+    assert hx.chan.changes == 3 and hx.config_id() == CMD_ID_DONE and hx.dev.hinting.held_bytes == 0
 
 
 def test_stats_buffer_is_held_and_refreshed(hx: Harness, ram: GuestRam) -> None:
@@ -354,7 +354,7 @@ def test_into_a_real_dirty_bitmap(ram: GuestRam) -> None:
         bitmap.open_epoch(cmd)
         hx.cmd(cmd)
         hx.hint(*blocks(ram, 2))
-        assert hx.dev.sink_errors == 0 and hx.dev.status().blocks == 2
+        assert hx.dev.hinting.sink_errors == 0 and hx.dev.status().blocks == 2
         assert not bitmap.is_dirty(ram.blocks[0] >> 12) and not bitmap.is_dirty((ram.blocks[1] >> 12) + 1023)
         assert bitmap.is_dirty(ram.blocks[2] >> 12)
     finally:

@@ -187,7 +187,7 @@ def test_disconnect_mid_message(
     fe.sock.close()
     conn = None
     for _ in range(200):
-        conn = receiver.receiver.connection(path)
+        conn = receiver.connection(path)
         if conn is None:
             break
         time.sleep(0.01)
@@ -241,7 +241,7 @@ def test_replug_on_the_same_connection(receiver: ThreadedHintReceiver, ram: Gues
     assert fe.backend is not None
     fe.backend.close()  # ... then QEMU closes the back-end channel: no more config changes to send
     fe.backend = None
-    fe.wait_until(lambda: ctl.device.channel is None, what="fph to drop the closed back-end channel")
+    fe.wait_until(lambda: not ctl.view().has_channel, what="fph to drop the closed back-end channel")
     with pytest.raises(StateError, match="channel"):
         ctl.request_hints()
     # device_add on the same chardev: the whole handshake again, new rings whose used index starts at 0.
@@ -265,7 +265,7 @@ def test_restart_after_crash_sends_done(ram: GuestRam, tmp_path: Path) -> None:
     drv.config_changed()
     hint_round(ctl, fe, drv)
     assert drv.held
-    first.run(first.receiver.server.close())  # "crash": no DONE
+    first.run(first._receiver.server.close())  # "crash": no DONE
     first.loop.call_soon_threadsafe(first.loop.stop)
     assert fe.is_closed()
     fe.close()
@@ -351,7 +351,7 @@ def test_unacked_config_changes_do_not_block(
     ids = [ctl.request_hints() for _ in range(50)]
     assert len(set(ids)) == 50
     assert fe.config_cmd_id() == ids[-1]  # GET_CONFIG is answered at once
-    conn = receiver.receiver.connection(path)
+    conn = receiver.connection(path)
     assert conn is not None and conn.backend_channel is not None
     assert receiver.run(_outstanding(conn)) == 51  # the DONE announcement + 50 requests, none acked yet
     fe.close()
@@ -364,7 +364,7 @@ async def _outstanding(conn: object) -> int:
 def test_control_from_another_event_loop(
     receiver: ThreadedHintReceiver, ram: GuestRam, tmp_path: Path
 ) -> None:
-    """call_async: a coroutine on another loop drives the device without blocking its own loop."""
+    """The _async calls: a coroutine on another loop drives the device without blocking its own loop."""
     path = str(tmp_path / "vu.sock")
     ctl = receiver.add_vm(path)
     fe, drv = boot(path, ram)
@@ -381,8 +381,8 @@ def test_control_from_another_event_loop(
                 await asyncio.sleep(0)
 
         t = asyncio.create_task(ticker())
-        cmd = await ctl.call_async(ctl.device.request_hints)
-        state = (await ctl.call_async(ctl.device.status)).state
+        cmd = await ctl.request_hints_async()
+        state = (await ctl.status_async()).state
         t.cancel()
         assert ticks > 0  # this loop kept running while it waited
         return cmd, state

@@ -25,14 +25,14 @@ from fph.hint_receiver import (
     F_FREE_PAGE_HINT,
     F_REPORTING,
     BalloonControl,
-    BitmapSink,
     HintState,
     ThreadedHintReceiver,
 )
-from fph.lab.provision import Lab
-from fph.lab.vm import FPH_DEVICE_ARGS, VM, VMConfig
 from fph.ram_layout import RamLayout
 from fph.vhost_user import message as m
+from fph_lab.provision import Lab
+from fph_lab.sinks import BitmapSink
+from fph_lab.vm import FPH_DEVICE_ARGS, VM, VMConfig
 
 pytestmark = [pytest.mark.guest, pytest.mark.timeout(300)]
 
@@ -94,7 +94,7 @@ def test_real_guest_hints(
     line = re.search(r"FPH-VIRTIO dev=\S+ id=0x0005 driver=(\S+) features=([01]+)", vm.console.text())
     assert line is not None and line.group(1) == "virtio_balloon"
     assert line.group(2)[3] == "1"
-    assert ctl.device.acked & F_FREE_PAGE_HINT
+    assert ctl.view().acked & F_FREE_PAGE_HINT
 
     vm.guest.fill(300)
     before = memfree(vm)
@@ -131,13 +131,13 @@ def test_real_guest_hints(
     wait_for(lambda: ctl.guest_stats().updated != stats.updated, 10, "a stats refresh")
     # Balloon: inflate by 100 MiB (pages discarded from the shared RAM file), then deflate.
     ctl.set_target(100 * MiB // 4096)
-    wait_for(lambda: ctl.device.actual == 100 * MiB // 4096, 60, "the guest to inflate")
-    assert ctl.device.counters.inflated_pages == 100 * MiB // 4096
-    assert ctl.device.counters.discarded_bytes == 100 * MiB
+    wait_for(lambda: ctl.view().actual == 100 * MiB // 4096, 60, "the guest to inflate")
+    assert ctl.view().counters.inflated_pages == 100 * MiB // 4096
+    assert ctl.view().counters.discarded_bytes == 100 * MiB
     assert memfree(vm) < before - 90 * MiB
     ctl.set_target(0)
-    wait_for(lambda: ctl.device.actual == 0, 60, "the guest to deflate")
-    assert ctl.device.counters.deflated_pages == 100 * MiB // 4096
+    wait_for(lambda: ctl.view().actual == 0, 60, "the guest to deflate")
+    assert ctl.view().counters.deflated_pages == 100 * MiB // 4096
     wait_for(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after deflate")
 
     # Hold blocks again, then device_del: the driver's remove path returns them.
@@ -147,7 +147,7 @@ def test_real_guest_hints(
     vm.qmp("device_del", {"id": "bal0"})
     wait_for(lambda: not bal0_present(vm), 30, "DEVICE_DELETED")
     wait_for(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after device_del")
-    assert receiver.receiver.connection(sock) is not None  # the chardev, so the connection, stays
+    assert receiver.connection(sock) is not None  # the chardev, so the connection, stays
     assert not balloon_bound(vm)
 
     # Re-plug on the same connection: the whole handshake again, fresh rings, a new round works.
@@ -165,7 +165,7 @@ def test_real_guest_hints(
     )
     wait_for(lambda: balloon_bound(vm), 30, "the driver to bind the re-plugged device")
     wait_for(
-        lambda: bool(ctl.device.acked & F_FREE_PAGE_HINT) and ctl.device.channel is not None,
+        lambda: bool(ctl.view().acked & F_FREE_PAGE_HINT) and ctl.view().has_channel,
         10,
         "feature negotiation after re-plug",
     )
@@ -175,7 +175,7 @@ def test_real_guest_hints(
     # Shutdown with blocks held: close() sends DONE and returns once the guest has read it.
     assert memfree(vm) < before - 300 * MiB
     receiver.close(timeout=5.0)
-    assert not ctl.device.config_unread
+    assert not ctl.view().config_unread
     wait_for(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after fph's shutdown")
 
 
@@ -193,11 +193,11 @@ def test_real_guest_keeps_running_after_fph_dies(vm_factory: Callable[..., VM], 
     try:
         vm = vm_factory(VMConfig(mem_mib=GUEST_MIB, balloon="fph", vhost_user_socket=sock), name="fph-crash")
         vm.wait_ready(120)
-        assert ctl.device.acked & m.F_EVENT_IDX
+        assert ctl.view().acked & m.F_EVENT_IDX
         before = memfree(vm)
         _, hinted = run_round(ctl)
         assert hinted > 500 * MiB and memfree(vm) < before - 500 * MiB
-        first.run(first.receiver.server.close())  # gone without DONE
+        first.run(first._receiver.server.close())  # gone without DONE
         time.sleep(0.5)
         assert vm.alive() and memfree(vm) < before - 500 * MiB
         vm.guest.console.run("echo 2 > /proc/sys/vm/drop_caches", timeout=60)
@@ -253,9 +253,11 @@ def test_real_guest_free_page_reporting(lab: Lab, tmp_path: Path) -> None:
     try:
         vm.start()
         vm.wait_ready(120)
-        assert ctl.device.acked & F_REPORTING
-        counters = ctl.device.counters
-        wait_for(lambda: counters.reported_bytes >= 256 * MiB, 30, "the guest to report free memory")
+        assert ctl.view().acked & F_REPORTING
+        wait_for(
+            lambda: ctl.view().counters.reported_bytes >= 256 * MiB, 30, "the guest to report free memory"
+        )
+        counters = ctl.view().counters
         assert counters.discarded_bytes >= counters.reported_bytes and counters.reports_not_discarded == 0
         vm.guest.fill(300)  # writes over reported (discarded) pages
         _, hinted = run_round(ctl)

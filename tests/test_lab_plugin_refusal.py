@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from fph.lab.errors import VMError
-from fph.lab.provision import Lab
-from fph.lab.vm import VM, VMConfig
 from fph.ram_layout import RamLayout
 from fph.writelog.tcg import TcgWriteLog
+from fph_lab.errors import VMError
+from fph_lab.provision import Lab
+from fph_lab.vm import VM, VMConfig
 
 pytestmark = pytest.mark.guest
 MiB = 1 << 20

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fph.lab.provision import QEMU_ACCEPT, QEMU_SOURCES, QemuSource, _source_stamp, _stamp_ok, _write_stamp
+from fph_lab.provision import QEMU_ACCEPT, QEMU_SOURCES, QemuSource, _source_stamp, _stamp_ok, _write_stamp
 
 
 @pytest.mark.parametrize("src", QEMU_SOURCES, ids=lambda s: s.name)

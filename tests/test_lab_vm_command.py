@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fph.lab.errors import VMError
-from fph.lab.provision import Lab, QemuInstall
-from fph.lab.vm import VM, VMConfig
+from fph_lab.errors import VMError
+from fph_lab.provision import Lab, QemuInstall
+from fph_lab.vm import VM, VMConfig
 
 
 @pytest.fixture

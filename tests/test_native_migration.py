@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from fph.lab.check import check_destination
-from fph.lab.pair import VMPair
-from fph.lab.provision import Lab
-from fph.lab.vm import VM, VMConfig
 from fph.migration_hook import HookEvent, HookPoint, NativeMigration
 from fph.qmp import MigrationCancelledError, QMPCommandError
+from fph_lab.check import check_destination
+from fph_lab.pair import VMPair
+from fph_lab.provision import Lab
+from fph_lab.vm import VM, VMConfig
 
 pytestmark = pytest.mark.guest
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fph.ram_layout import PAGE_SIZE
-from fph.sender.pagehash import changed_pages, copy_scan, page_hashes
+from fph.transfer.pagehash import changed_pages, copy_scan, page_hashes
 
 
 @settings(max_examples=300, deadline=None)

@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 
 from fph.dirty_bitmap import DirtyBitmap
+from fph.migration.precopy import Precopy, PrecopyConfig
 from fph.ram_layout import PAGE_SIZE, RamLayout, RamRange
-from fph.sender.channel import ChannelError, Receiver, SourceChannel
-from fph.sender.pagehash import page_hashes
-from fph.sender.precopy import Precopy, PrecopyConfig
-from fph.sender.ram import RamFile, RamFileError
+from fph.transfer.channel import ChannelError
+from fph.transfer.pagehash import page_hashes
+from fph.transfer.ram_file import RamFile, RamFileError
+from fph.transfer.receiver import RamReceiver
+from fph.transfer.sender import RamSender
 
 MiB = 1 << 20
 LAYOUT = RamLayout([RamRange(0, 48 * MiB, 0), RamRange(64 * MiB, 16 * MiB, 48 * MiB)])
@@ -134,9 +136,9 @@ def migrate(
 ) -> tuple:
     bitmap = DirtyBitmap(LAYOUT)
     guest = SoftGuest(src, LAYOUT)
-    receiver = Receiver(dst)
+    receiver = RamReceiver(dst)
     addr = receiver.start()
-    channel = SourceChannel(addr, RamFile(src.path, LAYOUT, writable=False))
+    channel = RamSender(addr, RamFile(src.path, LAYOUT, writable=False))
     channel.connect()
     empty = np.zeros_like(guest.log)
     harvest = (lambda: (guest.harvest(), empty)[1]) if ignore_log else guest.harvest
@@ -212,8 +214,8 @@ def test_the_switchover_check_does_not_cover_reused_hinted_pages(ram_files: tupl
     src, dst = ram_files
     bitmap = DirtyBitmap(LAYOUT)
     guest = SoftGuest(src, LAYOUT)
-    receiver = Receiver(dst)
-    channel = SourceChannel(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
+    receiver = RamReceiver(dst)
+    channel = RamSender(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
     channel.connect()
     balloon = FakeBalloon(bitmap, guest, [8 * MiB])
     pc = Precopy(bitmap, channel.ram, channel, lambda: np.zeros(bitmap.nwords, dtype=np.uint64), balloon)
@@ -228,11 +230,11 @@ def test_the_switchover_check_does_not_cover_reused_hinted_pages(ram_files: tupl
     assert differing_pages(src, dst, guest) == [(8 * MiB >> 12) + 3]
 
 
-def no_log_precopy(src: RamFile, dst: RamFile) -> tuple[Precopy, SourceChannel, Receiver]:
+def no_log_precopy(src: RamFile, dst: RamFile) -> tuple[Precopy, RamSender, RamReceiver]:
     """A connected precopy with an empty write log, after its first round."""
     bitmap = DirtyBitmap(LAYOUT)
-    receiver = Receiver(dst)
-    channel = SourceChannel(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
+    receiver = RamReceiver(dst)
+    channel = RamSender(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
     channel.connect()
     pc = Precopy(bitmap, channel.ram, channel, lambda: np.zeros(bitmap.nwords, dtype=np.uint64))
     pc.start()
@@ -269,8 +271,8 @@ def test_skipped_zero_pages_are_not_re_read(ram_files: tuple[RamFile, RamFile]) 
 
 def test_receiver_failure_reaches_the_source(ram_files: tuple[RamFile, RamFile]) -> None:
     src, dst = ram_files
-    receiver = Receiver(dst)
-    channel = SourceChannel(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
+    receiver = RamReceiver(dst)
+    channel = RamSender(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
     channel.connect()
     page = np.ones(16 * PAGE_SIZE, dtype=np.uint8)
     channel.send_pages(0, 0, page[:PAGE_SIZE], page_hashes(page[:PAGE_SIZE]))
@@ -284,7 +286,7 @@ def test_receiver_failure_reaches_the_source(ram_files: tuple[RamFile, RamFile])
 
 def test_unreachable_destination_and_bad_ram_file(tmp_path: Path) -> None:
     with pytest.raises(ChannelError, match="cannot reach"):
-        SourceChannel(("127.0.0.1", 1), None, timeout=2).connect()  # type: ignore[arg-type]
+        RamSender(("127.0.0.1", 1), None, timeout=2).connect()  # type: ignore[arg-type]
     small = tmp_path / "small.ram"
     small.write_bytes(b"\0" * PAGE_SIZE)
     with pytest.raises(RamFileError, match="holds 4096 bytes"):
@@ -304,8 +306,8 @@ def test_holes_of_the_source_stay_unread_and_a_later_write_into_one_still_arrive
         pytest.skip("file system without holes")
     guest = SoftGuest(src, LAYOUT)
     bitmap = DirtyBitmap(LAYOUT)
-    receiver = Receiver(dst)
-    channel = SourceChannel(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
+    receiver = RamReceiver(dst)
+    channel = RamSender(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
     channel.connect()
     pc = Precopy(bitmap, channel.ram, channel, guest.harvest)
     pc.start()
@@ -331,14 +333,14 @@ def test_the_receiver_is_prepared_when_it_says_so(ram_files: tuple[RamFile, RamF
     """wait_prepared returns once every page of the destination file is allocated: round 0 waits for it
     rather than streaming into a socket the kernel cannot drain while it allocates."""
     _src, dst = ram_files
-    receiver = Receiver(dst)
+    receiver = RamReceiver(dst)
     receiver.start()
     try:
         assert receiver.wait_prepared(60) > 0.0
         assert os.stat(dst.path).st_blocks * 512 >= LAYOUT.ram_bytes
     finally:
         receiver.stop()
-    unprepared = Receiver(dst, prepare=False)
+    unprepared = RamReceiver(dst, prepare=False)
     with pytest.raises(ChannelError, match="still preparing"):
         unprepared.wait_prepared(0.01)  # never started
     unprepared.stop()

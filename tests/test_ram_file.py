@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fph.ram_layout import PAGE_SIZE, RamLayout, RamRange
-from fph.sender.ram import RamFile
+from fph.transfer.ram_file import RamFile
 
 MiB = 1 << 20
 # Two ranges as on a pc machine: GPA 0 at file offset 0, GPA 64 MiB at file offset 8 MiB.

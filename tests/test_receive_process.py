@@ -1,4 +1,4 @@
-"""The destination receiver as its own process (``python -m fph.sender.receive``), driven by a source."""
+"""The destination receiver as its own process (``python -m fph.transfer.receiver``), driven by a source."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from fph.dirty_bitmap import DirtyBitmap
+from fph.migration.precopy import Precopy
 from fph.ram_layout import PAGE_SIZE, RamLayout
-from fph.sender.channel import ChannelError, SourceChannel
-from fph.sender.precopy import Precopy
-from fph.sender.ram import RamFile
+from fph.transfer.channel import ChannelError
+from fph.transfer.ram_file import RamFile
+from fph.transfer.sender import RamSender
 
 MiB = 1 << 20
 
@@ -39,7 +40,7 @@ def start_receiver(dst: Path, mem_mib: int) -> tuple[subprocess.Popen[str], tupl
         [
             sys.executable,
             "-m",
-            "fph.sender.receive",
+            "fph.transfer.receiver",
             "--ram",
             str(dst),
             "--mem-mib",
@@ -64,7 +65,7 @@ def test_a_source_migrates_into_a_receiver_process(files: tuple[Path, Path]) -> 
     src.buf[: 40 * MiB] = np.random.default_rng(3).integers(0, 255, 40 * MiB, dtype=np.uint8)
     proc, addr = start_receiver(dst_path, 64)
     try:
-        channel = SourceChannel(addr, RamFile(src_path, layout, writable=False))
+        channel = RamSender(addr, RamFile(src_path, layout, writable=False))
         channel.connect()
         bitmap = DirtyBitmap(layout)
         pc = Precopy(bitmap, channel.ram, channel, lambda: np.zeros(bitmap.nwords, dtype=np.uint64))
@@ -88,7 +89,7 @@ def test_a_layout_mismatch_is_refused_by_the_receiver_process(files: tuple[Path,
     src_path, dst_path = files
     proc, addr = start_receiver(dst_path, 32)  # the destination thinks the guest has 32 MiB
     try:
-        channel = SourceChannel(addr, RamFile(src_path, RamLayout.pc(64 * MiB), writable=False))
+        channel = RamSender(addr, RamFile(src_path, RamLayout.pc(64 * MiB), writable=False))
         channel.connect()
         with pytest.raises(ChannelError, match="differs from the destination"):
             channel.finish({})
@@ -102,7 +103,7 @@ def test_a_layout_mismatch_is_refused_by_the_receiver_process(files: tuple[Path,
 
 def test_a_missing_ram_file_fails_at_once(tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "fph.sender.receive", "--ram", str(tmp_path / "none"), "--mem-mib", "64"],
+        [sys.executable, "-m", "fph.transfer.receiver", "--ram", str(tmp_path / "none"), "--mem-mib", "64"],
         capture_output=True,
         text=True,
         timeout=60,

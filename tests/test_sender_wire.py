@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fph.ram_layout import PAGE_SIZE, GiB, RamLayout
-from fph.sender.pagehash import page_hashes
-from fph.sender.wire import (
+from fph.transfer.pagehash import page_hashes
+from fph.transfer.wire import (
     HEADER_SIZE,
     MAX_FRAME_PAGES,
     ChecksumError,

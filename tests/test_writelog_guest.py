@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fph.lab.provision import Lab
-from fph.lab.vm import VM, VMConfig
 from fph.ram_layout import RamLayout
-from fph.writelog.check import build_guest_program, build_straddler, coverage, snapshot, upload
 from fph.writelog.errors import SoftDirtyUnavailableError
 from fph.writelog.softdirty import SoftDirtyWriteLog, find_ram_mappings, probe_soft_dirty, qmp_vcpu_control
 from fph.writelog.tcg import TcgWriteLog
+from fph_lab.provision import Lab
+from fph_lab.vm import VM, VMConfig
+from fph_lab.writelog_check import build_guest_program, build_straddler, coverage, snapshot, upload
 
 pytestmark = pytest.mark.guest
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fph.engine import Balloon, FphConfig, FphMigration, FphMigrationError, FphReport
+from fph.migration.fph_mode import Balloon, FphConfig, FphMigration, FphMigrationError, FphReport
 from fph.migration_hook import HookEvent, HookPoint, MigrationReport, NativeMigration, job_stats
 from fph.qmp import MigrationCancelledError, QMPError
 from fph.ram_layout import PAGE_SIZE
@@ -223,13 +223,14 @@ class MigrationJob:
         connection (a QEMU monitor serves one client at a time: a second connection would wait)."""
         while True:
             await asyncio.sleep(self.params.interval_s)
-            conn = getattr(self.engine, "_src", None) if native else None
-            if conn is not None:
+            info = None
+            if native and isinstance(self.engine, NativeMigration):
                 with contextlib.suppress(QMPError, OSError):
-                    info = await conn.execute("query-migrate")
-                    self._native_stats = job_stats(info)
-                    if not self.finished:
-                        self.status = str(info.get("status", self.status))
+                    info = await self.engine.query()
+            if info is not None:
+                self._native_stats = job_stats(info)
+                if not self.finished:
+                    self.status = str(info.get("status", self.status))
             self.publish()
 
     async def cancel(self) -> None:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from fph.hint_receiver import F_FREE_PAGE_HINT, BalloonControl, HintStatus, ThreadedHintReceiver
-from fph.ram_layout import PAGE_SIZE, RamLayout
+from fph.hint_receiver import F_FREE_PAGE_HINT, BalloonControl, CountingSink, HintStatus, ThreadedHintReceiver
+from fph.ram_layout import RamLayout
 
 if TYPE_CHECKING:
     from fph.daemon.jobs import MigrationJob
@@ -130,18 +130,6 @@ class VmSpec:
         return cls(name, qmp, ram, balloon, mem, wlog)
 
 
-class CountingSink:
-    """Hint sink outside migrations: counts, keeps nothing (RecordingSink would grow without bound)."""
-
-    def __init__(self) -> None:
-        self.pages = 0
-
-    def apply_hints(self, epoch: int, ranges: Any) -> int:
-        n = sum(length for _, length in ranges) // PAGE_SIZE
-        self.pages += n
-        return n
-
-
 @dataclass
 class VmRecord:
     spec: VmSpec
@@ -228,22 +216,12 @@ class Registry:
             done = False
             if rec.control is not None:
                 ctl = rec.control
-                st = await ctl.call_async(ctl.device.status)
+                st = await ctl.status_async()
                 if st.held_bytes or st.state.value in ("requested", "start"):
-                    await ctl.call_async(ctl.device.done)
-                    done = True
                     # let the guest read DONE before the connection goes (bounded, as at shutdown)
-                    deadline = time.monotonic() + 2.0
-                    unread = ctl.device  # config_unread is read on the device's loop
-                    while time.monotonic() < deadline and await ctl.call_async(lambda: unread.config_unread):
-                        await asyncio.sleep(0.005)
-                path = str(rec.spec.balloon_socket)
-
-                async def remove() -> None:
-                    self.hints.receiver.devices.pop(path, None)
-                    await self.hints.receiver.server.remove_device(path)
-
-                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(remove(), self.hints.loop))
+                    await ctl.done_and_wait_async(2.0)
+                    done = True
+                await self.hints.remove_vm_async(ctl.socket_path)
             del self.vms[name]
             log.info("vm unregistered", extra={"vm": name, "done_sent": done})
             return done
@@ -257,30 +235,17 @@ class Registry:
 
     async def status(self, rec: VmRecord) -> HintStatus:
         ctl = self.balloon(rec)
-        return await ctl.call_async(ctl.device.status)
+        return await ctl.status_async()
 
     def connected(self, rec: VmRecord) -> bool:
-        return rec.spec.balloon_socket is not None and (
-            self.hints.receiver.connection(str(rec.spec.balloon_socket)) is not None
-        )
+        return rec.spec.balloon_socket is not None and self.hints.connected(str(rec.spec.balloon_socket))
 
     def negotiated(self, rec: VmRecord) -> bool:
-        return rec.control is not None and bool(rec.control.device.acked & F_FREE_PAGE_HINT)
+        return rec.control is not None and bool(rec.control.view().acked & F_FREE_PAGE_HINT)
 
     def ring_ranges(self, rec: VmRecord) -> list[tuple[int, int]]:
         """GPA ranges of the balloon's used rings (fph writes them; no guest store logs them)."""
-
-        async def get() -> list[tuple[int, int]]:
-            conn = self.hints.receiver.connection(str(rec.spec.balloon_socket))
-            if conn is None:
-                return []
-            return [
-                (v.queue.used_ring, 6 + 8 * v.queue.size)
-                for v in conn.handler.vrings
-                if v.queue.size and v.queue.used_ring
-            ]
-
-        return self.hints.run(get(), 2.0)
+        return rec.control.used_ring_ranges() if rec.control is not None else []
 
     def close(self, timeout: float = 2.0) -> None:
         """DONE to every guest that can hear it (bounded wait), then stop listening."""

@@ -44,8 +44,8 @@ from fph.daemon.registry import (
     check_path,
     open_writelog,
 )
-from fph.engine import FphReport
 from fph.hint_receiver import HintState
+from fph.migration.fph_mode import FphReport
 from fph.qmp import QMPConnectError, QMPConnection, QMPError
 from fph.ram_layout import PAGE_SIZE
 
@@ -243,13 +243,13 @@ class HintingService(pbg.HintingServiceServicer):
                 f"no QEMU is connected to {rec.spec.balloon_socket}: "
                 "start the VM with its balloon chardev there"
             )
-        st = await ctl.call_async(ctl.device.status)
+        st = await ctl.status_async()
         if st.state in (HintState.REQUESTED, HintState.START):
             raise FailedPrecondition(
                 f"a hint run (id {st.host_cmd_id}) is already on for {rec.name!r}; stop it"
             )
         try:
-            await ctl.call_async(ctl.device.request_hints)
+            await ctl.request_hints_async()
         except Exception as e:  # StateError: not negotiated, broken, no back-end channel
             raise FailedPrecondition(f"cannot start hinting on {rec.name!r}: {e}") from e
         rec.acknowledge_on_stop = request.acknowledge_on_stop
@@ -264,15 +264,15 @@ class HintingService(pbg.HintingServiceServicer):
         rec = self.d.registry.get(request.vm)
         self._idle(rec)
         ctl = self.d.registry.balloon(rec)
-        st = await ctl.call_async(ctl.device.status)
+        st = await ctl.status_async()
         if not rec.hint_active:
             raise FailedPrecondition(
                 f"no hint run was started on {rec.name!r} through the API (state {st.state.value})"
             )
         rec.hint_active = False
-        await ctl.call_async(ctl.device.stop_hints)
+        await ctl.stop_hints_async()
         if rec.acknowledge_on_stop:
-            await ctl.call_async(ctl.device.done)
+            await ctl.done_async()
         log.info("hinting stopped", extra={"vm": rec.name, "done": rec.acknowledge_on_stop})
         return await self._status(rec)
 
@@ -320,8 +320,8 @@ class HintingService(pbg.HintingServiceServicer):
         rec = self.d.registry.get(request.vm)
         ctl = self.d.registry.balloon(rec)
         if request.refresh:
-            await ctl.call_async(ctl.device.request_stats)
-        gs = await ctl.call_async(ctl.device.guest_stats)
+            await ctl.request_stats_async()
+        gs = await ctl.guest_stats_async()
         age = -1.0 if gs.updated is None else max(0.0, time.monotonic() - gs.updated)
         return pb.GuestStats(vm=rec.name, values={k: int(v) for k, v in gs.values.items()}, age_seconds=age)
 
@@ -338,7 +338,7 @@ class HintingService(pbg.HintingServiceServicer):
             )
         if not self.d.registry.connected(rec):
             raise FailedPrecondition(f"no QEMU is connected to {rec.spec.balloon_socket}")
-        await ctl.call_async(ctl.device.set_target, t // PAGE_SIZE)
+        await ctl.set_target_async(t // PAGE_SIZE)
         return pb.BalloonTarget(vm=rec.name, target_bytes=t)
 
 
@@ -479,7 +479,7 @@ class MigrationService(pbg.MigrationServiceServicer):
         if mode == "none" or rec.control is None:
             return total, "all guest RAM (no hinting)"
         ctl = rec.control
-        gs = await ctl.call_async(ctl.device.guest_stats)
+        gs = await ctl.guest_stats_async()
         free = gs.values.get("free_memory")
         if free is None:
             return total, "all guest RAM (no guest stats yet)"
@@ -579,7 +579,7 @@ class MigrationService(pbg.MigrationServiceServicer):
                 with contextlib.suppress(Exception):
                     wl.close()
             if rec.control is not None:
-                rec.control.device.sink = rec.sink  # the engine made its bitmap the sink
+                rec.control.set_sink(rec.sink)  # the engine made its bitmap the sink
             rec.state = "migrated" if j.report is not None else "registered"
             dst = self.d.registry.vms.get(target.vm)
             if dst is not None and dst.spec.qmp_socket == target.qmp_socket and dst.state == "incoming":

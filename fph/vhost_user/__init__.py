@@ -2,15 +2,12 @@
 
 Layout follows rust-vmm's ``vhost`` crate: ``message`` (ids, flags, payload codecs), ``handler`` (protocol
 semantics, bytes and fds in, replies and actions out), ``backend`` (what a device implements), ``connection``
-and ``server`` (sockets, fds, one event loop for many devices), ``errors`` (one error tree).
-
-The error tree is imported eagerly; everything else on first use, because fph.virtio (guest memory, rings)
-raises these errors and the protocol modules use fph.virtio: eager imports here would be circular.
+and ``server`` (sockets, fds, one event loop for many devices), ``errors`` (one error tree, rooted in
+fph.virtio, which this package builds on and which never imports it).
 """
 
-from importlib import import_module
-from typing import Any
-
+from fph.vhost_user.backend import BackendChannel, VhostUserBackend
+from fph.vhost_user.connection import BackendChannelConnection, Runstate, VhostUserConnection
 from fph.vhost_user.errors import (
     ConnectError,
     GuestError,
@@ -22,16 +19,8 @@ from fph.vhost_user.errors import (
     VhostUserError,
     VirtQueueError,
 )
-
-_LAZY = {
-    "BackendChannel": "backend",
-    "VhostUserBackend": "backend",
-    "BackendChannelConnection": "connection",
-    "Runstate": "connection",
-    "VhostUserConnection": "connection",
-    "VhostUserHandler": "handler",
-    "VhostUserServer": "server",
-}
+from fph.vhost_user.handler import VhostUserHandler
+from fph.vhost_user.server import VhostUserServer
 
 # The public names; keep in step with the module docstrings.
 __all__ = [
@@ -52,9 +41,3 @@ __all__ = [
     "VhostUserServer",
     "VirtQueueError",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(f"fph.vhost_user.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'fph.vhost_user' has no attribute {name!r}")

@@ -8,9 +8,23 @@ time: tell the caller, change nothing), ``ConnectError`` (the socket side).
 
 from __future__ import annotations
 
+from fph.virtio.errors import GuestError, GuestMemoryError, VirtioError, VirtQueueError
 
-class VhostUserError(Exception):
-    """Base of every error raised by fph.vhost_user and fph.virtio."""
+#: One tree: the root lives in fph.virtio (which this package builds on), so the guest's errors from the
+#: rings and the front-end's errors from the wire are caught with one base.
+VhostUserError = VirtioError
+
+__all__ = [
+    "ConnectError",
+    "GuestError",
+    "GuestMemoryError",
+    "MessageError",
+    "ProtocolError",
+    "StateError",
+    "UnknownRequestError",
+    "VhostUserError",
+    "VirtQueueError",
+]
 
 
 class ProtocolError(VhostUserError):
@@ -23,18 +37,6 @@ class MessageError(ProtocolError):
 
 class UnknownRequestError(ProtocolError):
     """A request id this back-end does not implement."""
-
-
-class GuestError(VhostUserError):
-    """The guest driver put invalid data where the device reads it; the device is marked broken."""
-
-
-class GuestMemoryError(GuestError):
-    """An address or length outside the guest memory the front-end shared."""
-
-
-class VirtQueueError(GuestError):
-    """A malformed descriptor chain or ring index."""
 
 
 class StateError(VhostUserError):

@@ -120,6 +120,14 @@ class VhostUserHandler:
         if vring.active:
             self.backend.process_queue(vring)
 
+    def used_ring_ranges(self) -> list[tuple[int, int]]:
+        """GPA ranges of the used rings: the back-end writes them, so no guest store ever logs them."""
+        return [
+            (v.queue.used_ring, 6 + 8 * v.queue.size)
+            for v in self.vrings
+            if v.queue.size and v.queue.used_ring
+        ]
+
     def close(self) -> None:
         """The connection is gone: drop fds and mappings, tell the device."""
         for vring in self.vrings:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from fph.vhost_user.errors import GuestMemoryError, VirtQueueError
+from fph.virtio.errors import GuestMemoryError, VirtQueueError
 from fph.virtio.memory import GuestMemory
 
 VRING_DESC = struct.Struct("<QIHH")

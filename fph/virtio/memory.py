@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NewType, cast
 
-from fph.vhost_user.errors import GuestMemoryError
+from fph.virtio.errors import GuestMemoryError
 
 Gpa = NewType("Gpa", int)
 Uva = NewType("Uva", int)

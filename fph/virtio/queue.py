@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import struct
 
-from fph.vhost_user.errors import GuestMemoryError, VirtQueueError
 from fph.virtio.chain import DescriptorChain, walk_chain
+from fph.virtio.errors import GuestMemoryError, VirtQueueError
 from fph.virtio.memory import GuestMemory, VhostLog
 
 MAX_QUEUE_SIZE = 32768

@@ -1,6 +1,6 @@
 """The lab guest's programs, driven over the serial console, and their output parsed.
 
-Programs (sources in fph/lab/guest/, built static at provision time): ``fill N`` (N MiB of non-zero data,
+Programs (sources in fph_lab/guest/, built static at provision time): ``fill N`` (N MiB of non-zero data,
 then exit), ``memhog N S`` (hold N MiB for S s), ``hold N S`` (checksummed region + heartbeat every S s),
 ``dirty N R [D]`` (R distinct pages/s), ``meminfo`` (buddyinfo free pages, present pages, MemFree).
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from fph.lab.errors import GuestError
-from fph.lab.serial import KERNEL_ERROR, SerialConsole
+from fph_lab.errors import GuestError
+from fph_lab.serial import KERNEL_ERROR, SerialConsole
 
 PAGE_SIZE = 4096
 _HB = re.compile(r"FPH-HB seq=(\d+) csum=([0-9a-f]+) uptime=([\d.]+) ok=(\d)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from fph.lab.guest import Guest, Heartbeat
+from fph_lab.guest import Guest, Heartbeat
 
 WORKLOADS = ("memhog-exit", "idle", "dirty")
 MEMHOG_MIB = 700

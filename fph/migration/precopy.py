@@ -13,6 +13,7 @@ longer matches what was sent (the TCG write log misses PTE Accessed/Dirty bits s
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Callable
@@ -24,14 +25,21 @@ import numpy.typing as npt
 
 from fph.dirty_bitmap import SEND_DATA, SEND_ZERO, SKIP_ZERO, DirtyBitmap
 from fph.ram_layout import PAGE_SHIFT, PAGE_SIZE
-from fph.sender.channel import SourceChannel
-from fph.sender.pagehash import changed_pages, copy_scan, page_hashes
-from fph.sender.ram import RamFile
-from fph.sender.wire import MAX_FRAME_PAGES
+from fph.transfer.pagehash import changed_pages, copy_scan, page_hashes
+from fph.transfer.ram_file import RamFile
+from fph.transfer.sender import RamSender
+from fph.transfer.wire import MAX_FRAME_PAGES
 
 log = logging.getLogger(__name__)
 
 ZERO_PAGE_HASH = int(page_hashes(np.zeros(PAGE_SIZE, dtype=np.uint8))[0])
+
+
+class HintPolicy(enum.Enum):
+    """When the guest gets its hinted blocks back (see ``PrecopyConfig.hint_policy``)."""
+
+    RELEASE_EARLY = "release-early"
+    EVERY_ROUND = "every-round"
 
 
 class HintControl(Protocol):
@@ -50,6 +58,10 @@ class HintControl(Protocol):
 
     def status(self) -> Any: ...
 
+    def set_sink(self, sink: Any) -> None:
+        """Where the device hands accepted hints (the migration's bitmap while it runs)."""
+        ...
+
 
 Harvest = Callable[[], npt.NDArray[np.uint64]]
 """An atomic fetch-and-clear of the write log(s), in DirtyBitmap word layout."""
@@ -67,13 +79,16 @@ class PrecopyConfig:
     first_hint_idle_s: float = 1.0
     """... and stops waiting once the run has reported no new block for this long."""
     take_budget_bytes: int = 64 << 20
-    hint_policy: str = "release-early"
+    hint_policy: HintPolicy = HintPolicy.RELEASE_EARLY
     """``release-early``: one hint run before round 0, then DONE at once, so the guest gets its memory
     back before anything is sent and the kernel's bookkeeping writes for those pages (struct page: ~1.6 %
     of the memory released) are sent once, in round 0. ``every-round``: a fresh hint run per round, the
     blocks held until the balloon is unplugged at switchover (QEMU's behaviour)."""
     release_settle_s: float = 0.1
     """After DONE, how long to let the guest free its blocks before the sync that precedes round 0."""
+
+    def __post_init__(self) -> None:
+        self.hint_policy = HintPolicy(self.hint_policy)  # a misspelt name fails here, loudly
 
 
 @dataclass
@@ -117,7 +132,7 @@ class Precopy:
         self,
         bitmap: DirtyBitmap,
         ram: RamFile,
-        channel: SourceChannel,
+        channel: RamSender,
         harvest: Harvest,
         hints: HintControl | None = None,
         config: PrecopyConfig | None = None,
@@ -188,7 +203,7 @@ class Precopy:
                 # The first run is over: sync once more before sending, so the pages the guest wrote
                 # while hinting (with init_on_alloc=1 the driver zeroes every block it hints) are
                 # merged now and sent once, instead of being sent and then sent again in round 1.
-                early = cfg.hint_policy == "release-early"
+                early = cfg.hint_policy is HintPolicy.RELEASE_EARLY
                 _newly, rs.harvest_ms = self.sync(new_epoch=not early)
                 if early:
                     self._release_hints(cfg.release_settle_s)
@@ -196,7 +211,7 @@ class Precopy:
                     rs.harvest_ms += ms2
                 rs.hint_cmd_id = self.bitmap.epoch
         else:
-            _newly, rs.harvest_ms = self.sync(new_epoch=cfg.hint_policy == "every-round")
+            _newly, rs.harvest_ms = self.sync(new_epoch=cfg.hint_policy is HintPolicy.EVERY_ROUND)
             rs.dirty_rate_pps = self._dirty_rate
             rs.hint_cmd_id = self.bitmap.epoch
         rs.dirty_at_start = self.bitmap.count_dirty()

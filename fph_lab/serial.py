@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from fph.lab.errors import GuestError
+from fph_lab.errors import GuestError
 
 # Kernel trouble that fails the destination check (and every guest test).
 KERNEL_ERROR = re.compile(

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from fph.lab.check import DestinationCheck, check_destination
-from fph.lab.guest import Heartbeat
-from fph.lab.provision import Lab
-from fph.lab.vm import VM, VMConfig
 from fph.migration_hook import HookListener, MigrationReport, NativeMigration
+from fph_lab.check import DestinationCheck, check_destination
+from fph_lab.guest import Heartbeat
+from fph_lab.provision import Lab
+from fph_lab.vm import VM, VMConfig
 
 
 class PairBase:

@@ -1,27 +1,31 @@
 """One lab migration end to end, in any mode: boot, workload, lower bound, migrate, destination check.
 
-The CLI (``fph migrate``), the demo and the migration benchmark all go through :func:`lab_migration`, so a
-figure from any of them means the same thing.
+``python -m fph_lab.migrate --mode fph|native|none`` (as root: it provisions the lab), the demo and the
+migration benchmark all go through :func:`lab_migration`, so a figure from any of them means the same thing.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fph.engine import FphConfig, FphReport
-from fph.lab.check import DestinationCheck
-from fph.lab.fph_mode import FphPair
-from fph.lab.pair import VMPair
-from fph.lab.provision import Lab
-from fph.lab.vm import VMConfig
-from fph.lab.workload import run_workload
+from fph.migration.fph_mode import FphConfig, FphReport
+from fph.migration.precopy import RoundStats
+from fph.migration.tables import rounds_table, side_by_side
 from fph.migration_hook import HookEvent, HookPoint, MigrationReport
-from fph.sender.precopy import RoundStats
+from fph_lab.check import DestinationCheck
+from fph_lab.fph_mode import FphPair
+from fph_lab.pair import VMPair
+from fph_lab.provision import Lab, provision
+from fph_lab.vm import VMConfig
+from fph_lab.workload import WORKLOADS, run_workload
 
 MODES = ("fph", "native", "none")
 Progress = Callable[[str], None]
@@ -116,3 +120,38 @@ def lab_migration(
         check = pair.check()
         progress(f"[{mode}] destination check: {'ok' if check.ok else '; '.join(check.problems)}")
         return LabMigration(mode, workload, init_on_alloc, report, check, lower, boot_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fph_lab.migrate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=MODES, default="fph")
+    ap.add_argument("--workload", choices=WORKLOADS, default="memhog-exit")
+    ap.add_argument("--mem-mib", type=int, default=1024)
+    ap.add_argument("--init-on-alloc", type=int, choices=(0, 1), default=None, help="default: the kernel's")
+    ap.add_argument("--bandwidth", type=int, default=None, help="bytes/s (default unlimited)")
+    ap.add_argument("--json", type=Path, help="write the full report here")
+    args = ap.parse_args(argv)
+    lab = provision(log=lambda m: print(f"[lab] {m}", file=sys.stderr))
+    result = lab_migration(
+        lab,
+        args.mode,
+        args.workload,
+        mem_mib=args.mem_mib,
+        init_on_alloc=args.init_on_alloc,
+        bandwidth=args.bandwidth,
+        progress=lambda line: print(line, flush=True),
+    )
+    print()
+    lower = {"lower bound (MiB)": {args.mode: f"{result.lower_bound_bytes / (1 << 20):.1f}"}}
+    print(side_by_side({args.mode: result.report}, lower))
+    rounds = getattr(result.report, "rounds", None)
+    if rounds:
+        print()
+        print(rounds_table(rounds))
+    if args.json:
+        args.json.write_text(json.dumps(result.as_dict(), indent=1, default=str) + "\n")
+    return 0 if result.check.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Every claim fph makes is measured on real guests under real QEMU; this module makes that possible from a
 fresh Debian machine, idempotently: each step writes a stamp with the inputs it was built from, so a second
-run only checks stamps. ``python -m fph.lab.provision [--refresh]``; cache in ``$FPH_LAB_DIR``
+run only checks stamps. ``python -m fph_lab.provision [--refresh]``; cache in ``$FPH_LAB_DIR``
 (default ``/var/cache/fph-lab``).
 """
 
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fph.lab.errors import LabError
+from fph_lab.errors import LabError
 
 DEFAULT_LAB_DIR = Path("/var/cache/fph-lab")
 MIRROR = "http://deb.debian.org/debian"
@@ -113,7 +113,7 @@ class Lab:
         path = root / _MANIFEST
         if not path.exists():
             raise LabError(
-                f"no provisioned lab in {root}: run `python -m fph.lab.provision` (or scripts/setup --lab)"
+                f"no provisioned lab in {root}: run `python -m fph_lab.provision` (or scripts/setup --lab)"
             )
         data = json.loads(path.read_text())
         data["qemu"] = QemuInstall(
@@ -126,7 +126,7 @@ class Lab:
         lab = cls(**data)
         for p in (lab.kernel, lab.initramfs, lab.qemu.binary):
             if not Path(p).exists():
-                raise LabError(f"lab artifact missing: {p}; run `python -m fph.lab.provision --refresh`")
+                raise LabError(f"lab artifact missing: {p}; run `python -m fph_lab.provision --refresh`")
         return lab
 
 
@@ -400,7 +400,7 @@ def ensure_qemu(root: Path, refresh: bool, log: Log) -> QemuInstall:
             raise LabError(
                 f"no QEMU 11.1.x found ({'; '.join(seen)}); fph's lab is pinned to 11.1.x. Add a source "
                 "to QEMU_SOURCES or, after re-validating fph on the new QEMU, update QEMU_ACCEPT in "
-                "fph/lab/provision.py"
+                "fph_lab/provision.py"
             )
     q = chroot_qemu(chroot)
     if not QEMU_ACCEPT.match(q.version):
@@ -500,7 +500,7 @@ def module_load_order(kroot: Path, kver: str, names: tuple[str, ...] = GUEST_MOD
 
 
 def ensure_guest_programs(root: Path, refresh: bool, log: Log) -> dict[str, Path]:
-    """Build the static guest programs from fph/lab/guest/*.c (never committed as binaries)."""
+    """Build the static guest programs from fph_lab/guest/*.c (never committed as binaries)."""
     sources = sorted(GUEST_SRC.glob("*.[ch]"))
     key: dict[str, object] = {"sources": _sha256(*sources), "programs": list(GUEST_PROGRAMS)}
     bindir = root / "guest" / "bin"
@@ -632,7 +632,7 @@ def provision(root: Path | None = None, *, refresh: bool = False, log: Log = pri
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fph.lab.provision", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m fph_lab.provision", description=__doc__)
     ap.add_argument("--refresh", action="store_true", help="rebuild every artifact, ignoring stamps")
     ap.add_argument(
         "--dir", type=Path, default=None, help=f"lab directory (default $FPH_LAB_DIR or {DEFAULT_LAB_DIR})"
@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         provision(args.dir, refresh=args.refresh)
     except LabError as e:
-        print(f"fph.lab.provision: {e}", file=sys.stderr)
+        print(f"fph_lab.provision: {e}", file=sys.stderr)
         return 1
     return 0
 

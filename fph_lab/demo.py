@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from fph.lab.migrate import LabMigration, lab_migration
-from fph.lab.provision import provision
-from fph.report import rounds_table, side_by_side
+from fph.migration.tables import rounds_table, side_by_side
+from fph_lab.migrate import LabMigration, lab_migration
+from fph_lab.provision import provision
 
 MiB = 1 << 20
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fph.engine import Balloon, FphConfig, FphMigration, FphReport
 from fph.hint_receiver import BalloonControl, ThreadedHintReceiver
-from fph.lab.pair import PairBase
-from fph.lab.provision import Lab
-from fph.lab.vm import VM, VMConfig
+from fph.migration.fph_mode import Balloon, FphConfig, FphMigration, FphReport
 from fph.ram_layout import RamLayout
 from fph.writelog.base import WriteLog
 from fph.writelog.tcg import TcgWriteLog
+from fph_lab.pair import PairBase
+from fph_lab.provision import Lab
+from fph_lab.vm import VM, VMConfig
 
 MiB = 1 << 20
 
@@ -106,24 +106,12 @@ class FphPair(PairBase):
 
     def ring_ranges(self) -> list[tuple[int, int]]:
         """GPA ranges of the source balloon's used rings (fph writes them; the plugin cannot see it)."""
-
-        async def get() -> list[tuple[int, int]]:
-            conn = self.hints.receiver.connection(self.src_socket)
-            if conn is None:
-                return []
-            out = []
-            for vring in conn.handler.vrings:
-                q = vring.queue
-                if q.size and q.used_ring:
-                    out.append((q.used_ring, 6 + 8 * q.size))
-            return out
-
-        return self.hints.run(get(), 2.0)
+        return self.control.used_ring_ranges() if self.control is not None else []
 
     def start_receiver_process(self, timeout: float = 600.0) -> tuple[str, int]:
         """The destination's receiver as its own process (as on a destination host); ended at stop()."""
         assert self.dst.ram_path is not None
-        cmd = [sys.executable, "-m", "fph.sender.receive", "--ram", str(self.dst.ram_path),
+        cmd = [sys.executable, "-m", "fph.transfer.receiver", "--ram", str(self.dst.ram_path),
                "--mem-mib", str(self.mem_mib), "--timeout", str(timeout)]  # fmt: skip
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.receiver_procs.append(proc)

@@ -5,7 +5,7 @@ RAM file; every path in it is a host path and also the path QEMU uses (the lab's
 through its chroot's loader). Teardown ends only the QEMU process this object started, by PID, and is
 registered with ``atexit`` so a failing test or Ctrl-C leaves no QEMU behind; QEMU also runs with
 ``-run-with exit-with-parent=on``, so a killed test process takes its QEMUs along. Nothing is mounted on the
-host (the module bind mount of fph.lab.provision lives in QEMU's private mount namespace).
+host (the module bind mount of fph_lab.provision lives in QEMU's private mount namespace).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fph.lab.errors import LabError, VMError
-from fph.lab.guest import Guest
-from fph.lab.provision import Lab
-from fph.lab.serial import SerialConsole
 from fph.qmp import QMPError, qmp_call
+from fph_lab.errors import LabError, VMError
+from fph_lab.guest import Guest
+from fph_lab.provision import Lab
+from fph_lab.serial import SerialConsole
 
 Balloon = Literal["native", "none", "fph"]
 RamBackend = Literal["memfd", "file"]

@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from fph.lab.errors import GuestError, LabError
-from fph.lab.guest import Heartbeat, kernel_errors
-from fph.lab.vm import VM
 from fph.qmp import QMPError
+from fph_lab.errors import GuestError, LabError
+from fph_lab.guest import Heartbeat, kernel_errors
+from fph_lab.vm import VM
 
 
 @dataclass

@@ -32,7 +32,7 @@ import numpy.typing as npt
 import xxhash
 
 from fph.ram_layout import PAGE_SHIFT, PAGE_SIZE, LayoutError, RamLayout, RamRange
-from fph.sender.pagehash import page_hashes
+from fph.transfer.pagehash import page_hashes
 
 MAGIC = b"FPHd"
 VERSION = 1

@@ -32,21 +32,14 @@ import numpy as np
 import numpy.typing as npt
 
 from fph.dirty_bitmap import DirtyBitmap
-from fph.migration_hook import (
-    FINAL_STATUSES,
-    HookDispatcher,
-    HookEvent,
-    HookListener,
-    HookPoint,
-    JobStatsView,
-    figures_final,
-    job_stats,
-)
+from fph.migration.hooks import HookDispatcher, HookEvent, HookListener, HookPoint
+from fph.migration.job_stats import FINAL_STATUSES, JobStatsView, figures_final, job_stats
+from fph.migration.precopy import HintControl, Precopy, PrecopyConfig, RoundStats
 from fph.qmp import QMPConnection, QMPError
 from fph.ram_layout import PAGE_SIZE, RamLayout
-from fph.sender.channel import Receiver, ReceiverResult, SourceChannel
-from fph.sender.precopy import HintControl, Precopy, PrecopyConfig, RoundStats
-from fph.sender.ram import RamFile
+from fph.transfer.ram_file import RamFile
+from fph.transfer.receiver import RamReceiver, ReceiverResult
+from fph.transfer.sender import RamSender
 from fph.writelog.base import WriteLog
 from fph.writelog.device import DeviceWriteLog
 
@@ -89,13 +82,9 @@ class Balloon:
 
 
 @dataclass
-class FphConfig:
-    max_rounds: int = 30
-    downtime_limit_ms: float = 300.0
-    bandwidth: int | None = None
-    first_hint_wait_s: float = 15.0
-    hint_policy: str = "release-early"
-    """See ``PrecopyConfig.hint_policy``."""
+class FphConfig(PrecopyConfig):
+    """The precopy rounds' settings plus what the QEMU side of an fph migration needs."""
+
     verify_sent: bool = True
     """Re-read every sent page at switchover (needed with the TCG write log)."""
     data_host: str = "127.0.0.1"
@@ -118,6 +107,34 @@ class FphReport(JobStatsView):
     destination: dict[str, Any]
     hooks: list[HookEvent] = field(default_factory=list)
     wall_s: float = 0.0
+
+
+@dataclass
+class _Resources:
+    """What a running migration opened and must close, whatever happens."""
+
+    src_ram: RamFile | None = None
+    dst_ram: RamFile | None = None
+    sender: RamSender | None = None
+    receiver: RamReceiver | None = None
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+        if self.receiver is not None:
+            self.receiver.stop()
+        for ram in (self.src_ram, self.dst_ram):
+            if ram is not None:
+                ram.close()
+
+
+@dataclass
+class _Progress:
+    """How far the switchover got: what an abort must undo."""
+
+    balloon_removed: bool = False
+    src_stopped: bool = False
+    dst_running: bool = False
 
 
 class FphMigration:
@@ -162,7 +179,7 @@ class FphMigration:
         self.precopy: Precopy | None = None
         self._cancel = False
         self._rings: list[tuple[int, int]] = []
-        self._hold: dict[str, Any] = {}
+        self._res = _Resources()
         self._sync = 0
 
     # -------------------------------------------------------------------------------------- helpers
@@ -183,9 +200,9 @@ class FphMigration:
         await self.dispatcher.emit(HookEvent(point, self._sync, time.time(), observed=False))
 
     @property
-    def receiver(self) -> Receiver | None:
+    def receiver(self) -> RamReceiver | None:
         """The destination receiver while the migration runs (fault injection in tests)."""
-        return self._hold.get("receiver")
+        return self._res.receiver
 
     def cancel(self) -> None:
         """Ask the migration to stop at the next round boundary (it then aborts cleanly)."""
@@ -197,62 +214,49 @@ class FphMigration:
         src = QMPConnection(self.src_qmp, "fph-engine-src")
         dst = QMPConnection(self.dst_qmp, "fph-engine-dst")
         await src.connect()
-        hold: dict[str, Any] = self._hold
-        state = {"balloon_removed": False, "src_stopped": False, "dst_running": False}
+        res = self._res
+        progress = _Progress()
         try:
             await dst.connect()
-            return await self._run(src, dst, state, hold)
+            return await self._run(src, dst, progress, res)
         except BaseException as exc:
-            cleanup = await self._abort(src, dst, state, hold.get("channel"), hold.get("receiver"), exc)
+            cleanup = await self._abort(src, dst, progress, res.sender, res.receiver, exc)
             raise FphMigrationError(self.phase, exc, cleanup) from exc
         finally:
-            if "channel" in hold:
-                hold["channel"].close()
-            if "receiver" in hold:
-                hold["receiver"].stop()
-            for key in ("src_ram", "dst_ram"):
-                if key in hold:
-                    hold[key].close()
+            res.close()
             await src.close()
             await dst.close()
 
     async def _run(
-        self, src: QMPConnection, dst: QMPConnection, state: dict[str, bool], hold: dict[str, Any]
+        self, src: QMPConnection, dst: QMPConnection, progress: _Progress, res: _Resources
     ) -> FphReport:
         cfg = self.config
         t_start = time.monotonic()
         self.phase = Phase.SETUP
         await self._hook(HookPoint.SETUP)
-        receiver: Receiver | None = None
+        receiver: RamReceiver | None = None
         if self.dst_ram_path is not None:
-            dst_ram = hold["dst_ram"] = RamFile(self.dst_ram_path, self.layout, writable=True)
-            receiver = hold["receiver"] = Receiver(dst_ram, cfg.data_host)  # prepares the RAM file first
+            dst_ram = res.dst_ram = RamFile(self.dst_ram_path, self.layout, writable=True)
+            receiver = res.receiver = RamReceiver(dst_ram, cfg.data_host)  # prepares the RAM file first
             address = receiver.start()
         else:
             assert self.receiver_address is not None
-            address = self.receiver_address  # a receiver on the destination host (fph.sender.receive)
+            address = self.receiver_address  # a receiver on the destination host (fph.transfer.receiver)
         caps = [{"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]
         for conn in (src, dst):
             await conn.execute("migrate-set-capabilities", {"capabilities": caps})
         await src.execute("migrate-set-parameters", {"downtime-limit": int(cfg.downtime_limit_ms)})
         await dst.execute("migrate-incoming", {"uri": self.uri})
-        src_ram = hold["src_ram"] = RamFile(self.src_ram_path, self.layout, writable=False)
-        channel = hold["channel"] = SourceChannel(address, src_ram, bandwidth=cfg.bandwidth)
+        src_ram = res.src_ram = RamFile(self.src_ram_path, self.layout, writable=False)
+        channel = res.sender = RamSender(address, src_ram, bandwidth=cfg.bandwidth)
         await asyncio.to_thread(channel.connect)
         bitmap = DirtyBitmap(self.layout)
         if self.balloon is not None:
-            _route_hints(self.balloon.control, bitmap)
+            self.balloon.control.set_sink(bitmap)
         self.writelog.start()
         self.device_log.start()
-        pcfg = PrecopyConfig(
-            max_rounds=cfg.max_rounds,
-            downtime_limit_ms=cfg.downtime_limit_ms,
-            bandwidth=cfg.bandwidth,
-            first_hint_wait_s=cfg.first_hint_wait_s,
-            hint_policy=cfg.hint_policy,
-        )
         ready = None if receiver is None else lambda: receiver.wait_prepared(cfg.receiver_prepare_timeout_s)
-        pc = self.precopy = Precopy(bitmap, src_ram, channel, self._harvest, self._hints(), pcfg, ready)
+        pc = self.precopy = Precopy(bitmap, src_ram, channel, self._harvest, self._hints(), cfg, ready)
         t_setup = time.monotonic()
 
         # ---- rounds, guest running
@@ -275,11 +279,11 @@ class FphMigration:
                 self.balloon.control.stop_hints()
             bitmap.close_epoch()
             await self._device_del(src, self.balloon.device_id)
-            state["balloon_removed"] = True
+            progress.balloon_removed = True
         unplug_ms = (time.monotonic() - t_unplug) * 1e3
         await src.execute("stop")
         t_stop = time.monotonic()
-        state["src_stopped"] = True
+        progress.src_stopped = True
         self.phase = Phase.STOPPED
         await self._hook(HookPoint.BEFORE_SYNC)
         final = await asyncio.to_thread(pc.final_round)
@@ -301,7 +305,7 @@ class FphMigration:
         self.phase = Phase.RESUME
         await dst.execute("cont")
         t_resumed = time.monotonic()
-        state["dst_running"] = True
+        progress.dst_running = True
         replug_ms = None
         if self.balloon is not None and self.balloon.destination_socket:
             t = time.monotonic()
@@ -429,9 +433,9 @@ class FphMigration:
         self,
         src: QMPConnection,
         dst: QMPConnection,
-        state: dict[str, bool],
-        channel: SourceChannel | None,
-        receiver: Receiver | None,
+        progress: _Progress,
+        channel: RamSender | None,
+        receiver: RamReceiver | None,
         exc: BaseException,
     ) -> list[str]:
         """Undo what can be undone; every step is attempted, and each one's outcome is reported."""
@@ -450,7 +454,7 @@ class FphMigration:
             done.append("data channel aborted")
         if receiver is not None:
             receiver.stop()
-        if state["dst_running"]:
+        if progress.dst_running:
             return done  # the guest runs on the destination: nothing to undo on the source
         with contextlib.suppress(Exception):
             await src.execute("migrate_cancel")
@@ -459,10 +463,10 @@ class FphMigration:
             done.append("destination QEMU quit")
         except QMPError:  # already gone (killed, or it failed first)
             done.append("destination QEMU already gone")
-        if state["src_stopped"]:
+        if progress.src_stopped:
             await attempt("source resumed (cont)", lambda: src.execute("cont"))
         if self.balloon is not None:
-            if state["balloon_removed"]:  # device_del keeps the chardev: add the device back on it
+            if progress.balloon_removed:  # device_del keeps the chardev: add the device back on it
                 await attempt("balloon re-added on the source", lambda: self._readd(src))
             else:
                 ctl = self.balloon.control
@@ -555,11 +559,3 @@ class FphMigration:
 def _event_data(event: Any) -> dict[str, Any]:
     data = event.get("data")
     return dict(data) if isinstance(data, dict) else {}
-
-
-def _route_hints(control: HintControl, bitmap: DirtyBitmap) -> None:
-    """Make the migration's bitmap the balloon's hint sink (``BalloonControl.device.sink``)."""
-    device = getattr(control, "device", None)
-    if device is None or not hasattr(device, "sink"):
-        raise TypeError("the balloon control does not expose its device's hint sink")
-    device.sink = bitmap

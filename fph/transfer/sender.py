@@ -1,34 +1,27 @@
-"""The data plane over TCP: :class:`SourceChannel` sends frames, :class:`Receiver` writes them into RAM.
-
-Blocking sockets with timeouts, one thread per end: page payloads go from the source's RAM mapping to
-the kernel with ``sendmsg`` and from the kernel into the destination's RAM mapping with ``recv_into``,
-never through a Python bytes object. Memory stays bounded by one frame (1 MiB) on each side.
+"""The source end of the data plane: :class:`RamSender` reads pages from the source RAM file and sends
+frames (wire.py) to a :class:`fph.transfer.receiver.RamReceiver`, paced to a bandwidth cap.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import select
 import socket
-import threading
 import time
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from fph.ram_layout import PAGE_SIZE
-from fph.sender.ram import RamFile
-from fph.sender.wire import (
+from fph.transfer.channel import ChannelError, ChannelState, WireCounters, recv_exact
+from fph.transfer.ram_file import RamFile
+from fph.transfer.wire import (
     HEADER_SIZE,
     MAX_FRAME_PAGES,
     Frame,
     Kind,
-    ReceiverProtocol,
-    RxState,
     WireError,
     checksum,
     decode_json,
@@ -39,35 +32,6 @@ from fph.sender.wire import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class ChannelError(RuntimeError):
-    """The data connection failed or the other end reported an error; the migration must abort."""
-
-
-class ChannelState(enum.Enum):
-    IDLE = "idle"
-    CONNECTED = "connected"
-    FINISHED = "finished"
-    FAILED = "failed"
-    CLOSED = "closed"
-
-
-@dataclass
-class WireCounters:
-    frames: int = 0
-    bytes_on_wire: int = 0
-    pages: int = 0
-    zero_pages: int = 0
-
-
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ChannelError(f"peer closed the data connection after {got} of {len(view)} bytes")
-        got += n
 
 
 class _Pacer:
@@ -87,7 +51,7 @@ class _Pacer:
             time.sleep(ahead)
 
 
-class SourceChannel:
+class RamSender:
     """Source end: connect, HELLO, PAGES/ZEROS per round, FINISH, then wait for the destination's ACK."""
 
     def __init__(
@@ -185,12 +149,12 @@ class SourceChannel:
     def _read_ack(self) -> dict[str, Any]:
         assert self._sock is not None
         header = bytearray(HEADER_SIZE)
-        _recv_exact(self._sock, memoryview(header))
+        recv_exact(self._sock, memoryview(header))
         frame = parse_header(header)
         if frame.kind is not Kind.ACK or frame.payload_len > 1 << 20:
             raise ChannelError(f"destination replied with {frame.kind.name}, expected ACK")
         payload = bytearray(frame.payload_len)
-        _recv_exact(self._sock, memoryview(payload))
+        recv_exact(self._sock, memoryview(payload))
         return decode_json(frame, payload)
 
     def finish(self, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
@@ -224,141 +188,3 @@ class SourceChannel:
             self._sock = None
         if self.state in (ChannelState.CONNECTED, ChannelState.IDLE):
             self.state = ChannelState.CLOSED
-
-
-@dataclass
-class ReceiverResult:
-    ok: bool
-    error: str | None
-    counters: dict[str, Any]
-    finish: dict[str, Any] | None
-    seconds: float
-
-
-class Receiver:
-    """Destination end: accepts one source, writes its pages into the RAM file, verifies every payload.
-
-    ``holds_data[p]`` is 1 for pages this migration wrote with data: the rest are known to be zero
-    in a fresh destination file.
-    """
-
-    def __init__(
-        self,
-        ram: RamFile,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        *,
-        timeout: float = 60.0,
-        prepare: bool = True,
-    ) -> None:
-        if not ram.writable:
-            raise ChannelError("the receiver needs the destination RAM file mapped writable")
-        self.ram = ram
-        self.protocol = ReceiverProtocol(ram.layout)
-        self.holds_data = np.zeros(ram.layout.span_pages, dtype=np.uint8)
-        self.timeout = timeout
-        self._listener = socket.create_server((host, port))
-        self._listener.settimeout(timeout)
-        self.address: tuple[str, int] = self._listener.getsockname()[:2]
-        self._thread = threading.Thread(
-            target=self._serve, name=f"fph-receiver-{self.address[1]}", daemon=True
-        )
-        self._conn: socket.socket | None = None
-        self._done = threading.Event()
-        self.result: ReceiverResult | None = None
-        self.prepare = prepare
-        self.prepare_s = 0.0
-        self._prepared = threading.Event()
-
-    def start(self) -> tuple[str, int]:
-        self._thread.start()
-        return self.address
-
-    def _serve(self) -> None:
-        t0 = time.monotonic()
-        error: str | None = None
-        try:
-            try:  # meanwhile the source may connect (backlog) and start sending (buffered)
-                if self.prepare:
-                    self.prepare_s = self.ram.prepare_destination()
-            finally:
-                self._prepared.set()
-            conn, _peer = self._listener.accept()
-            self._conn = conn
-            conn.settimeout(self.timeout)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            self._loop(conn)
-        except (OSError, WireError, ChannelError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            log.error("receiver on %s: %s", self.address, error)
-            self._reply({"ok": False, "error": error})
-        finally:
-            self._listener.close()
-            p = self.protocol
-            ok = error is None and p.state is RxState.FINISHED
-            if error is None and not ok:
-                error = f"stream ended in state {p.state.value}" + (
-                    f": {p.abort_reason}" if p.abort_reason else ""
-                )
-            self.result = ReceiverResult(ok, error, asdict(p.counters), p.finish_body, time.monotonic() - t0)
-            if self._conn is not None:
-                self._conn.close()
-            self._done.set()
-
-    def _loop(self, conn: socket.socket) -> None:
-        header = bytearray(HEADER_SIZE)
-        hview = memoryview(header)
-        small = bytearray(1 << 20)
-        p = self.protocol
-        while p.state in (RxState.WAIT_HELLO, RxState.RECEIVING):
-            _recv_exact(conn, hview)
-            frame = parse_header(header)
-            target = p.on_header(frame)
-            if frame.kind is Kind.PAGES and target is not None:
-                dest = self.ram.view[target.offset : target.offset + target.length]
-                _recv_exact(conn, dest)
-                p.on_payload(frame, dest)
-                self.holds_data[frame.first_page : frame.first_page + frame.npages] = 1
-            elif frame.kind is Kind.ZEROS and target is not None:
-                self.ram.buf[target.offset : target.offset + target.length] = 0
-                p.on_payload(frame, b"")
-                self.holds_data[frame.first_page : frame.first_page + frame.npages] = 0
-            else:
-                payload = memoryview(small)[: frame.payload_len]
-                _recv_exact(conn, payload)
-                p.on_payload(frame, payload)
-        if p.state is RxState.FINISHED:
-            self._reply(
-                {"ok": True, "counters": asdict(p.counters), "pages_holding_data": int(self.holds_data.sum())}
-            )
-
-    def _reply(self, body: dict[str, Any]) -> None:
-        if self._conn is None:
-            return
-        frame, payload = json_frame(Kind.ACK, body)
-        with contextlib.suppress(OSError):
-            self._conn.sendall(frame.pack() + payload)
-
-    def wait_prepared(self, timeout: float | None = None) -> float:
-        """Block until the destination RAM file is allocated and mapped; returns the seconds it took.
-
-        A source that streams before that waits on a full socket while the kernel allocates pages: the
-        engine calls this just before round 0 sends, after the wait for the guest's hints."""
-        if not self._prepared.wait(timeout):
-            raise ChannelError(f"receiver on {self.address} still preparing after {timeout} s")
-        return self.prepare_s
-
-    def wait(self, timeout: float | None = None) -> ReceiverResult:
-        if not self._done.wait(timeout):
-            raise ChannelError(f"receiver on {self.address} still running after {timeout} s")
-        assert self.result is not None
-        return self.result
-
-    def stop(self) -> None:
-        """Tear down: close the sockets (the serving thread ends with an error if it was mid-stream)."""
-        self._listener.close()
-        if self._conn is not None:
-            with contextlib.suppress(OSError):
-                self._conn.shutdown(socket.SHUT_RDWR)
-        if self._thread.is_alive():
-            self._thread.join(5)

@@ -1,0 +1,77 @@
+"""The hint receiver: one vhost-user server on one event loop, one balloon device per VM socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from fph.balloon.device import BalloonDevice
+from fph.balloon.sink import HintSink
+from fph.balloon.spec import F_FREE_PAGE_HINT
+from fph.vhost_user.server import VhostUserServer
+
+log = logging.getLogger("fph.hint_receiver")
+
+
+class HintReceiver:
+    """Serves one balloon device per VM socket on the running asyncio loop; every method runs there."""
+
+    def __init__(self) -> None:
+        self.server = VhostUserServer()
+        self.devices: dict[str, BalloonDevice] = {}
+
+    async def add_vm(
+        self, socket_path: str, sink: HintSink | None = None, **device_args: Any
+    ) -> BalloonDevice:
+        device = BalloonDevice(
+            sink, name=device_args.pop("name", os.path.basename(socket_path)), **device_args
+        )
+        await self.server.add_device(socket_path, device, device.name)
+        self.devices[socket_path] = device
+        return device
+
+    async def remove_vm(self, socket_path: str) -> None:
+        """Stop serving a VM: its connection is closed and its socket removed."""
+        self.devices.pop(socket_path, None)
+        await self.server.remove_device(socket_path)
+
+    def connected(self, socket_path: str) -> bool:
+        listener = self.server.listeners.get(socket_path)
+        return listener is not None and listener.connection is not None
+
+    def used_ring_ranges(self, socket_path: str) -> list[tuple[int, int]]:
+        listener = self.server.listeners.get(socket_path)
+        if listener is None or listener.connection is None:
+            return []
+        return listener.connection.handler.used_ring_ranges()
+
+    async def wait_config_read(self, devices: list[BalloonDevice], timeout: float) -> list[BalloonDevice]:
+        """Wait (bounded) until each device's guest has read its config; returns those that did not."""
+        deadline = time.monotonic() + timeout
+        while any(d.config_unread for d in devices) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return [d for d in devices if d.config_unread]
+
+    async def release_all(self, timeout: float = 2.0) -> None:
+        """DONE to every guest that can hear it, then wait (bounded) until each has read its config."""
+        waiting = []
+        for path, device in self.devices.items():
+            if not self.connected(path) or device.channel is None or not device.acked & F_FREE_PAGE_HINT:
+                continue
+            device.done(force=True)  # even if already DONE: an earlier interrupt may have gone unheard
+            if device.config_unread:
+                waiting.append(device)
+        for device in await self.wait_config_read(waiting, timeout):
+            log.error(
+                "%s: the guest did not read DONE within %.1f s; hinted blocks may stay held until "
+                "fph reconnects or the device is removed (device_del)",
+                device.name,
+                timeout,
+            )
+
+    async def close(self, timeout: float = 2.0) -> None:
+        await self.release_all(timeout)
+        await self.server.close()

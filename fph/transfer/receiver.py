@@ -1,0 +1,217 @@
+"""The destination end of the data plane: :class:`RamReceiver` accepts one source, writes its pages into
+the destination RAM file and verifies every payload.
+
+As its own process, on the destination host next to the destination QEMU (``-incoming defer``, RAM in
+``PATH``): ``python -m fph.transfer.receiver --ram PATH --mem-mib N`` maps and pre-faults the RAM file,
+listens, prints ``FPH-RECEIVER <host> <port>`` once it is ready for a source, takes one migration stream,
+prints the result as JSON and exits 0 only if every page arrived and verified. The source's migration is
+given that address (``FphMigration(receiver_address=...)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from fph.ram_layout import RamLayout
+from fph.transfer.channel import ChannelError, recv_exact
+from fph.transfer.ram_file import RamFile, RamFileError
+from fph.transfer.wire import (
+    HEADER_SIZE,
+    Kind,
+    ReceiverProtocol,
+    RxState,
+    WireError,
+    json_frame,
+    parse_header,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReceiverResult:
+    ok: bool
+    error: str | None
+    counters: dict[str, Any]
+    finish: dict[str, Any] | None
+    seconds: float
+
+
+class RamReceiver:
+    """Destination end: accepts one source, writes its pages into the RAM file, verifies every payload.
+
+    ``holds_data[p]`` is 1 for pages this migration wrote with data: the rest are known to be zero
+    in a fresh destination file.
+    """
+
+    def __init__(
+        self,
+        ram: RamFile,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        timeout: float = 60.0,
+        prepare: bool = True,
+    ) -> None:
+        if not ram.writable:
+            raise ChannelError("the receiver needs the destination RAM file mapped writable")
+        self.ram = ram
+        self.protocol = ReceiverProtocol(ram.layout)
+        self.holds_data = np.zeros(ram.layout.span_pages, dtype=np.uint8)
+        self.timeout = timeout
+        self._listener = socket.create_server((host, port))
+        self._listener.settimeout(timeout)
+        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._thread = threading.Thread(
+            target=self._serve, name=f"fph-receiver-{self.address[1]}", daemon=True
+        )
+        self._conn: socket.socket | None = None
+        self._done = threading.Event()
+        self.result: ReceiverResult | None = None
+        self.prepare = prepare
+        self.prepare_s = 0.0
+        self._prepared = threading.Event()
+
+    def start(self) -> tuple[str, int]:
+        self._thread.start()
+        return self.address
+
+    def _serve(self) -> None:
+        t0 = time.monotonic()
+        error: str | None = None
+        try:
+            try:  # meanwhile the source may connect (backlog) and start sending (buffered)
+                if self.prepare:
+                    self.prepare_s = self.ram.prepare_destination()
+            finally:
+                self._prepared.set()
+            conn, _peer = self._listener.accept()
+            self._conn = conn
+            conn.settimeout(self.timeout)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            self._loop(conn)
+        except (OSError, WireError, ChannelError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("receiver on %s: %s", self.address, error)
+            self._reply({"ok": False, "error": error})
+        finally:
+            self._listener.close()
+            p = self.protocol
+            ok = error is None and p.state is RxState.FINISHED
+            if error is None and not ok:
+                error = f"stream ended in state {p.state.value}" + (
+                    f": {p.abort_reason}" if p.abort_reason else ""
+                )
+            self.result = ReceiverResult(ok, error, asdict(p.counters), p.finish_body, time.monotonic() - t0)
+            if self._conn is not None:
+                self._conn.close()
+            self._done.set()
+
+    def _loop(self, conn: socket.socket) -> None:
+        header = bytearray(HEADER_SIZE)
+        hview = memoryview(header)
+        small = bytearray(1 << 20)
+        p = self.protocol
+        while p.state in (RxState.WAIT_HELLO, RxState.RECEIVING):
+            recv_exact(conn, hview)
+            frame = parse_header(header)
+            target = p.on_header(frame)
+            if frame.kind is Kind.PAGES and target is not None:
+                dest = self.ram.view[target.offset : target.offset + target.length]
+                recv_exact(conn, dest)
+                p.on_payload(frame, dest)
+                self.holds_data[frame.first_page : frame.first_page + frame.npages] = 1
+            elif frame.kind is Kind.ZEROS and target is not None:
+                self.ram.buf[target.offset : target.offset + target.length] = 0
+                p.on_payload(frame, b"")
+                self.holds_data[frame.first_page : frame.first_page + frame.npages] = 0
+            else:
+                payload = memoryview(small)[: frame.payload_len]
+                recv_exact(conn, payload)
+                p.on_payload(frame, payload)
+        if p.state is RxState.FINISHED:
+            self._reply(
+                {"ok": True, "counters": asdict(p.counters), "pages_holding_data": int(self.holds_data.sum())}
+            )
+
+    def _reply(self, body: dict[str, Any]) -> None:
+        if self._conn is None:
+            return
+        frame, payload = json_frame(Kind.ACK, body)
+        with contextlib.suppress(OSError):
+            self._conn.sendall(frame.pack() + payload)
+
+    def wait_prepared(self, timeout: float | None = None) -> float:
+        """Block until the destination RAM file is allocated and mapped; returns the seconds it took.
+
+        A source that streams before that waits on a full socket while the kernel allocates pages: the
+        engine calls this just before round 0 sends, after the wait for the guest's hints."""
+        if not self._prepared.wait(timeout):
+            raise ChannelError(f"receiver on {self.address} still preparing after {timeout} s")
+        return self.prepare_s
+
+    def wait(self, timeout: float | None = None) -> ReceiverResult:
+        if not self._done.wait(timeout):
+            raise ChannelError(f"receiver on {self.address} still running after {timeout} s")
+        assert self.result is not None
+        return self.result
+
+    def stop(self) -> None:
+        """Tear down: close the sockets (the serving thread ends with an error if it was mid-stream)."""
+        self._listener.close()
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.shutdown(socket.SHUT_RDWR)
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+
+MiB = 1 << 20
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ram", required=True, help="the destination guest's RAM file")
+    ap.add_argument("--mem-mib", type=int, required=True, help="guest RAM size (QEMU -m)")
+    ap.add_argument("--machine", choices=("pc", "q35"), default="pc")
+    ap.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the whole stream")
+    args = ap.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    layout = (RamLayout.pc if args.machine == "pc" else RamLayout.q35)(args.mem_mib * MiB)
+    try:
+        ram = RamFile(args.ram, layout, writable=True)
+    except RamFileError as exc:
+        print(f"fph receiver: {exc}", file=sys.stderr)
+        return 2
+    receiver = RamReceiver(ram, host or "127.0.0.1", int(port or 0), timeout=args.timeout)
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        receiver.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    addr = receiver.start()
+    receiver.wait_prepared()  # "ready" means the RAM file is allocated and mapped, not just listening
+    print(f"FPH-RECEIVER {addr[0]} {addr[1]}", flush=True)
+    result = receiver.wait(args.timeout + 60)
+    print(json.dumps(asdict(result)), flush=True)
+    ram.close()
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
