@@ -1,4 +1,4 @@
-"""Migrations as daemon jobs: the engine runs as a task; progress goes to every subscriber; a report stays.
+"""Migrations as daemon jobs: the migration runs as a task; progress goes to every subscriber; a report stays.
 
 A job outlives the Migrate stream that started it: a client that goes away does not cancel the migration
 (orchestrators reconnect and read the report); CancelMigration does. Phases are KubeVirt's; ``status`` uses
@@ -85,7 +85,7 @@ class MigrationJob:
         self.error = ""
         self.cleanup: list[str] = []
         self.report: FphReport | MigrationReport | None = None
-        self.engine: FphMigration | NativeMigration | None = None
+        self.migration: FphMigration | NativeMigration | None = None
         self.task: asyncio.Task[None] | None = None
         self.cancel_requested = False
         self._t0 = time.monotonic()
@@ -124,10 +124,10 @@ class MigrationJob:
     def snapshot(self, message: str = "") -> Progress:
         p = Progress(self.phase, self.status, message=message)
         p.time_elapsed_ms = ((self.end_time or time.time()) - self.start_time) * 1e3
-        eng = self.engine
-        if isinstance(eng, FphMigration):
-            p.fph_phase = eng.phase.value
-            pc = eng.precopy
+        mig = self.migration
+        if isinstance(mig, FphMigration):
+            p.fph_phase = mig.phase.value
+            pc = mig.precopy
             if pc is not None:
                 rounds = list(pc.result.rounds)
                 wire = pc.channel.counters.bytes_on_wire
@@ -159,22 +159,22 @@ class MigrationJob:
 
     def start(
         self,
-        engine: FphMigration | NativeMigration,
+        migration: FphMigration | NativeMigration,
         src_qmp: str,
         on_end: Callable[[MigrationJob], None],
     ) -> None:
-        self.engine = engine
+        self.migration = migration
         self.task = asyncio.get_running_loop().create_task(self._run(src_qmp, on_end), name=self.id)
 
     async def _run(self, src_qmp: str, on_end: Callable[[MigrationJob], None]) -> None:
-        eng = self.engine
-        assert eng is not None
+        mig = self.migration
+        assert mig is not None
         self.phase, self.status = RUNNING, "setup"
         self.publish(f"{self.params.mode} migration of {self.vm} to {self.target.vm} started")
-        eng.dispatcher.register(self._on_hook)
-        ticker = asyncio.create_task(self._tick(isinstance(eng, NativeMigration)))
+        mig.dispatcher.register(self._on_hook)
+        ticker = asyncio.create_task(self._tick(isinstance(mig, NativeMigration)))
         try:
-            self.report = await eng.run()
+            self.report = await mig.run()
             self.status = self.report.status
             self.phase = SUCCEEDED
             self.end_time = time.time()
@@ -211,7 +211,7 @@ class MigrationJob:
             self.status = "setup"
         elif event.point in (HookPoint.BEFORE_SYNC, HookPoint.AFTER_SYNC):
             self.status = "active"
-            if isinstance(self.engine, FphMigration) and self.engine.phase.value == "stopped":
+            if isinstance(self.migration, FphMigration) and self.migration.phase.value == "stopped":
                 self.status = "device"
         elif event.point is HookPoint.COMPLETE:
             self.status = "device"
@@ -219,14 +219,14 @@ class MigrationJob:
             self.publish(f"{event.point.value} (sync {event.sync})")
 
     async def _tick(self, native: bool) -> None:
-        """Progress every interval. Native mode asks QEMU's query-migrate on the engine's own monitor
+        """Progress every interval. Native mode asks QEMU's query-migrate on the migration's own monitor
         connection (a QEMU monitor serves one client at a time: a second connection would wait)."""
         while True:
             await asyncio.sleep(self.params.interval_s)
             info = None
-            if native and isinstance(self.engine, NativeMigration):
+            if native and isinstance(self.migration, NativeMigration):
                 with contextlib.suppress(QMPError, OSError):
-                    info = await self.engine.query()
+                    info = await self.migration.query()
             if info is not None:
                 self._native_stats = job_stats(info)
                 if not self.finished:
@@ -235,12 +235,12 @@ class MigrationJob:
 
     async def cancel(self) -> None:
         self.cancel_requested = True
-        eng = self.engine
-        if isinstance(eng, FphMigration):
-            eng.cancel()  # aborts at the next round boundary, then rolls back
-        elif isinstance(eng, NativeMigration):
+        mig = self.migration
+        if isinstance(mig, FphMigration):
+            mig.cancel()  # aborts at the next round boundary, then rolls back
+        elif isinstance(mig, NativeMigration):
             with contextlib.suppress(QMPError):
-                await eng.cancel()
+                await mig.cancel()
         self.status = "cancelling"
         self.publish("cancel requested")
 
@@ -251,7 +251,7 @@ class MigrationJob:
         return json.dumps(self.report_dict(), default=str)
 
 
-def fph_engine(
+def fph_migration(
     *,
     src_qmp: Path,
     src_ram: Path,
@@ -287,7 +287,7 @@ def fph_engine(
     )
 
 
-def native_engine(*, src_qmp: Path, target: Target, params: Params) -> NativeMigration:
+def native_migration(*, src_qmp: Path, target: Target, params: Params) -> NativeMigration:
     return NativeMigration(
         str(src_qmp),
         str(target.qmp_socket),

@@ -26,8 +26,8 @@ from fph.daemon.jobs import (
     Params,
     Progress,
     Target,
-    fph_engine,
-    native_engine,
+    fph_migration,
+    native_migration,
 )
 from fph.daemon.metrics import Metrics
 from fph.daemon.registry import (
@@ -557,7 +557,7 @@ class MigrationService(pbg.MigrationServiceServicer):
             assert rec.spec.write_log is not None
             wl = await asyncio.to_thread(open_writelog, rec.spec.write_log, rec.layout)
             reg = self.d.registry
-            engine: Any = fph_engine(
+            migration: Any = fph_migration(
                 src_qmp=rec.spec.qmp_socket,
                 src_ram=rec.spec.ram_file,
                 layout=rec.layout,
@@ -569,7 +569,7 @@ class MigrationService(pbg.MigrationServiceServicer):
             )
         else:
             wl = None
-            engine = native_engine(src_qmp=rec.spec.qmp_socket, target=target, params=params)
+            migration = native_migration(src_qmp=rec.spec.qmp_socket, target=target, params=params)
         rec.job = job
         rec.state = "migrating"
         self.d.jobs[job.id] = job
@@ -579,7 +579,7 @@ class MigrationService(pbg.MigrationServiceServicer):
                 with contextlib.suppress(Exception):
                     wl.close()
             if rec.control is not None:
-                rec.control.set_sink(rec.sink)  # the engine made its bitmap the sink
+                rec.control.set_sink(rec.sink)  # the migration made its bitmap the sink
             rec.state = "migrated" if j.report is not None else "registered"
             dst = self.d.registry.vms.get(target.vm)
             if dst is not None and dst.spec.qmp_socket == target.qmp_socket and dst.state == "incoming":
@@ -590,7 +590,7 @@ class MigrationService(pbg.MigrationServiceServicer):
             )
 
         job.on_progress = lambda j, p: self.d.metrics.live(j, p.stats)
-        job.start(engine, str(rec.spec.qmp_socket), on_end)
+        job.start(migration, str(rec.spec.qmp_socket), on_end)
         log.info("migration started", extra={"vm": rec.name, "migration": job.id, "mode": mode})
         return job
 
