@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -32,10 +33,13 @@ class WireCounters:
     zero_pages: int = 0
 
 
-def recv_exact(sock: socket.socket, view: memoryview) -> None:
+def recv_exact(sock: socket.socket, view: memoryview, on_bytes: Callable[[int], None] | None = None) -> None:
+    """Fill ``view`` from ``sock``; ``on_bytes(n)`` after each read (a rate meter at the socket)."""
     got = 0
     while got < len(view):
         n = sock.recv_into(view[got:])
         if n == 0:
             raise ChannelError(f"peer closed the data connection after {got} of {len(view)} bytes")
         got += n
+        if on_bytes is not None:
+            on_bytes(n)

@@ -28,6 +28,7 @@ import numpy as np
 
 from fph.ram_layout import RamLayout
 from fph.transfer.channel import ChannelError, recv_exact
+from fph.transfer.pacer import WindowMeter
 from fph.transfer.ram_file import RamFile, RamFileError
 from fph.transfer.wire import (
     HEADER_SIZE,
@@ -82,6 +83,8 @@ class RamReceiver:
         self._conn: socket.socket | None = None
         self._done = threading.Event()
         self.result: ReceiverResult | None = None
+        self.meter = WindowMeter()
+        """Bytes as they arrived at the socket (the other side of the sender's cap)."""
         self.prepare = prepare
         self.prepare_s = 0.0
         self._prepared = threading.Event()
@@ -124,15 +127,16 @@ class RamReceiver:
     def _loop(self, conn: socket.socket) -> None:
         header = bytearray(HEADER_SIZE)
         hview = memoryview(header)
+        meter = self.meter.add
         small = bytearray(1 << 20)
         p = self.protocol
         while p.state in (RxState.WAIT_HELLO, RxState.RECEIVING):
-            recv_exact(conn, hview)
+            recv_exact(conn, hview, meter)
             frame = parse_header(header)
             target = p.on_header(frame)
             if frame.kind is Kind.PAGES and target is not None:
                 dest = self.ram.view[target.offset : target.offset + target.length]
-                recv_exact(conn, dest)
+                recv_exact(conn, dest, meter)
                 p.on_payload(frame, dest)
                 self.holds_data[frame.first_page : frame.first_page + frame.npages] = 1
             elif frame.kind is Kind.ZEROS and target is not None:
@@ -141,7 +145,7 @@ class RamReceiver:
                 self.holds_data[frame.first_page : frame.first_page + frame.npages] = 0
             else:
                 payload = memoryview(small)[: frame.payload_len]
-                recv_exact(conn, payload)
+                recv_exact(conn, payload, meter)
                 p.on_payload(frame, payload)
         if p.state is RxState.FINISHED:
             self._reply(

@@ -8,7 +8,6 @@ import contextlib
 import logging
 import select
 import socket
-import time
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ import numpy.typing as npt
 
 from fph.ram_layout import PAGE_SIZE
 from fph.transfer.channel import ChannelError, ChannelState, WireCounters, recv_exact
+from fph.transfer.pacer import TokenBucket, WindowMeter, slice_bytes
 from fph.transfer.ram_file import RamFile
 from fph.transfer.wire import (
     HEADER_SIZE,
@@ -34,23 +34,6 @@ from fph.transfer.wire import (
 log = logging.getLogger(__name__)
 
 
-class _Pacer:
-    """Token bucket for ``bandwidth`` bytes/s (None: unlimited), like QEMU's max-bandwidth."""
-
-    def __init__(self, bandwidth: int | None) -> None:
-        self.bandwidth = bandwidth
-        self._start = time.monotonic()
-        self._sent = 0
-
-    def account(self, nbytes: int) -> None:
-        if not self.bandwidth:
-            return
-        self._sent += nbytes
-        ahead = self._sent / self.bandwidth - (time.monotonic() - self._start)
-        if ahead > 0.001:
-            time.sleep(ahead)
-
-
 class RamSender:
     """Source end: connect, HELLO, PAGES/ZEROS per round, FINISH, then wait for the destination's ACK."""
 
@@ -62,7 +45,11 @@ class RamSender:
         self.timeout = timeout
         self.state = ChannelState.IDLE
         self.counters = WireCounters()
-        self._pacer = _Pacer(bandwidth)
+        self.bandwidth = bandwidth
+        self._bucket = TokenBucket(bandwidth) if bandwidth else None
+        self._slice = slice_bytes(bandwidth) if bandwidth else 0
+        self.meter = WindowMeter()
+        """Bytes as they left through the socket: the cap is judged on its 100 ms windows."""
         self._sock: socket.socket | None = None
 
     def connect(self) -> None:
@@ -85,12 +72,10 @@ class RamSender:
         header = frame.pack()
         total = len(header) + len(payload)
         try:
-            sent = self._sock.sendmsg([header, payload] if payload else [header])
-            if sent < len(header):  # a partial scatter send: finish it
-                self._sock.sendall(header[sent:])
-                sent = len(header)
-            if sent < total:
-                self._sock.sendall(memoryview(payload)[sent - len(header) :])
+            if self._bucket is None:
+                self._send_unpaced(header, payload)
+            else:
+                self._send_paced(header, payload)
         except OSError as exc:
             self.state = ChannelState.FAILED
             raise ChannelError(
@@ -98,7 +83,27 @@ class RamSender:
             ) from None
         self.counters.frames += 1
         self.counters.bytes_on_wire += total
-        self._pacer.account(total)
+
+    def _send_unpaced(self, header: bytes, payload: bytes | memoryview) -> None:
+        assert self._sock is not None
+        total = len(header) + len(payload)
+        sent = self._sock.sendmsg([header, payload] if payload else [header])
+        if sent < len(header):  # a partial scatter send: finish it
+            self._sock.sendall(header[sent:])
+            sent = len(header)
+        if sent < total:
+            self._sock.sendall(memoryview(payload)[sent - len(header) :])
+        self.meter.add(total)
+
+    def _send_paced(self, header: bytes, payload: bytes | memoryview) -> None:
+        """Slice by slice, each after its tokens: the cap holds over every window, not on average."""
+        assert self._sock is not None and self._bucket is not None
+        for part in (memoryview(header), memoryview(payload).cast("B")):
+            for off in range(0, len(part), self._slice):
+                piece = part[off : off + self._slice]
+                self._bucket.take(len(piece))
+                self._sock.sendall(piece)
+                self.meter.add(len(piece))
 
     def send_pages(
         self,
