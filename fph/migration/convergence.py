@@ -1,0 +1,178 @@
+"""When to switch over: the precopy convergence policy, sans-IO (measurements in, a verdict out).
+
+After every round the migration hands in what it measured: the pages the write log says the guest dirtied
+since the previous harvest and over how long (the dirty rate), and the bytes the round put on the wire and
+how long that took (the wire rate, never above the cap). The policy predicts the downtime of a switchover
+now: the pages still dirty plus those the guest dirties until the vCPUs stop (the unplug runs first), sent
+at the wire rate, plus the measured fixed costs (final harvest, switchover re-check, QEMU's device state,
+unplug and resume). It switches over only when that prediction fits the downtime limit; otherwise it
+iterates. When the guest dirties memory faster than the link can carry it, the user's
+:class:`OutDirtyPolicy` decides: iterate up to a time budget, throttle the vCPUs step by step (as QEMU's
+auto-converge and libvirt do), or fail at once with the source running.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from fph.ram_layout import PAGE_SIZE
+
+
+class OutDirtyPolicy(enum.Enum):
+    """What to do when the guest out-dirties the link."""
+
+    ITERATE = "iterate"
+    """Keep iterating until the prediction fits or ``time_budget_s`` runs out (then fail, source running)."""
+    THROTTLE = "throttle"
+    """Cap the vCPUs' CPU time, harder each round that still does not converge (within the time budget)."""
+    FAIL = "fail"
+    """Fail as soon as the guest is seen to out-dirty the link; the source keeps running."""
+
+
+class Verdict(enum.Enum):
+    ITERATE = "iterate"
+    SWITCH_OVER = "switch-over"
+    FAIL = "fail"
+
+
+@dataclass
+class ConvergenceConfig:
+    downtime_limit_ms: float = 300.0
+    """Switch over only when the predicted downtime is at most this."""
+    out_dirty_policy: OutDirtyPolicy = OutDirtyPolicy.THROTTLE
+    time_budget_s: float = 300.0
+    """Longest precopy (all rounds) before the migration gives up with the source running."""
+    min_rounds: int = 1
+    max_rounds: int = 1000
+    """A guard, not a policy: reaching it without convergence fails like an exhausted budget."""
+    throttle_initial_pct: int = 20
+    throttle_step_pct: int = 10
+    throttle_max_pct: int = 99
+    """Percent of CPU time taken from the vCPUs (QEMU's cpu-throttle-initial/increment/max defaults)."""
+    out_dirty_ratio: float = 0.9
+    """The guest out-dirties the link when its dirty rate reaches this share of the wire rate..."""
+    stalled_rounds: int = 3
+    """... or when the pages left have not shrunk for this many rounds."""
+
+    def __post_init__(self) -> None:
+        self.out_dirty_policy = OutDirtyPolicy(self.out_dirty_policy)
+        if self.downtime_limit_ms <= 0:
+            raise ValueError(f"downtime limit must be positive, got {self.downtime_limit_ms} ms")
+        if not 0 < self.throttle_initial_pct <= self.throttle_max_pct <= 99:
+            raise ValueError("throttle percentages: 0 < initial <= max <= 99")
+
+
+@dataclass(frozen=True)
+class RoundMeasure:
+    """What one round measured (all from the write log and the sender's socket)."""
+
+    dirtied_pages: int
+    """Pages the harvest that ended this round found newly dirty: what the guest wrote while it ran."""
+    dirty_interval_s: float
+    """Time between that harvest and the one before it."""
+    bytes_sent: int
+    send_s: float
+    pending_pages: int
+    """Pages dirty in the bitmap now (after that harvest): what the next round must send."""
+    since_harvest_s: float
+    """Time since that harvest: pages dirtied meanwhile are not yet in the bitmap."""
+
+
+@dataclass
+class FixedCosts:
+    """Switchover costs that do not scale with the pages left, as measured (estimates until then)."""
+
+    unplug_ms: float = 40.0
+    """device_del of the balloon until DEVICE_DELETED; the guest still runs (it dirties, it is not down)."""
+    final_harvest_ms: float = 2.0
+    recheck_ms: float = 10.0
+    """Re-reading sent pages the write log cannot vouch for (TCG's page walker)."""
+    device_state_ms: float = 15.0
+    """QEMU's device-state migration (x-ignore-shared) and the destination's cont."""
+
+    def downtime_ms(self) -> float:
+        return self.final_harvest_ms + self.recheck_ms + self.device_state_ms
+
+
+@dataclass
+class Decision:
+    verdict: Verdict
+    predicted_downtime_ms: float
+    dirty_rate_bps: float
+    wire_rate_bps: float
+    throttle_pct: int
+    reason: str
+
+
+@dataclass
+class Convergence:
+    """The policy's state across rounds. ``after_round`` once per round; the caller applies the throttle
+    it asks for (``decision.throttle_pct``) before the next round."""
+
+    config: ConvergenceConfig = field(default_factory=ConvergenceConfig)
+    costs: FixedCosts = field(default_factory=FixedCosts)
+    bandwidth: float | None = None
+    """The cap in bytes/s (None: unlimited): the wire rate is never taken above it."""
+    rounds: int = 0
+    throttle_pct: int = 0
+    out_dirtied: bool = False
+    _wire_bps: float = 0.0
+    _history: list[int] = field(default_factory=list)
+
+    def wire_rate(self, m: RoundMeasure) -> float:
+        """The rate the next transfer can expect: the last round's achieved rate when it sent enough to
+        tell (4 MiB or more), else the previous figure, else the cap (or 1 GB/s when unlimited)."""
+        if m.bytes_sent >= (4 << 20) and m.send_s > 0:
+            self._wire_bps = m.bytes_sent / m.send_s
+        rate = self._wire_bps or (self.bandwidth or 1e9)
+        return min(rate, self.bandwidth) if self.bandwidth else rate
+
+    def predict_ms(self, m: RoundMeasure, dirty_bps: float, wire_bps: float) -> float:
+        """Downtime of a switchover now: what is dirty, plus what the guest dirties until it stops."""
+        until_stop_s = m.since_harvest_s + self.costs.unplug_ms / 1e3
+        left = m.pending_pages * PAGE_SIZE + dirty_bps * until_stop_s
+        return left / wire_bps * 1e3 + self.costs.downtime_ms()
+
+    def after_round(self, m: RoundMeasure, elapsed_s: float) -> Decision:
+        cfg = self.config
+        self.rounds += 1
+        dirty_bps = m.dirtied_pages * PAGE_SIZE / m.dirty_interval_s if m.dirty_interval_s > 0 else 0.0
+        wire_bps = self.wire_rate(m)
+        predicted = self.predict_ms(m, dirty_bps, wire_bps)
+        self._history.append(m.pending_pages + m.dirtied_pages)
+
+        def decide(verdict: Verdict, reason: str) -> Decision:
+            return Decision(verdict, predicted, dirty_bps, wire_bps, self.throttle_pct, reason)
+
+        if self.rounds >= cfg.min_rounds and predicted <= cfg.downtime_limit_ms:
+            return decide(Verdict.SWITCH_OVER, f"predicted downtime {predicted:.0f} ms fits the limit")
+        if elapsed_s >= cfg.time_budget_s or self.rounds >= cfg.max_rounds:
+            return decide(
+                Verdict.FAIL,
+                f"did not converge within {cfg.time_budget_s:.0f} s / {cfg.max_rounds} rounds: predicted "
+                f"downtime {predicted:.0f} ms > limit {cfg.downtime_limit_ms:.0f} ms (dirty "
+                f"{dirty_bps / 2**20:.0f} MiB/s, wire {wire_bps / 2**20:.0f} MiB/s)",
+            )
+        stalled = len(self._history) > cfg.stalled_rounds and min(
+            self._history[-cfg.stalled_rounds :]
+        ) >= min(self._history[: -cfg.stalled_rounds])
+        if dirty_bps >= cfg.out_dirty_ratio * wire_bps or stalled:
+            self.out_dirtied = True
+            why = (
+                f"the guest dirties {dirty_bps / 2**20:.0f} MiB/s, "
+                f"the link carries {wire_bps / 2**20:.0f} MiB/s"
+                if not stalled
+                else f"the pages left have not shrunk in {cfg.stalled_rounds} rounds"
+            )
+            if cfg.out_dirty_policy is OutDirtyPolicy.FAIL:
+                return decide(Verdict.FAIL, f"{why}; policy 'fail': the source keeps running")
+            if cfg.out_dirty_policy is OutDirtyPolicy.THROTTLE:
+                self.throttle_pct = (
+                    cfg.throttle_initial_pct
+                    if self.throttle_pct == 0
+                    else min(cfg.throttle_max_pct, self.throttle_pct + cfg.throttle_step_pct)
+                )
+                return decide(Verdict.ITERATE, f"{why}; vCPUs throttled to {100 - self.throttle_pct}%")
+            return decide(Verdict.ITERATE, f"{why}; policy 'iterate' within the time budget")
+        return decide(Verdict.ITERATE, f"predicted downtime {predicted:.0f} ms > limit; converging")

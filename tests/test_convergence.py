@@ -1,0 +1,159 @@
+"""The convergence policy (sans-IO) and the vCPU throttle (a real cgroup v1 cpu group on a busy thread)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fph.migration.convergence import (
+    Convergence,
+    ConvergenceConfig,
+    FixedCosts,
+    OutDirtyPolicy,
+    RoundMeasure,
+    Verdict,
+)
+from fph.migration.throttle import CPU_V1, ThrottleUnavailableError, VcpuThrottle
+
+MiB = 1 << 20
+PAGES_PER_MIB = MiB // 4096
+
+
+def measure(
+    dirty_mib_s: float, wire_mib_s: float, pending_mib: float = 0.0, interval: float = 1.0
+) -> RoundMeasure:
+    return RoundMeasure(
+        dirtied_pages=int(dirty_mib_s * interval * PAGES_PER_MIB),
+        dirty_interval_s=interval,
+        bytes_sent=int(wire_mib_s * interval * MiB),
+        send_s=interval,
+        pending_pages=int(pending_mib * PAGES_PER_MIB),
+        since_harvest_s=interval,
+    )
+
+
+def test_idle_guest_switches_over_after_one_round() -> None:
+    c = Convergence(ConvergenceConfig(downtime_limit_ms=300), FixedCosts(), bandwidth=128 * MiB)
+    d = c.after_round(measure(0.5, 128), elapsed_s=2)
+    assert d.verdict is Verdict.SWITCH_OVER and d.predicted_downtime_ms < 300
+
+
+def test_prediction_counts_pending_and_what_the_guest_dirties_until_stop() -> None:
+    costs = FixedCosts(unplug_ms=100, final_harvest_ms=0, recheck_ms=0, device_state_ms=0)
+    c = Convergence(ConvergenceConfig(), costs, bandwidth=100 * MiB)
+    m = measure(10, 100, pending_mib=10, interval=0.5)  # 10 MiB/s dirty; 0.5 s since the harvest
+    # left = 10 MiB + 10 MiB/s * (0.5 + 0.1) s = 16 MiB, at 100 MiB/s = 160 ms
+    assert c.predict_ms(m, 10 * MiB, 100 * MiB) == pytest.approx(160, rel=1e-3)
+
+
+def simulate(
+    c: Convergence, dirty_mib_s: float, wire_mib_s: float, rounds: int = 60
+) -> list[tuple[Verdict, int]]:
+    """A precopy against a guest that dirties ``dirty_mib_s`` (scaled down by the throttle): each round sends
+    what the previous one left, taking pending / wire; the guest dirties meanwhile, and the harvest that
+    ends the round finds it."""
+    seen = []
+    left = 900.0  # MiB dirty when round 0 starts
+    elapsed = 0.0
+    for _ in range(rounds):
+        send_s = max(left / wire_mib_s, 0.005)
+        rate = dirty_mib_s * (100 - c.throttle_pct) / 100
+        dirtied = rate * send_s
+        m = RoundMeasure(
+            dirtied_pages=int(dirtied * PAGES_PER_MIB),
+            dirty_interval_s=send_s,
+            bytes_sent=int(left * MiB),
+            send_s=send_s,
+            pending_pages=int(dirtied * PAGES_PER_MIB),
+            since_harvest_s=0.001,
+        )
+        elapsed += send_s
+        d = c.after_round(m, elapsed_s=elapsed)
+        seen.append((d.verdict, d.throttle_pct))
+        if d.verdict is not Verdict.ITERATE:
+            break
+        left = dirtied
+    return seen
+
+
+def test_a_fast_writer_is_throttled_harder_until_it_converges() -> None:
+    c = Convergence(ConvergenceConfig(out_dirty_policy=OutDirtyPolicy.THROTTLE), bandwidth=128 * MiB)
+    seen = simulate(c, 200, 128)
+    throttles = [t for _v, t in seen]
+    assert throttles[:2] == [20, 30] and throttles == sorted(throttles)
+    assert seen[-1][0] is Verdict.SWITCH_OVER and c.out_dirtied
+
+
+def test_a_slower_writer_converges_without_throttle() -> None:
+    c = Convergence(ConvergenceConfig(out_dirty_policy=OutDirtyPolicy.THROTTLE), bandwidth=128 * MiB)
+    seen = simulate(c, 40, 128)
+    assert seen[-1][0] is Verdict.SWITCH_OVER and all(t == 0 for _v, t in seen) and len(seen) > 2
+
+
+def test_fail_policy_fails_with_a_reason() -> None:
+    c = Convergence(ConvergenceConfig(out_dirty_policy=OutDirtyPolicy.FAIL), bandwidth=128 * MiB)
+    d = c.after_round(measure(200, 128), elapsed_s=1)
+    assert d.verdict is Verdict.FAIL and "200 MiB/s" in d.reason and "source keeps running" in d.reason
+
+
+def test_iterate_policy_gives_up_at_the_budget() -> None:
+    c = Convergence(ConvergenceConfig(out_dirty_policy="iterate", time_budget_s=10), bandwidth=128 * MiB)
+    assert c.after_round(measure(200, 128), elapsed_s=5).verdict is Verdict.ITERATE
+    d = c.after_round(measure(200, 128), elapsed_s=10)
+    assert d.verdict is Verdict.FAIL and "within 10 s" in d.reason
+
+
+def test_a_stalled_migration_counts_as_out_dirtied() -> None:
+    c = Convergence(ConvergenceConfig(out_dirty_policy=OutDirtyPolicy.FAIL, stalled_rounds=2))
+    for r in range(2):
+        assert c.after_round(measure(50, 1000, pending_mib=900), elapsed_s=r).verdict is Verdict.ITERATE
+    assert c.after_round(measure(50, 1000, pending_mib=950), elapsed_s=3).verdict is Verdict.FAIL
+
+
+def test_bad_config_is_refused() -> None:
+    with pytest.raises(ValueError):
+        ConvergenceConfig(out_dirty_policy="sometimes")
+    with pytest.raises(ValueError):
+        ConvergenceConfig(downtime_limit_ms=0)
+
+
+def _cpu_s(pid: int, tid: int) -> float:
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not (CPU_V1 / "cpu.cfs_quota_us").exists(), reason="no cgroup v1 cpu controller")
+def test_throttle_caps_a_busy_thread_and_releases_it() -> None:
+    code = "import threading,sys\nt=threading.Thread(target=lambda: [0 for _ in iter(int, 1)])\nt.start()\n"
+    code += "print(t.native_id, flush=True)\nt.join()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        tid = int(proc.stdout.readline())
+        th = VcpuThrottle(proc.pid, [tid], "test")
+        th.set(80)  # 20% of a CPU left
+        group = CPU_V1 / f"fph-throttle-test-{proc.pid}"
+        assert str(tid) in (group / "tasks").read_text().split()
+        c0, t0 = _cpu_s(proc.pid, tid), time.monotonic()
+        time.sleep(1.5)
+        share = (_cpu_s(proc.pid, tid) - c0) / (time.monotonic() - t0)
+        assert share < 0.3, share
+        assert th.release() == []
+        assert not group.exists()
+        c0, t0 = _cpu_s(proc.pid, tid), time.monotonic()
+        time.sleep(1.0)
+        free_share = (_cpu_s(proc.pid, tid) - c0) / (time.monotonic() - t0)
+        assert free_share > share * 1.5, (share, free_share)
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_throttle_without_cgroup_v1_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ThrottleUnavailableError, match="cgroup v1"):
+        VcpuThrottle(1, [1], "x", root=tmp_path)
