@@ -137,3 +137,23 @@ def test_abort_and_bad_json() -> None:
     p.on_header(f)
     with pytest.raises(WireError, match="not JSON"):
         p.on_payload(f, garbage)
+
+
+def test_fill_frames_carry_one_value_for_many_pages() -> None:
+    from fph.transfer.wire import fill_frame, fill_value
+
+    p = started()
+    f, payload = fill_frame(0, 10, 200, 0xAAAA_AAAA_AAAA_AAAA)
+    wire = parse_header(f.pack())
+    assert wire.kind is Kind.FILL and wire.payload_len == 8
+    target = p.on_header(wire)
+    assert target is not None and target.length == 200 * PAGE_SIZE
+    p.on_payload(wire, payload)
+    assert fill_value(payload) == 0xAAAA_AAAA_AAAA_AAAA and p.counters.fill_pages == 200
+    bad = Frame(Kind.FILL, 0, 10, 1, 16, 0)
+    with pytest.raises(WireError, match="carries 16 bytes"):
+        started().on_header(bad)
+    corrupt = started()
+    assert corrupt.on_header(wire) is not None
+    with pytest.raises(ChecksumError):
+        corrupt.on_payload(wire, b"\x00" * 8)

@@ -31,6 +31,7 @@ class WireCounters:
     bytes_on_wire: int = 0
     pages: int = 0
     zero_pages: int = 0
+    fill_pages: int = 0
 
 
 def recv_exact(sock: socket.socket, view: memoryview, on_bytes: Callable[[int], None] | None = None) -> None:

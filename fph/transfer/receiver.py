@@ -36,6 +36,7 @@ from fph.transfer.wire import (
     ReceiverProtocol,
     RxState,
     WireError,
+    fill_value,
     json_frame,
     parse_header,
 )
@@ -138,6 +139,14 @@ class RamReceiver:
                 dest = self.ram.view[target.offset : target.offset + target.length]
                 recv_exact(conn, dest, meter)
                 p.on_payload(frame, dest)
+                self.holds_data[frame.first_page : frame.first_page + frame.npages] = 1
+            elif frame.kind is Kind.FILL and target is not None:
+                payload = memoryview(small)[: frame.payload_len]
+                recv_exact(conn, payload, meter)
+                p.on_payload(frame, payload)
+                self.ram.buf[target.offset : target.offset + target.length].view(np.uint64)[:] = fill_value(
+                    payload
+                )
                 self.holds_data[frame.first_page : frame.first_page + frame.npages] = 1
             elif frame.kind is Kind.ZEROS and target is not None:
                 self.ram.buf[target.offset : target.offset + target.length] = 0

@@ -25,6 +25,7 @@ from fph.transfer.wire import (
     WireError,
     checksum,
     decode_json,
+    fill_frame,
     hello_body,
     json_frame,
     pages_frame,
@@ -128,6 +129,13 @@ class RamSender:
             n = min(MAX_FRAME_PAGES, first_page + npages - start)
             self._send(Frame(Kind.ZEROS, round_, start, n))
             self.counters.zero_pages += n
+
+    def send_fill(self, round_: int, first_page: int, npages: int, value: int) -> None:
+        """Pages that each hold ``value`` in every 8-byte word (a poisoned free page): a marker each run."""
+        for start in range(first_page, first_page + npages, MAX_FRAME_PAGES):
+            n = min(MAX_FRAME_PAGES, first_page + npages - start)
+            self._send(*fill_frame(round_, start, n, value))
+            self.counters.fill_pages += n
 
     def end_round(self, round_: int, body: dict[str, Any]) -> None:
         self._send(*json_frame(Kind.ROUND_END, body, round_))

@@ -11,9 +11,10 @@ fingerprints (``pagehash``), which the source computes anyway while copying the 
 any single-word change of a page for certain.
 
 Kinds: HELLO (JSON: page size and the RAM layout), PAGES (``npages`` whole pages of data), ZEROS
-(``npages`` zero pages, no payload), ROUND_END (JSON counters), FINISH (JSON totals), ABORT (UTF-8
-reason), and ACK, the receiver's only frame (JSON). Pages are guest-physical page numbers: both sides
-translate them through the same ``RamLayout`` to offsets of their own RAM file.
+(``npages`` zero pages, no payload), FILL (``npages`` pages each filled with one repeated 8-byte value, the
+payload: a guest's poisoned free pages cost a marker, like zero pages), ROUND_END (JSON counters), FINISH
+(JSON totals), ABORT (UTF-8 reason), and ACK, the receiver's only frame (JSON). Pages are guest-physical
+page numbers: both sides translate them through the same ``RamLayout`` to offsets of their own RAM file.
 
 No sockets here: :class:`ReceiverProtocol` takes headers and payloads and says where the payload goes,
 so every rule can be tested frame by frame, and the transport can read payloads straight into place.
@@ -51,6 +52,10 @@ class Kind(enum.IntEnum):
     FINISH = 5
     ABORT = 6
     ACK = 7
+    FILL = 8
+
+
+FILL_PAYLOAD = struct.Struct("<Q")
 
 
 class WireError(RuntimeError):
@@ -123,6 +128,17 @@ def pages_frame(
     return Frame(Kind.PAGES, round_, first_page, n, len(payload), pages_checksum(fingerprints[:n]))
 
 
+def fill_frame(round_: int, first_page: int, npages: int, value: int) -> tuple[Frame, bytes]:
+    """``npages`` pages that each hold ``value`` (a u64) in every 8-byte word."""
+    payload = FILL_PAYLOAD.pack(value)
+    return Frame(Kind.FILL, round_, first_page, npages, len(payload), checksum(payload)), payload
+
+
+def fill_value(payload: bytes | bytearray | memoryview) -> int:
+    (value,) = FILL_PAYLOAD.unpack(bytes(payload))
+    return int(value)
+
+
 def hello_body(layout: RamLayout) -> dict[str, Any]:
     return {"page_size": PAGE_SIZE, "ranges": [[r.gpa, r.size, r.offset] for r in layout]}
 
@@ -158,6 +174,7 @@ class RxCounters:
     frames: int = 0
     pages: int = 0
     zero_pages: int = 0
+    fill_pages: int = 0
     bytes: int = 0
     rounds: int = 0
     pages_per_round: list[int] = field(default_factory=list)
@@ -199,7 +216,7 @@ class ReceiverProtocol:
             raise self._fail(f"first frame must be HELLO, got {frame.kind.name}")
         if frame.kind is Kind.ACK:
             raise self._fail("ACK frames flow from the destination, not to it")
-        if frame.kind in (Kind.PAGES, Kind.ZEROS):
+        if frame.kind in (Kind.PAGES, Kind.ZEROS, Kind.FILL):
             if frame.round < self.round:
                 raise self._fail(f"{frame.kind.name} frame of round {frame.round} after round {self.round}")
             self.round = frame.round
@@ -209,7 +226,9 @@ class ReceiverProtocol:
                 offset = self.layout.gpa_to_offset(frame.first_page << PAGE_SHIFT, frame.npages << PAGE_SHIFT)
             except LayoutError as exc:
                 raise self._fail(f"{frame.kind.name} frame outside destination RAM: {exc}") from None
-            want = frame.npages * PAGE_SIZE if frame.kind is Kind.PAGES else 0
+            want = {Kind.PAGES: frame.npages * PAGE_SIZE, Kind.ZEROS: 0, Kind.FILL: FILL_PAYLOAD.size}[
+                frame.kind
+            ]
             if frame.payload_len != want:
                 raise self._fail(
                     f"{frame.kind.name} frame of {frame.npages} pages carries {frame.payload_len} bytes"
@@ -246,6 +265,9 @@ class ReceiverProtocol:
             self._count_round(frame.npages)
         elif frame.kind is Kind.ZEROS:
             c.zero_pages += frame.npages
+            self._count_round(frame.npages)
+        elif frame.kind is Kind.FILL:
+            c.fill_pages += frame.npages
             self._count_round(frame.npages)
         elif frame.kind is Kind.ROUND_END:
             c.rounds = max(c.rounds, frame.round + 1)
