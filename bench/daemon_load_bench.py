@@ -1,4 +1,4 @@
-"""Does serving 100 concurrent status streams slow a migration the daemon runs? (issue 6 load check)
+"""Does serving 100 concurrent status streams slow a migration the daemon runs? (the daemon's load check)
 
 ``fph serve`` runs as its own process (as in production); this process boots lab VMs, registers them, and
 runs fph-mode migrations through the API, alternately without and with 100 concurrent

@@ -1,6 +1,6 @@
 """A vring as the vhost-user protocol sees it: the split queue plus its kick/call/err eventfds and the
-started/enabled states (vhost-user.md §5: rings start stopped and disabled; start on a kick fd, stop on
-GET_VRING_BASE, enable with SET_VRING_ENABLE)."""
+started/enabled states (the vhost-user specification: rings start stopped and disabled; start on a kick fd,
+stop on GET_VRING_BASE, enable with SET_VRING_ENABLE)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The write-log interface the migration engine uses, and the figures every provider reports.
 
 A write log records the guest-physical pages written since its last harvest. fph's correctness rests on
-two properties (shared notes, protocol-model.md): tracking is armed for all pages before the first
+two properties (an exhaustive model check of hint/write/harvest orders; its losing traces are replayed
+against the real bitmap in tests/test_dirty_bitmap.py): tracking is armed for all pages before the first
 command id is issued (``start()``), and every ``harvest()`` is an atomic fetch-and-clear, so a write is
 either in this harvest or in the next one, never in neither. Providers that cannot clear atomically
 (soft-dirty) must stop the vCPUs around read and clear, and report that pause.
