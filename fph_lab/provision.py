@@ -2,8 +2,8 @@
 
 Every claim fph makes is measured on real guests under real QEMU; this module makes that possible from a
 fresh Debian machine, idempotently: each step writes a stamp with the inputs it was built from, so a second
-run only checks stamps. ``python -m fph_lab.provision [--refresh]``; cache in ``$FPH_LAB_DIR``
-(default ``/var/cache/fph-lab``).
+run only checks stamps. ``python -m fph_lab.provision [--refresh] [--guest-kernel
+{host,bookworm,trixie,testing}]``; cache in ``$FPH_LAB_DIR`` (default ``/var/cache/fph-lab``).
 """
 
 from __future__ import annotations
@@ -105,6 +105,10 @@ class Lab:
     initramfs: str
     guest_programs: dict[str, str]
     guest_sources: str
+    kernel_choice: str = "host"
+    """Which ``--guest-kernel`` this lab boots: ``host``, ``bookworm``, ``trixie`` or ``testing``."""
+    kernel_packages: tuple[str, ...] = ()
+    """The Debian packages the kernel came from, as ``name=version``."""
 
     @classmethod
     def load(cls, root: Path | None = None) -> Lab:
@@ -123,6 +127,7 @@ class Lab:
                 "data_dirs": tuple(data["qemu"]["data_dirs"]),
             }
         )
+        data["kernel_packages"] = tuple(data.get("kernel_packages", ()))
         lab = cls(**data)
         for p in (lab.kernel, lab.initramfs, lab.qemu.binary):
             if not Path(p).exists():
@@ -422,50 +427,210 @@ def ensure_qemu(root: Path, refresh: bool, log: Log) -> QemuInstall:
 
 # kernel
 
+GUEST_KERNELS = ("host", "bookworm", "trixie", "testing")
+"""``--guest-kernel`` choices: ``host`` = the host's own apt (its suite, with whatever updates it has), or a
+Debian suite fetched through a private apt configuration (lists in the lab, never the host's)."""
+SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 
-def _kernel_package() -> str:
+
+def guest_kernel_choice(choice: str | None = None) -> str:
+    """The guest kernel to provision: ``choice``, else ``$FPH_GUEST_KERNEL``, else ``host``."""
+    c = choice or os.environ.get("FPH_GUEST_KERNEL") or "host"
+    if c not in GUEST_KERNELS:
+        raise LabError(f"guest kernel {c!r}: choose one of {', '.join(GUEST_KERNELS)} (FPH_GUEST_KERNEL)")
+    return c
+
+
+def kernel_sources(suite: str) -> tuple[str, ...]:
+    """apt source lines for a guest kernel suite (stable suites with their updates and security fixes)."""
+    if suite == "testing":
+        return (f"deb {MIRROR} testing main",)
+    return (
+        f"deb {MIRROR} {suite} main",
+        f"deb {MIRROR} {suite}-updates main",
+        f"deb {SECURITY_MIRROR} {suite}-security main",
+    )
+
+
+def _private_apt(adir: Path, suite: str) -> list[str]:
+    """apt options that read ``suite`` only, lists and cache under ``adir`` (the host's apt untouched)."""
+    for d in ("lists/partial", "cache/archives/partial"):
+        (adir / d).mkdir(parents=True, exist_ok=True)
+    (adir / "sources.list").write_text("\n".join(kernel_sources(suite)) + "\n")
+    opts = {
+        "Dir::Etc::sourcelist": adir / "sources.list",
+        "Dir::Etc::sourceparts": "-",
+        "Dir::Etc::preferences": "/dev/null",
+        "Dir::Etc::preferencesparts": "-",
+        "Dir::State::Lists": adir / "lists",
+        "Dir::State::status": "/dev/null",
+        "Dir::Cache": adir / "cache",
+        # The testing/sid Release files on the mirror were expired in late 2026.
+        "Acquire::Check-Valid-Until": "false",
+        "APT::Sandbox::User": "root",
+    }
+    return [a for k, v in opts.items() for a in ("-o", f"{k}={v}")]
+
+
+def _apt_depends(apt: list[str], package: str, *, host: bool) -> str:
     def depends() -> str:
-        return _run(["apt-cache", "depends", "linux-image-amd64"], what="apt-cache depends linux-image-amd64")
+        return _run(["apt-cache", *apt, "depends", package], what=f"apt-cache depends {package}")
 
     try:
-        out = depends()
+        return depends()
     except LabError:
+        if not host:
+            raise
         _run(["apt-get", "update", "-qq"], what="apt-get update")
-        out = depends()
-    m = re.search(r"Depends: (linux-image-\S+-amd64)", out)
+        return depends()
+
+
+def kernel_packages(apt: list[str], *, host: bool = False) -> list[str]:
+    """The packages of the suite's current kernel: ``linux-image-<abi>`` and, where the suite splits the
+    kernel (Debian testing since 7.x: linux-binary-, linux-modules-, linux-base-<abi>), the parts it depends
+    on. Parts are the dependencies whose name carries the same ABI (``7.2.12+deb14-amd64``)."""
+    out = _apt_depends(apt, "linux-image-amd64", host=host)
+    m = re.search(r"^\s*Depends: linux-image-(\S+-amd64)$", out, re.M)
     if not m:
         raise LabError(f"cannot find the kernel ABI package behind linux-image-amd64:\n{out}")
-    return m.group(1)
+    abi = m.group(1)
+    image = f"linux-image-{abi}"
+    deps = re.findall(r"^\s*\|?(?:Pre)?Depends: (\S+)$", _apt_depends(apt, image, host=host), re.M)
+    parts = sorted({d for d in deps if d.startswith("linux-") and d.endswith(f"-{abi}") and d != image})
+    return [image, *parts]
 
 
-def ensure_kernel(root: Path, refresh: bool, log: Log) -> tuple[Path, str, str, Path]:
-    """Debian's kernel (host suite) extracted with dpkg-deb, depmod'ed: (vmlinuz, version, package, kroot)."""
-    stamp = root / "stamps" / "kernel.json"
-    kdir = root / "kernel"
-    if not refresh and stamp.exists():
-        key = json.loads(stamp.read_text())
-        vmlinuz = Path(key["vmlinuz"])
-        if vmlinuz.exists():
-            return vmlinuz, key["version"], key["package"], Path(key["kroot"])
-    with _step("guest kernel (apt-get download, dpkg-deb -x, depmod)", log):
-        pkg = _kernel_package()
+def _module_dirs(kroot: Path) -> dict[str, Path]:
+    """Kernel version -> its real module directory (``lib/modules`` or merged-/usr ``usr/lib/modules``)."""
+    out: dict[str, Path] = {}
+    for base in ("lib/modules", "usr/lib/modules"):
+        d = kroot / base
+        if d.is_dir() and not d.is_symlink():
+            for v in d.iterdir():
+                if v.is_dir() and not v.is_symlink():
+                    out.setdefault(v.name, v)
+    return out
+
+
+def _link(link: Path, target: Path) -> None:
+    """A relative symlink ``link`` -> ``target`` unless ``link`` exists already."""
+    if link.exists() or link.is_symlink():
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def normalize_kernel_tree(kroot: Path) -> tuple[str, Path]:
+    """Make one extracted kernel tree look the same whatever its suite: modules reachable as both
+    ``lib/modules/<kver>`` and ``usr/lib/modules/<kver>`` (bookworm ships the first, trixie and later the
+    second, and each host's depmod reads its own), and the image as ``boot/vmlinuz-<kver>`` (testing ships
+    ``usr/lib/modules/<kver>/vmlinuz`` only). Returns (kver, vmlinuz)."""
+    dirs = _module_dirs(kroot)
+    if len(dirs) != 1:
+        raise LabError(f"expected one kernel version under {kroot}/(usr/)lib/modules, found {sorted(dirs)}")
+    ((kver, moddir),) = dirs.items()
+    for base in ("lib/modules", "usr/lib/modules"):
+        _link(kroot / base / kver, moddir)
+    for name in ("vmlinuz", "config", "System.map"):
+        if (moddir / name).exists():
+            _link(kroot / "boot" / f"{name}-{kver}", moddir / name)
+    vmlinuz = kroot / "boot" / f"vmlinuz-{kver}"
+    if not vmlinuz.exists():
+        raise LabError(f"no kernel image for {kver} in {kroot} (neither boot/vmlinuz-{kver} nor in {moddir})")
+    return kver, vmlinuz
+
+
+def _kernel_stamp_valid(key: dict[str, object], choice: str) -> bool:
+    kver, kroot = str(key.get("version")), Path(str(key.get("kroot")))
+    return (
+        key.get("choice", "host") == choice
+        and Path(str(key.get("vmlinuz"))).exists()
+        and (kroot / "lib/modules" / kver / "modules.dep").exists()
+    )
+
+
+def _read_stamp(stamp: Path) -> dict[str, object]:
+    try:
+        return dict(json.loads(stamp.read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+@dataclass(frozen=True)
+class GuestKernel:
+    """One provisioned guest kernel: the choice it came from, its packages (``name=version``), tree."""
+
+    choice: str
+    version: str
+    vmlinuz: Path
+    kroot: Path
+    packages: tuple[str, ...]
+
+    @property
+    def package(self) -> str:
+        return self.packages[0].split("=")[0] if self.packages else ""
+
+
+def _kernel_from_stamp(key: dict[str, object], choice: str) -> GuestKernel:
+    pkgs = key.get("packages") or [key.get("package", "")]
+    assert isinstance(pkgs, list)
+    return GuestKernel(
+        choice=choice,
+        version=str(key["version"]),
+        vmlinuz=Path(str(key["vmlinuz"])),
+        kroot=Path(str(key["kroot"])),
+        packages=tuple(str(p) for p in pkgs),
+    )
+
+
+def ensure_kernel(root: Path, refresh: bool, log: Log, choice: str = "host") -> GuestKernel:
+    """Debian's kernel for ``choice`` (see GUEST_KERNELS), downloaded with apt-get download, extracted with
+    dpkg-deb, normalized and depmod'ed. Each choice has its own tree and stamp: switching back is cached."""
+    stamp = root / "stamps" / f"kernel-{choice}.json"
+    legacy = root / "stamps" / "kernel.json"  # before guest-kernel choices: the host's kernel in kernel/root
+    if not refresh:
+        key = _read_stamp(stamp)
+        if key and _kernel_stamp_valid(key, choice):
+            return _kernel_from_stamp(key, choice)
+        old = _read_stamp(legacy) if choice == "host" else {}
+        if old and _kernel_stamp_valid(old, choice):
+            k = _kernel_from_stamp(old, choice)
+            _write_stamp(stamp, {**old, "choice": choice, "packages": list(k.packages)})
+            return k
+    kdir = root / "kernel" / choice
+    where = "host apt" if choice == "host" else f"{MIRROR} {choice}"
+    with _step(f"guest kernel {choice} ({where}: apt-get download, dpkg-deb -x, depmod)", log):
         shutil.rmtree(kdir, ignore_errors=True)
         (kdir / "deb").mkdir(parents=True)
-        _run(["apt-get", "download", pkg], cwd=kdir / "deb", what=f"apt-get download {pkg}")
-        debs = list((kdir / "deb").glob("*.deb"))
-        if len(debs) != 1:
-            raise LabError(f"expected one .deb in {kdir / 'deb'}, found {debs}")
+        apt: list[str] = []
+        if choice != "host":
+            apt = _private_apt(kdir / "apt", choice)
+            _run(["apt-get", *apt, "-q", "update"], what=f"apt-get update ({choice} kernel lists)")
+        pkgs = kernel_packages(apt, host=choice == "host")
+        _run(
+            ["apt-get", *apt, "download", *pkgs], cwd=kdir / "deb", what=f"apt-get download {' '.join(pkgs)}"
+        )
+        debs = sorted((kdir / "deb").glob("*.deb"))
+        if len(debs) != len(pkgs):
+            raise LabError(f"expected {len(pkgs)} .deb files ({pkgs}) in {kdir / 'deb'}, found {debs}")
         kroot = kdir / "root"
-        _run(["dpkg-deb", "-x", str(debs[0]), str(kroot)], what="dpkg-deb -x")
-        versions = [p.name for p in (kroot / "lib/modules").iterdir()]
-        if len(versions) != 1:
-            raise LabError(f"expected one kernel version in {kroot}/lib/modules, found {versions}")
-        kver = versions[0]
+        versions = []
+        for deb in debs:
+            fields = _run(["dpkg-deb", "-f", str(deb), "Package", "Version"], what="dpkg-deb -f").split("\n")
+            versions.append("=".join(f.split(": ", 1)[1] for f in fields[:2]))
+            _run(["dpkg-deb", "-x", str(deb), str(kroot)], what=f"dpkg-deb -x {deb.name}")
+        kver, vmlinuz = normalize_kernel_tree(kroot)
         _run(["depmod", "-b", str(kroot), kver], what="depmod")
-        vmlinuz = kroot / "boot" / f"vmlinuz-{kver}"
-        debs[0].unlink()
-        _write_stamp(stamp, {"package": pkg, "version": kver, "vmlinuz": str(vmlinuz), "kroot": str(kroot)})
-    return vmlinuz, kver, pkg, kroot
+        shutil.rmtree(kdir / "deb")
+        shutil.rmtree(kdir / "apt", ignore_errors=True)
+        image = next(v for v in versions if v.startswith(f"{pkgs[0]}="))
+        packages = [image, *(v for v in versions if v != image)]
+        _write_stamp(
+            stamp,
+            {"choice": choice, "package": pkgs[0], "packages": packages, "version": kver,
+             "vmlinuz": str(vmlinuz), "kroot": str(kroot)},
+        )  # fmt: skip
+    return GuestKernel(choice, kver, vmlinuz, kroot, tuple(packages))
 
 
 def module_load_order(kroot: Path, kver: str, names: tuple[str, ...] = GUEST_MODULES) -> list[Path]:
@@ -531,9 +696,16 @@ def _decompress_module(src: Path, dst: Path) -> None:
 
 
 def ensure_initramfs(
-    root: Path, refresh: bool, log: Log, kroot: Path, kver: str, programs: dict[str, Path]
+    root: Path,
+    refresh: bool,
+    log: Log,
+    kroot: Path,
+    kver: str,
+    programs: dict[str, Path],
+    choice: str = "host",
 ) -> Path:
-    """busybox-static + /init + decompressed virtio modules + guest programs, as a gzip'ed newc cpio."""
+    """busybox-static + /init + decompressed virtio modules + guest programs, as a gzip'ed newc cpio;
+    one per guest kernel choice (``guest/initramfs-<choice>.cpio.gz``)."""
     busybox = Path("/bin/busybox")
     modules = module_load_order(kroot, kver)
     key: dict[str, object] = {
@@ -543,11 +715,11 @@ def ensure_initramfs(
         "modules": [str(m) for m in modules],
         "kver": kver,
     }
-    out = root / "guest" / "initramfs.cpio.gz"
-    stamp = root / "stamps" / "initramfs.json"
+    out = root / "guest" / f"initramfs-{choice}.cpio.gz"
+    stamp = root / "stamps" / f"initramfs-{choice}.json"
     if not refresh and _stamp_ok(stamp, key) and out.exists():
         return out
-    with _step("initramfs (busybox, virtio modules, guest programs)", log):
+    with _step(f"initramfs {choice} (busybox, virtio modules, guest programs)", log):
         if not _is_static(busybox):
             raise LabError(
                 f"{busybox} is not static: install busybox-static (a dynamic busybox fails as /init)"
@@ -578,6 +750,7 @@ def ensure_initramfs(
             )
             if cpio.returncode != 0:
                 raise LabError(f"cpio failed: {cpio.stderr.decode()}")
+            out.parent.mkdir(parents=True, exist_ok=True)
             tmp_out = out.with_suffix(".tmp")
             tmp_out.write_bytes(gzip.compress(cpio.stdout, compresslevel=9))
             tmp_out.replace(out)
@@ -593,8 +766,14 @@ def _is_static(path: Path) -> bool:
 # entry point
 
 
-def provision(root: Path | None = None, *, refresh: bool = False, log: Log = print) -> Lab:
-    """Make the lab complete (idempotent; stamps make a second run cheap) and return its artifacts."""
+def provision(
+    root: Path | None = None, *, refresh: bool = False, log: Log = print, guest_kernel: str | None = None
+) -> Lab:
+    """Make the lab complete (idempotent; stamps make a second run cheap) and return its artifacts.
+
+    ``guest_kernel``: one of GUEST_KERNELS (default ``$FPH_GUEST_KERNEL``, else ``host``). Switching it
+    provisions just that kernel and its initramfs (each choice is cached) and rewrites the manifest."""
+    choice = guest_kernel_choice(guest_kernel)
     root = (root or lab_dir()).resolve()
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -604,21 +783,23 @@ def provision(root: Path | None = None, *, refresh: bool = False, log: Log = pri
             ensure_host_tools(log)
         with _cached_note("QEMU", log) as clog:
             qemu = ensure_qemu(root, refresh, clog)
-        with _cached_note("guest kernel", log) as clog:
-            vmlinuz, kver, kpkg, kroot = ensure_kernel(root, refresh, clog)
+        with _cached_note(f"guest kernel {choice}", log) as clog:
+            kernel = ensure_kernel(root, refresh, clog, choice)
         with _cached_note("guest programs", log) as clog:
             programs = ensure_guest_programs(root, refresh, clog)
-        with _cached_note("initramfs", log) as clog:
-            initramfs = ensure_initramfs(root, refresh, clog, kroot, kver, programs)
+        with _cached_note(f"initramfs {choice}", log) as clog:
+            initramfs = ensure_initramfs(root, refresh, clog, kernel.kroot, kernel.version, programs, choice)
         lab = Lab(
             root=str(root),
             qemu=qemu,
-            kernel=str(vmlinuz),
-            kernel_version=kver,
-            kernel_package=kpkg,
+            kernel=str(kernel.vmlinuz),
+            kernel_version=kernel.version,
+            kernel_package=kernel.package,
             initramfs=str(initramfs),
             guest_programs={k: str(v) for k, v in programs.items()},
             guest_sources=str(GUEST_SRC),
+            kernel_choice=choice,
+            kernel_packages=kernel.packages,
         )
         manifest = root / _MANIFEST
         tmp = manifest.with_suffix(".tmp")
@@ -626,7 +807,7 @@ def provision(root: Path | None = None, *, refresh: bool = False, log: Log = pri
         tmp.replace(manifest)
     log(
         f"[provision] lab ready in {root} ({time.monotonic() - t0:.1f} s): QEMU {qemu.package_version} "
-        f"({qemu.kind}), kernel {kver}"
+        f"({qemu.kind}), kernel {kernel.version} ({choice})"
     )
     return lab
 
@@ -637,9 +818,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--dir", type=Path, default=None, help=f"lab directory (default $FPH_LAB_DIR or {DEFAULT_LAB_DIR})"
     )
+    ap.add_argument(
+        "--guest-kernel",
+        choices=GUEST_KERNELS,
+        default=None,
+        help="Debian kernel the guests boot: the host's own (host apt) or one suite's, from "
+        f"{MIRROR} (default $FPH_GUEST_KERNEL or host)",
+    )
     args = ap.parse_args(argv)
     try:
-        provision(args.dir, refresh=args.refresh)
+        provision(args.dir, refresh=args.refresh, guest_kernel=args.guest_kernel)
     except LabError as e:
         print(f"fph_lab.provision: {e}", file=sys.stderr)
         return 1
