@@ -19,7 +19,9 @@ import pytest
 
 from fph.dirty_bitmap import DirtyBitmap
 from fph.ram_layout import GiB, RamLayout
+from fph.writelog import tcg
 from fph.writelog.base import count_bits, full_words
+from fph.writelog.build import main as build_main
 from fph.writelog.combined import CombinedWriteLog
 from fph.writelog.device import DeviceWriteLog
 from fph.writelog.errors import (
@@ -41,12 +43,14 @@ from fph.writelog.softdirty import (
 from fph.writelog.tcg import (
     HEADER_SIZE,
     LogHeader,
+    PluginNotBuiltError,
     TcgWriteLog,
     build_plugin,
     check_log_file,
     create_log_file,
     harvest_words,
     helpers,
+    plugin_path,
     span_bytes,
 )
 
@@ -86,6 +90,54 @@ def test_plugin_builds_once_per_source_hash_and_declares_api_v7(tmp_path: Path) 
     assert ctypes.c_int.in_dll(lib, "qemu_plugin_version").value == 7
     assert hasattr(lib, "qemu_plugin_install") and hasattr(lib, "fph_wlog_harvest")
     assert built < 30
+
+
+def test_runtime_uses_the_plugin_setup_built_and_never_compiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FPH_WRITELOG_CACHE", raising=False)
+    monkeypatch.setattr(tcg, "PLUGIN_BUILD_DIR", tmp_path / "_build")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))  # a compile attempt would fail differently
+    with pytest.raises(PluginNotBuiltError, match=r"plugin is not built: .* run scripts/setup"):
+        plugin_path()
+    with pytest.raises(PluginNotBuiltError, match="run scripts/setup"):
+        TcgWriteLog(tmp_path / "w.bin", RamLayout.flat(16 * MiB))
+    (tmp_path / "_build").mkdir()
+    (tmp_path / "_build" / "tcg_writelog-0123456789abcdef.so").write_bytes(b"old")
+    with pytest.raises(PluginNotBuiltError, match=r"stale \(tcg_writelog-0123456789abcdef.so was built from"):
+        plugin_path()
+    monkeypatch.delenv("CC")
+    so = build_plugin()  # what scripts/setup runs: into PLUGIN_BUILD_DIR, older builds removed
+    assert so == plugin_path() == tmp_path / "_build" / f"tcg_writelog-{tcg.plugin_key()}.so"
+    assert [p.name for p in (tmp_path / "_build").glob("*.so")] == [so.name]
+
+
+def test_the_cache_override_builds_on_demand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tcg, "PLUGIN_BUILD_DIR", tmp_path / "_build")
+    monkeypatch.setenv("FPH_WRITELOG_CACHE", str(tmp_path / "cache"))
+    so = plugin_path()
+    assert so.parent == tmp_path / "cache" and so.exists()
+    assert not (tmp_path / "_build").exists()
+
+
+def test_build_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(tcg, "PLUGIN_BUILD_DIR", tmp_path / "_build")
+    monkeypatch.setenv("CC", "fph-no-such-compiler")
+    assert build_main([]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no C compiler" in err and "install gcc" in err
+    monkeypatch.delenv("CC")
+    assert build_main([]) == 0
+    assert f"built: {tmp_path / '_build'}/tcg_writelog-" in capsys.readouterr().out
+    assert build_main([]) == 0
+    assert "up to date" in capsys.readouterr().out
+    monkeypatch.setattr(tcg, "PLUGIN_SOURCE", tmp_path / "broken.c")
+    (tmp_path / "broken.c").write_text("this is not C\n")
+    assert build_main([]) == 1
+    first, *rest = capsys.readouterr().err.splitlines()
+    assert first.startswith("fph.writelog.build: building the TCG write-log plugin with") and rest
 
 
 def test_plugin_arg_names_so_log_and_gpa_span(tmp_path: Path) -> None:

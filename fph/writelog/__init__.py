@@ -27,7 +27,7 @@ from fph.writelog.errors import (
     WriteLogStateError,
 )
 from fph.writelog.softdirty import SoftDirtyWriteLog, qmp_vcpu_control
-from fph.writelog.tcg import TcgWriteLog, build_plugin
+from fph.writelog.tcg import PluginNotBuiltError, TcgWriteLog, build_plugin, plugin_path
 
 __all__ = [
     "CombinedWriteLog",
@@ -35,6 +35,7 @@ __all__ = [
     "HarvestStats",
     "PluginBuildError",
     "PluginNotAttachedError",
+    "PluginNotBuiltError",
     "RamMappingNotFoundError",
     "SoftDirtyUnavailableError",
     "SoftDirtyWriteLog",
@@ -45,5 +46,6 @@ __all__ = [
     "WriteLogFormatError",
     "WriteLogStateError",
     "build_plugin",
+    "plugin_path",
     "qmp_vcpu_control",
 ]

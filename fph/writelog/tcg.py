@@ -12,8 +12,11 @@ Usage::
     log.start()                                                   # checks the plugin attached, clears
     bitmap.merge_write_log(log.harvest())
 
-The plugin is built from source with the system C compiler into a cache keyed by the source hash (never
-committed): ``$FPH_WRITELOG_CACHE``, else ``$XDG_CACHE_HOME/fph/writelog``, else ``~/.cache/fph/writelog``.
+The plugin is built from source with the system C compiler by ``scripts/setup`` (``python -m
+fph.writelog.build``), next to the source in the installed package: ``fph/writelog/_build/
+tcg_writelog-<hash of source and flags>.so`` (never committed). At run time fph only uses that file: a missing
+or stale one (built from another ``tcg_writelog.c``) is an error that says to run scripts/setup. With
+``$FPH_WRITELOG_CACHE`` set (tests, development) fph instead builds on demand into that directory.
 The same .so is loaded into fph with ctypes for the harvest helper (the QEMU API symbols are weak).
 """
 
@@ -49,7 +52,14 @@ from fph.writelog.errors import (
 
 log = logging.getLogger(__name__)
 
+
+class PluginNotBuiltError(PluginBuildError):
+    """The plugin scripts/setup builds is missing or was built from another source: run scripts/setup."""
+
+
 PLUGIN_SOURCE = Path(__file__).with_name("tcg_writelog.c")
+PLUGIN_BUILD_DIR = Path(__file__).with_name("_build")
+"""Where scripts/setup builds the plugin (inside the installed package tree; ``*.so`` is gitignored)."""
 CFLAGS = ("-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-std=gnu11")
 MAGIC = b"WLOGv001"
 VERSION = 1
@@ -152,7 +162,7 @@ class LogHeader:
 
 
 def plugin_cache_dir() -> Path:
-    """Where built plugins go: ``$FPH_WRITELOG_CACHE`` or ``$XDG_CACHE_HOME/fph/writelog``."""
+    """Build directory for on-demand builds: ``$FPH_WRITELOG_CACHE`` or ``$XDG_CACHE_HOME/fph/writelog``."""
     env = os.environ.get("FPH_WRITELOG_CACHE")
     if env:
         return Path(env)
@@ -160,7 +170,18 @@ def plugin_cache_dir() -> Path:
     return Path(xdg) / "fph" / "writelog"
 
 
-def _compiler(cc: str | None) -> tuple[str, str]:
+def plugin_key() -> str:
+    """The plugin's build key: a hash of ``tcg_writelog.c`` and the compiler flags (16 hex digits)."""
+    h = hashlib.sha256(b"\0".join([PLUGIN_SOURCE.read_bytes(), *(f.encode() for f in CFLAGS)]))
+    return h.hexdigest()[:16]
+
+
+def plugin_file(build_dir: Path | None = None) -> Path:
+    """The .so for the current source in ``build_dir`` (default PLUGIN_BUILD_DIR), built or not."""
+    return (build_dir or PLUGIN_BUILD_DIR) / f"tcg_writelog-{plugin_key()}.so"
+
+
+def _compiler(cc: str | None) -> str:
     name = cc or os.environ.get("CC") or "cc"
     path = shutil.which(name)
     if not path:
@@ -168,25 +189,22 @@ def _compiler(cc: str | None) -> tuple[str, str]:
             f"no C compiler {name!r} to build the TCG write-log plugin: install gcc (apt-get install gcc "
             "libc6-dev) or set CC"
         )
-    p = subprocess.run(
-        [path, "-dumpfullversion", "-dumpversion"], capture_output=True, text=True, check=False
-    )
-    return path, p.stdout.strip()
+    return path
 
 
-def build_plugin(*, cache_dir: Path | None = None, cc: str | None = None) -> Path:
-    """Compile ``tcg_writelog.c`` (once per source/compiler/flags hash) and return the .so path."""
-    src = PLUGIN_SOURCE.read_bytes()
-    path, version = _compiler(cc)
-    key = hashlib.sha256(b"\0".join([src, path.encode(), version.encode(), *(f.encode() for f in CFLAGS)]))
-    cache = cache_dir or plugin_cache_dir()
-    out = cache / f"tcg_writelog-{key.hexdigest()[:16]}.so"
-    if out.exists():
+def build_plugin(*, cache_dir: Path | None = None, cc: str | None = None, force: bool = False) -> Path:
+    """Compile ``tcg_writelog.c`` into ``cache_dir`` (default PLUGIN_BUILD_DIR, where scripts/setup builds)
+    once per source/flags hash and return the .so path; ``force`` compiles even when it exists. A build
+    into PLUGIN_BUILD_DIR removes the plugins built there from older sources."""
+    cache = cache_dir or PLUGIN_BUILD_DIR
+    out = plugin_file(cache)
+    if out.exists() and not force:
         return out
+    path = _compiler(cc)
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if out.exists():
+        if out.exists() and not force:
             return out
         fd, tmp = tempfile.mkstemp(prefix=".tcg_writelog-", suffix=".so", dir=cache)
         os.close(fd)
@@ -204,7 +222,34 @@ def build_plugin(*, cache_dir: Path | None = None, cc: str | None = None) -> Pat
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        if cache == PLUGIN_BUILD_DIR:
+            for old in cache.glob("tcg_writelog-*.so"):
+                if old != out:
+                    old.unlink(missing_ok=True)
     return out
+
+
+def plugin_path() -> Path:
+    """The plugin fph runs with: the one scripts/setup built (PLUGIN_BUILD_DIR) for the current source.
+
+    Missing or stale raises PluginNotBuiltError (run scripts/setup); fph never compiles at run time unless
+    ``$FPH_WRITELOG_CACHE`` is set, which builds on demand into that directory (tests, development)."""
+    if os.environ.get("FPH_WRITELOG_CACHE"):
+        return build_plugin(cache_dir=plugin_cache_dir())
+    out = plugin_file()
+    if out.exists():
+        return out
+    others = sorted(p.name for p in PLUGIN_BUILD_DIR.glob("tcg_writelog-*.so"))
+    state = (
+        f"stale ({', '.join(others)} {'was' if len(others) == 1 else 'were'} built from another "
+        f"{PLUGIN_SOURCE.name})"
+        if others
+        else "not built"
+    )
+    raise PluginNotBuiltError(
+        f"the TCG write-log plugin is {state}: expected {out}; run scripts/setup "
+        "(or python -m fph.writelog.build), or set FPH_WRITELOG_CACHE=<dir> to build on demand"
+    )
 
 
 class _Helpers:
@@ -241,7 +286,7 @@ class _Helpers:
 @functools.cache
 def helpers(so: Path | None = None) -> _Helpers:
     """The C helpers (atomic harvest, test writers) from the built plugin."""
-    return _Helpers(so or build_plugin())
+    return _Helpers(so or plugin_path())
 
 
 def harvest_words(log: Words, out: Words | None = None, *, c: _Helpers | None = None) -> Words:
@@ -301,7 +346,8 @@ class TcgWriteLog(WriteLog):
     """Consumer of the plugin's log file for one guest.
 
     ``log_path``: the shared log file (created unless ``create=False``, then validated); ``layout``: the
-    guest's RAM layout (bitmap = its GPA span); ``plugin``: a built .so (default: build_plugin()).
+    guest's RAM layout (bitmap = its GPA span); ``plugin``: a built .so (default: plugin_path(), the one
+    scripts/setup built).
     """
 
     kind = "tcg-plugin"
@@ -312,7 +358,7 @@ class TcgWriteLog(WriteLog):
     ) -> None:
         super().__init__(layout)
         self.path = Path(log_path)
-        self.plugin = plugin or build_plugin()
+        self.plugin = plugin or plugin_path()
         self._c = helpers(self.plugin)
         if create:
             create_log_file(self.path, layout)
