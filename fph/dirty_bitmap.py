@@ -29,14 +29,25 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-from fph.bitops import ctz64, popcount64
+from fph.bitops import ctz64, popcount64, prefetch_write
+from fph.kernels import zero_page_flags as _zero_page_flags
 from fph.ram_layout import PAGE_SHIFT, PAGE_SIZE, LayoutError, RamLayout
 
 Words = npt.NDArray[np.uint64]
 
-CMD_ID_MIN = 2
-"""Command ids 0 (STOP) and 1 (DONE) are reserved by the virtio spec."""
-CMD_ID_MAX = 0xFFFF_FFFF
+EPOCH_MIN = 2
+"""The smallest hint epoch the bitmap accepts. An epoch is the free page hint command id of its round, and
+ids 0 (STOP) and 1 (DONE) are reserved by the virtio spec; which ids fph issues is
+``fph.balloon.spec.CMD_ID_MIN``..``CMD_ID_MAX``, a sub-range of this one."""
+EPOCH_MAX = 0xFFFF_FFFF
+"""The largest hint epoch the bitmap accepts (command ids are 32-bit)."""
+
+SWEEP_RATIO = 16
+"""``apply_hints`` clears a batch in one sweep over the words it spans, instead of range by range, when it
+has at least one range per ``SWEEP_RATIO`` words of that span (1 per 1,024 pages). Range by range costs a
+branch miss at each range's end and scattered word accesses; the sweep costs ~6 ns a range plus ~0.5 ns
+a word of the span. Break-even on the Zen 4 host, 64 GiB bitmap: 1 range per ~14 words with the bitmap in
+cache, 1 per ~20-26 with the caches cold."""
 
 SEND_DATA = 0
 """``plan_send`` verdict: the page holds data and must be sent."""
@@ -47,9 +58,13 @@ SKIP_ZERO = 2
 
 _ALL = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 _ZERO = np.uint64(0)
+_ONE = np.uint64(1)
 _U64_6 = np.uint64(6)
 _U64_63 = np.uint64(63)
 _U64_64 = np.uint64(64)
+
+_AHEAD = 16
+"""Range kernels prefetch the words of the range this many ranges ahead (random ranges miss the caches)."""
 
 _BAD_EMPTY, _BAD_ALIGN, _BAD_OVERFLOW, _BAD_OUTSIDE = 1, 2, 3, 4
 _BAD_REASONS = {
@@ -94,36 +109,52 @@ def _mask(lo: Any, hi: Any) -> Any:
 
 @njit(cache=True, nogil=True)
 def _validate_ranges(ranges: Any, ram_lo: Any, ram_hi: Any) -> Any:
-    """Index * 8 + reason of the first bad (gpa, length) byte range, or -1 if all are RAM pages."""
+    """Check (gpa, length) byte ranges: returns (bad, pages, first word, end word).
+
+    ``bad`` is index * 8 + reason of the first range that is not whole RAM pages, or -1 if all are;
+    then ``pages`` is the sum of their lengths in pages and [first word, end word) the bitmap words
+    they touch."""
+    shift = np.uint64(PAGE_SHIFT)
+    pages = np.int64(0)
+    wlo = np.int64(0x7FFF_FFFF_FFFF_FFFF)
+    whi = np.int64(0)
     for i in range(ranges.shape[0]):
         gpa = ranges[i, 0]
         length = ranges[i, 1]
         if length == 0:
-            return i * 8 + _BAD_EMPTY
+            return i * 8 + _BAD_EMPTY, pages, wlo, whi
         if (gpa | length) & np.uint64(PAGE_SIZE - 1):
-            return i * 8 + _BAD_ALIGN
+            return i * 8 + _BAD_ALIGN, pages, wlo, whi
         end = gpa + length
         if end < gpa:
-            return i * 8 + _BAD_OVERFLOW
+            return i * 8 + _BAD_OVERFLOW, pages, wlo, whi
         inside = False
         for r in range(ram_lo.shape[0]):
             if ram_lo[r] <= gpa and end <= ram_hi[r]:
                 inside = True
                 break
         if not inside:
-            return i * 8 + _BAD_OUTSIDE
-    return -1
+            return i * 8 + _BAD_OUTSIDE, pages, wlo, whi
+        pages += np.int64(length >> shift)
+        wlo = min(wlo, np.int64(gpa >> shift >> _U64_6))
+        whi = max(whi, np.int64(((end >> shift) - _ONE) >> _U64_6) + 1)
+    return -1, pages, wlo, whi
 
 
 @njit(cache=True, nogil=True)
 def _clear_ranges(words: Any, hinted: Any, ranges: Any) -> Any:
     """Clear the pages of validated (gpa, length) byte ranges; mark them hinted; return bits cleared.
 
-    Branch-free per word, so the out-of-order core overlaps the cache misses of random ranges.
+    Branch-free per word, so the out-of-order core overlaps the cache misses of random ranges; the first
+    words of the range ``_AHEAD`` on are prefetched.
     """
     cleared = np.uint64(0)
     shift = np.uint64(PAGE_SHIFT)
-    for i in range(ranges.shape[0]):
+    nranges = ranges.shape[0]
+    for i in range(nranges):
+        ahead = np.int64(ranges[min(i + _AHEAD, nranges - 1), 0] >> shift >> _U64_6)
+        prefetch_write(words, ahead)
+        prefetch_write(hinted, ahead)
         start = ranges[i, 0] >> shift
         last = start + (ranges[i, 1] >> shift) - np.uint64(1)
         w0 = np.int64(start >> _U64_6)
@@ -149,6 +180,74 @@ def _clear_ranges(words: Any, hinted: Any, ranges: Any) -> Any:
         cleared += popcount64(old & mhi)
         words[w1] = old & ~mhi
         hinted[w1] |= mhi
+    return cleared
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _below(e: Any) -> Any:
+    """Bits [0, e) of a word, 0 <= e <= 64 (no branch, no shift by 64)."""
+    return ((_ONE << np.uint64(e & 63)) - _ONE) | (_ZERO - np.uint64(e >> 6))
+
+
+@njit(cache=True, nogil=True)
+def _clear_ranges_sweep(
+    words: Any, hinted: Any, ranges: Any, edges: Any, cover: Any, wlo: Any, whi: Any
+) -> Any:
+    """``_clear_ranges`` for big batches: the same result, in two passes instead of range by range.
+
+    Pass 1 notes each validated range: its partial first and last words as bit masks in ``edges`` (one
+    word per bitmap word), its whole words as bits of ``cover`` (one bit per bitmap word, 32 KiB for
+    64 GiB: it stays in L1), branch-free for ranges up to 64 whole words. Pass 2 walks the words
+    [wlo, whi) once, 64 at a time, vectorised: mask = edges | cover bit; count, clear, mark hinted. It
+    leaves ``edges`` and ``cover`` zero again. Pass 1 prefetches the edge words ``_AHEAD`` ranges on: 100k
+    random ranges with the caches cold, 1.26 ms without, 0.86-0.97 ms with (warm, 0.63 ms either way).
+    """
+    shift = np.uint64(PAGE_SHIFT)
+    nranges = ranges.shape[0]
+    for i in range(nranges):
+        j = min(i + _AHEAD, nranges - 1)
+        ahead = ranges[j, 0] >> shift
+        prefetch_write(edges, np.int64(ahead >> _U64_6))
+        prefetch_write(edges, np.int64((ahead + (ranges[j, 1] >> shift) - _ONE) >> _U64_6))
+        start = ranges[i, 0] >> shift
+        last = start + (ranges[i, 1] >> shift) - _ONE
+        w0 = np.int64(start >> _U64_6)
+        w1 = np.int64(last >> _U64_6)
+        mlo = _ALL << (start & _U64_63)
+        mhi = _ALL >> (_U64_63 - (last & _U64_63))
+        if w0 == w1:
+            mlo &= mhi
+            mhi = _ZERO
+        edges[w0] |= mlo
+        edges[w1] |= mhi
+        a: Any = w0 + 1  # whole words [a, w1)
+        n = max(w1 - a, 0)
+        c0 = a >> 6
+        s = a & 63
+        if n <= 64:
+            e = s + n
+            cover[c0] |= (_ALL << np.uint64(s)) & _below(min(e, 64))
+            cover[c0 + 1] |= _below(max(e - 64, 0))
+        else:
+            c1 = (w1 - 1) >> 6
+            cover[c0] |= _ALL << np.uint64(s)
+            for c in range(c0 + 1, c1):
+                cover[c] = _ALL
+            cover[c1] |= _below(w1 - c1 * 64)
+    cleared = np.uint64(0)
+    for c in range(wlo >> 6, (whi + 63) >> 6):
+        bits = cover[c]
+        cover[c] = _ZERO
+        ww = words[c * 64 : c * 64 + 64]  # slices: numba vectorises a loop from 0, not from an offset
+        hh = hinted[c * 64 : c * 64 + 64]
+        ee = edges[c * 64 : c * 64 + 64]
+        for j in range(ww.shape[0]):
+            m = ee[j] | (_ZERO - ((bits >> np.uint64(j)) & _ONE))
+            ee[j] = _ZERO
+            old = ww[j]
+            cleared += popcount64(old & m)
+            ww[j] = old & ~m
+            hh[j] |= m
     return cleared
 
 
@@ -201,35 +300,19 @@ def _count(words: Any) -> Any:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _next_set(words: Any, pos: Any, limit: Any) -> Any:
-    """First set bit at or after ``pos`` and before ``limit`` (``limit`` if none)."""
+def _next_bit(words: Any, pos: Any, limit: Any, flip: Any) -> Any:
+    """First bit at or after ``pos`` and before ``limit`` (``limit`` if none) that is set, with ``flip``
+    ``_ZERO``, or clear, with ``flip`` ``_ALL``."""
     if pos >= limit:
         return limit
     w = pos >> 6
-    cur = words[w] & (_ALL << np.uint64(pos & 63))
+    cur = (words[w] ^ flip) & (_ALL << np.uint64(pos & 63))
     last = (limit - 1) >> 6
     while cur == _ZERO:
         w += 1
         if w > last:
             return limit
-        cur = words[w]
-    found = w * 64 + np.int64(ctz64(cur))
-    return min(found, limit)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _next_clear(words: Any, pos: Any, limit: Any) -> Any:
-    """First clear bit at or after ``pos`` and before ``limit`` (``limit`` if none)."""
-    if pos >= limit:
-        return limit
-    w = pos >> 6
-    cur = ~words[w] & (_ALL << np.uint64(pos & 63))
-    last = (limit - 1) >> 6
-    while cur == _ZERO:
-        w += 1
-        if w > last:
-            return limit
-        cur = ~words[w]
+        cur = words[w] ^ flip
     found = w * 64 + np.int64(ctz64(cur))
     return min(found, limit)
 
@@ -249,10 +332,9 @@ def _take_bits(words: Any, sent: Any, hinted: Any, start: Any, end: Any) -> None
     words[w0] &= ~m
     hinted[w0] &= ~m
     sent[w0] |= m
-    for w in range(w0 + 1, w1):
-        words[w] = _ZERO
-        hinted[w] = _ZERO
-        sent[w] = _ALL
+    words[w0 + 1 : w1] = _ZERO  # slices: vectorised stores (a loop from w0 + 1 is not); runs 0.30 -> 0.24 ms
+    hinted[w0 + 1 : w1] = _ZERO
+    sent[w0 + 1 : w1] = _ALL
     m = _mask(0, end - w1 * 64)
     words[w1] &= ~m
     hinted[w1] &= ~m
@@ -271,11 +353,11 @@ def _take_runs(words: Any, sent: Any, hinted: Any, nbits: Any, cursor: Any, budg
     for rnd in range(2):
         lo = cursor if rnd == 0 else 0
         hi = nbits if rnd == 0 else cursor
-        p = _next_set(words, lo, hi)
+        p = _next_bit(words, lo, hi, _ZERO)
         while p < hi:
             if n == max_runs or taken == budget:
                 return n, taken, p
-            e = _next_clear(words, p, hi)
+            e = _next_bit(words, p, hi, _ALL)
             length = min(e - p, budget - taken)
             _take_bits(words, sent, hinted, p, p + length)
             out[n, 0] = p
@@ -285,7 +367,7 @@ def _take_runs(words: Any, sent: Any, hinted: Any, nbits: Any, cursor: Any, budg
             cursor_after = p + length
             if cursor_after < e:
                 return n, taken, cursor_after
-            p = _next_set(words, cursor_after, hi)
+            p = _next_bit(words, cursor_after, hi, _ZERO)
     return n, taken, 0
 
 
@@ -304,27 +386,6 @@ def _skip_zero_runs(words: Any, sent: Any, hinted: Any, known_zero: Any, runs: A
                 sent[w] |= bit
                 skipped += 1
     return skipped
-
-
-@njit(cache=True, nogil=True)
-def _zero_page_flags(ram: Any, out: Any) -> Any:
-    """out[p] = 1 where 4 KiB page p of ``ram`` (uint64 words) is all zero; returns the zero count."""
-    zeros = 0
-    for p in range(out.shape[0]):
-        base = p * 512
-        acc = _ZERO
-        for block in range(8):
-            b = base + block * 64
-            for k in range(64):
-                acc |= ram[b + k]
-            if acc != _ZERO:
-                break
-        if acc == _ZERO:
-            out[p] = 1
-            zeros += 1
-        else:
-            out[p] = 0
-    return zeros
 
 
 @njit(cache=True, nogil=True)
@@ -399,6 +460,9 @@ class DirtyBitmap:
             self.ram_mask.copy() if destination_zeroed else np.zeros(nwords, dtype=np.uint64)
         )
         self._fix_words, self._fix_masks = _partial_words(self.ram_mask)
+        self._sweep_edges: Words = np.zeros(nwords, dtype=np.uint64)
+        """Scratch of ``_clear_ranges_sweep``, zero between calls (untouched, so unmapped, until a sweep)."""
+        self._sweep_cover: Words = np.zeros(nwords // 64 + 2, dtype=np.uint64)
         self._ram_lo = np.array([r.gpa for r in layout], dtype=np.uint64)
         self._ram_hi = np.array([r.end for r in layout], dtype=np.uint64)
         self.stats = BitmapStats()
@@ -414,10 +478,11 @@ class DirtyBitmap:
     # ---------------------------------------------------------------------------------------- epochs
 
     def open_epoch(self, cmd_id: int) -> None:
-        """Start accepting hints of ``cmd_id``; call only after the write log was harvested."""
-        if not isinstance(cmd_id, int) or not CMD_ID_MIN <= cmd_id <= CMD_ID_MAX:
+        """Start accepting hints of epoch ``cmd_id`` (the round's command id); call only after the write
+        log was harvested."""
+        if not isinstance(cmd_id, int) or not EPOCH_MIN <= cmd_id <= EPOCH_MAX:
             raise BitmapError(
-                f"hint command id must be an int in [{CMD_ID_MIN}, {CMD_ID_MAX:#x}], got {cmd_id!r}"
+                f"hint epoch (a command id) must be an int in [{EPOCH_MIN}, {EPOCH_MAX:#x}], got {cmd_id!r}"
             )
         with self._lock:
             if self.epoch is not None:
@@ -446,7 +511,7 @@ class DirtyBitmap:
                 self.stats.hints_rejected_invalid += len(ranges)
             raise
         with self._lock:
-            bad = int(_validate_ranges(arr, self._ram_lo, self._ram_hi))
+            bad, pages, wlo, whi = _validate_ranges(arr, self._ram_lo, self._ram_hi)
             if bad >= 0:
                 self.stats.hints_rejected_invalid += arr.shape[0]
                 i, reason = divmod(bad, 8)
@@ -458,9 +523,16 @@ class DirtyBitmap:
             if self.epoch is None or epoch != self.epoch:
                 self.stats.hints_dropped_stale += arr.shape[0]
                 return 0
-            cleared = int(_clear_ranges(self.dirty, self.hinted, arr))
+            if arr.shape[0] * SWEEP_RATIO >= whi - wlo:
+                cleared = int(
+                    _clear_ranges_sweep(
+                        self.dirty, self.hinted, arr, self._sweep_edges, self._sweep_cover, wlo, whi
+                    )
+                )
+            else:
+                cleared = int(_clear_ranges(self.dirty, self.hinted, arr))
             self._dirty_count -= cleared
-            self.stats.hinted_pages += int(arr[:, 1].sum() >> np.uint64(PAGE_SHIFT)) if arr.shape[0] else 0
+            self.stats.hinted_pages += int(pages)
             self.stats.hint_bits_cleared += cleared
             return cleared
 
@@ -595,12 +667,13 @@ class DirtyBitmap:
 
 def warm_up() -> None:
     """Compile (or load from numba's on-disk cache) every kernel, so the first real call is fast."""
-    layout = RamLayout.flat(128 * PAGE_SIZE)
+    layout = RamLayout.flat(256 * 64 * PAGE_SIZE)
     bm = DirtyBitmap(layout)
     bm.mark_all()
     bm.recount_dirty()
-    bm.open_epoch(CMD_ID_MIN)
-    bm.apply_hints(CMD_ID_MIN, np.array([[0, PAGE_SIZE]], dtype=np.uint64))
+    bm.open_epoch(EPOCH_MIN)
+    bm.apply_hints(EPOCH_MIN, np.array([[0, PAGE_SIZE]], dtype=np.uint64))  # a sweep
+    bm.apply_hints(EPOCH_MIN, np.array([[0, 1024 * PAGE_SIZE]], dtype=np.uint64))  # range by range
     bm.close_epoch()
     bm.merge_write_log(np.zeros(bm.nwords, dtype=np.uint64))
     runs = bm.take_dirty_runs(8 * PAGE_SIZE, max_runs=2)

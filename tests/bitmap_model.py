@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bitarray import bitarray
 
-from fph.dirty_bitmap import CMD_ID_MAX, CMD_ID_MIN, SEND_DATA, SEND_ZERO, SKIP_ZERO, BitmapStats
+from fph.dirty_bitmap import EPOCH_MAX, EPOCH_MIN, SEND_DATA, SEND_ZERO, SKIP_ZERO, BitmapStats
 from fph.ram_layout import PAGE_SHIFT, PAGE_SIZE, RamLayout
 
 
@@ -30,7 +30,7 @@ class ModelBitmap:
         self.cursor = 0
 
     def open_epoch(self, cmd_id: int) -> None:
-        assert CMD_ID_MIN <= cmd_id <= CMD_ID_MAX and self.epoch is None
+        assert EPOCH_MIN <= cmd_id <= EPOCH_MAX and self.epoch is None
         self.epoch = cmd_id
 
     def close_epoch(self) -> int | None:

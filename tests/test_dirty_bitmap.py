@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fph.dirty_bitmap import (
     SEND_DATA,
@@ -12,6 +14,8 @@ from fph.dirty_bitmap import (
     BitmapError,
     DirtyBitmap,
     _clear_ranges,
+    _clear_ranges_sweep,
+    _validate_ranges,
     zero_page_flags,
 )
 from fph.ram_layout import GiB, LayoutError, RamLayout, RamRange
@@ -277,3 +281,48 @@ def test_kernels_compile_to_the_intended_types() -> None:
         assert kernel.nopython_signatures, kernel
         for sig in kernel.nopython_signatures:
             assert "float" not in str(sig.return_type), (kernel, sig)
+
+
+def test_new_kernels_compile_to_the_intended_types() -> None:
+    from fph import dirty_bitmap as d
+
+    d.warm_up()
+    for kernel in (d._clear_ranges_sweep, d._validate_ranges):
+        assert kernel.nopython_signatures, kernel
+        for sig in kernel.nopython_signatures:
+            assert "float" not in str(sig.return_type), (kernel, sig)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    nwords=st.integers(1, 300),
+    seed=st.integers(0, 2**32 - 1),
+    shape=st.lists(
+        st.tuples(st.floats(0, 1), st.sampled_from([1, 2, 63, 64, 65, 700, 4096, 5000, 10**6])), max_size=40
+    ),
+)
+def test_sweep_clears_exactly_like_range_by_range(
+    nwords: int, seed: int, shape: list[tuple[float, int]]
+) -> None:
+    """The two ways apply_hints clears a batch: same bits, same hinted map, same count, scratch left zero."""
+    nbits = nwords * 64
+    rng = np.random.default_rng(seed)
+    ranges = []
+    for where, most in shape:
+        start = min(int(where * nbits), nbits - 1)
+        n = int(rng.integers(1, min(most, nbits - start) + 1))
+        ranges.append((start * PAGE, n * PAGE))
+    arr = np.array(ranges, dtype=np.uint64).reshape(-1, 2)
+    words = rng.integers(0, 2**64, nwords, dtype=np.uint64, endpoint=False)
+    hinted = rng.integers(0, 2**64, nwords, dtype=np.uint64, endpoint=False)
+    bad, pages, wlo, whi = _validate_ranges(
+        arr, np.array([0], np.uint64), np.array([nbits * PAGE], np.uint64)
+    )
+    assert bad == -1 and pages == sum(n for _, n in ranges) // PAGE
+    w1, h1 = words.copy(), hinted.copy()
+    w2, h2 = words.copy(), hinted.copy()
+    edges = np.zeros(nwords, np.uint64)
+    cover = np.zeros(nwords // 64 + 2, np.uint64)
+    assert _clear_ranges(w1, h1, arr) == _clear_ranges_sweep(w2, h2, arr, edges, cover, wlo, whi)
+    assert np.array_equal(w1, w2) and np.array_equal(h1, h2)
+    assert not edges.any() and not cover.any()

@@ -1,0 +1,122 @@
+"""numba kernels over whole 4 KiB pages, shared by the bitmap engine and the transfer.
+
+One page scan, ``_scan_page``, reads a page's 512 words once and yields both the OR of its words (zero or
+not) and its 64-bit fingerprint, optionally copying the page on the way. Every kernel here is that scan in
+a loop: ``zero_page_flags`` (``fph.dirty_bitmap``), ``copy_scan``, ``page_hashes`` and ``changed_pages``
+(``fph.transfer.pagehash``). The scan is inlined and ``copy`` is a constant at each call site, so LLVM
+drops what a kernel does not use: ``zero_page_flags`` compiles to a bare OR of the words (no
+multiplies, no stores), ``page_hashes`` to the four lanes alone.
+
+The fingerprint: four multiply-xor lanes over the page's words, folded at the end. Each step
+``h = (h ^ w) * ODD`` is a bijection of ``h`` for a fixed ``w``, and the fold is a bijection of each lane,
+so a page that differs from its sent copy in a single word (a PTE's Accessed/Dirty bit, the case the TCG
+write log misses) always gets a different fingerprint; wider differences collide with probability ~2^-64.
+
+All kernels take pages as flat ``uint64`` word arrays (512 words a page) and release the GIL. This module
+imports nothing from fph but the page size, so both ``fph.dirty_bitmap`` and ``fph.transfer`` depend on
+it and it on neither. Kernels that inline ``_scan_page`` live here too: numba's on-disk cache of a
+kernel is not invalidated when an inlined function in another file changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from fph.ram_layout import PAGE_SIZE
+
+WORDS_PER_PAGE = PAGE_SIZE // 8
+
+_ODD = np.uint64(0x9E37_79B9_7F4A_7C15)
+_SEED = np.uint64(0x243F_6A88_85A3_08D3)
+_SEED_B = _SEED ^ np.uint64(1)
+_SEED_C = _SEED ^ np.uint64(2)
+_SEED_D = _SEED ^ np.uint64(3)
+_ZERO = np.uint64(0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _fold(a: Any, b: Any, c: Any, d: Any) -> Any:
+    """The four lanes into one fingerprint (a bijection of each lane)."""
+    return (((a * _ODD) ^ b) * _ODD ^ c) * _ODD ^ d
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _scan_page(src: Any, base: Any, dst: Any, copy: Any) -> Any:
+    """(OR of the page's words, its fingerprint) for the page at word ``base`` of ``src``; with ``copy``
+    (a constant at every call site) the page is also copied to the same words of ``dst``."""
+    acc = _ZERO
+    a, b, c, d = _SEED, _SEED_B, _SEED_C, _SEED_D
+    for k in range(0, WORDS_PER_PAGE, 4):
+        w0 = src[base + k]
+        w1 = src[base + k + 1]
+        w2 = src[base + k + 2]
+        w3 = src[base + k + 3]
+        if copy:
+            dst[base + k] = w0
+            dst[base + k + 1] = w1
+            dst[base + k + 2] = w2
+            dst[base + k + 3] = w3
+        acc |= w0 | w1 | w2 | w3
+        a = (a ^ w0) * _ODD
+        b = (b ^ w1) * _ODD
+        c = (c ^ w2) * _ODD
+        d = (d ^ w3) * _ODD
+    return acc, _fold(a, b, c, d)
+
+
+@njit(cache=True, nogil=True)
+def zero_page_flags(ram: Any, out: Any) -> Any:
+    """out[p] = 1 where page p of ``ram`` is all zero, else 0; returns the zero count.
+
+    Every word is read, no early exit at a page's first non-zero block: on the Zen 4 host the early exit
+    scanned a GiB whose every other page holds data at 13.5 GB/s, reading it all runs at 31 GB/s."""
+    zeros = 0
+    for p in range(out.shape[0]):
+        acc, _ = _scan_page(ram, p * WORDS_PER_PAGE, ram, False)
+        if acc == _ZERO:
+            out[p] = 1
+            zeros += 1
+        else:
+            out[p] = 0
+    return zeros
+
+
+@njit(cache=True, nogil=True)
+def copy_scan(src: Any, dst: Any, zero_out: Any, hash_out: Any) -> Any:
+    """One pass per page: copy it, note whether it is all zero, fingerprint it. Returns the zero count.
+
+    One pass, not a copy then a scan of the copy (5.7 vs 4.9 GB/s when it was written)."""
+    zeros = 0
+    for p in range(zero_out.shape[0]):
+        acc, h = _scan_page(src, p * WORDS_PER_PAGE, dst, True)
+        hash_out[p] = h
+        if acc == _ZERO:
+            zero_out[p] = 1
+            zeros += 1
+        else:
+            zero_out[p] = 0
+    return zeros
+
+
+@njit(cache=True, nogil=True)
+def page_hashes(words: Any, out: Any) -> None:
+    """out[p] = the fingerprint of page p of ``words``."""
+    for p in range(out.shape[0]):
+        _, h = _scan_page(words, p * WORDS_PER_PAGE, words, False)
+        out[p] = h
+
+
+@njit(cache=True, nogil=True)
+def changed_pages(words: Any, selected: Any, expected: Any, out: Any) -> Any:
+    """Writes to ``out`` the selected pages whose fingerprint is not ``expected``; returns how many."""
+    n = 0
+    for p in range(selected.shape[0]):
+        if selected[p]:
+            _, h = _scan_page(words, p * WORDS_PER_PAGE, words, False)
+            if h != expected[p]:
+                out[n] = p
+                n += 1
+    return n
