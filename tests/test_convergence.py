@@ -157,3 +157,16 @@ def test_throttle_caps_a_busy_thread_and_releases_it() -> None:
 def test_throttle_without_cgroup_v1_says_so(tmp_path: Path) -> None:
     with pytest.raises(ThrottleUnavailableError, match="cgroup v1"):
         VcpuThrottle(1, [1], "x", root=tmp_path)
+
+
+def test_vcpu_threads_names_qemus_pid() -> None:
+    import threading
+
+    from fph.migration.throttle import ThrottleError, vcpu_threads
+
+    assert vcpu_threads([{"cpu-index": 0, "thread-id": threading.get_native_id()}]) == (
+        os.getpid(),
+        [threading.get_native_id()],
+    )
+    with pytest.raises(ThrottleError, match="no vCPU thread"):
+        vcpu_threads([{"cpu-index": 0}])

@@ -102,3 +102,19 @@ class VcpuThrottle:
         self._group = None
         self.pct = 0
         return problems
+
+
+def vcpu_threads(cpus: list[dict[str, object]]) -> tuple[int, list[int]]:
+    """QEMU's pid and its vCPU thread ids from a ``query-cpus-fast`` answer (the pid is the threads'
+    thread-group id, from /proc)."""
+    tids = [int(str(c["thread-id"])) for c in cpus if "thread-id" in c]
+    if not tids:
+        raise ThrottleError("query-cpus-fast named no vCPU thread ids")
+    try:
+        status = Path(f"/proc/{tids[0]}/status").read_text()
+    except OSError as exc:
+        raise ThrottleError(f"vCPU thread {tids[0]} is not visible here (/proc): {exc}") from exc
+    tgid = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("Tgid:")), 0)
+    if not tgid:
+        raise ThrottleError(f"no Tgid for vCPU thread {tids[0]}")
+    return tgid, tids
