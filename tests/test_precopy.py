@@ -97,8 +97,9 @@ class FakeBalloon:
         self.dones += 1
         self.state = "done"
 
-    def config_unread(self) -> bool:
-        return False
+    def done_and_wait(self, timeout: float = 2.0) -> bool:
+        self.done()
+        return True
 
     def status(self) -> object:
         return type("S", (), {"state": self.state, "broken": None})()

@@ -109,20 +109,18 @@ class BalloonControl:
     async def done_async(self) -> None:
         await self._call_async(BalloonDevice.done)
 
+    def done_and_wait(self, timeout: float = 2.0) -> bool:
+        """DONE, then wait (bounded) until the guest read it; False if it did not within ``timeout``.
+        Blocks: call it from a thread, never from the device's loop."""
+        future = asyncio.run_coroutine_threadsafe(self._done_and_wait(timeout), self._loop)
+        return future.result(timeout + self._timeout)
+
     async def done_and_wait_async(self, timeout: float = 2.0) -> bool:
-        """DONE, then wait (bounded) until the guest read it; False if it did not within ``timeout``."""
+        future = asyncio.run_coroutine_threadsafe(self._done_and_wait(timeout), self._loop)
+        return await asyncio.wrap_future(future)
 
-        def done(d: BalloonDevice) -> BalloonDevice:
-            d.done()
-            return d
-
-        device = await self._call_async(done)
-
-        async def wait() -> list[BalloonDevice]:
-            return await self._receiver.wait_config_read([device], timeout)
-
-        unread = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(wait(), self._loop))
-        return not unread
+    async def _done_and_wait(self, timeout: float) -> bool:
+        return not await self._receiver.done_and_wait([self._device()], timeout)
 
     def status(self) -> HintStatus:
         return self._call(BalloonDevice.status)

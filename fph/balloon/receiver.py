@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import time
 from typing import Any
 
 from fph.balloon.device import BalloonDevice
 from fph.balloon.sink import HintSink
 from fph.balloon.spec import F_FREE_PAGE_HINT
 from fph.vhost_user.server import VhostUserServer
+from fph.waiting import poll_until_async
 
 log = logging.getLogger("fph.hint_receiver")
 
@@ -50,21 +49,31 @@ class HintReceiver:
 
     async def wait_config_read(self, devices: list[BalloonDevice], timeout: float) -> list[BalloonDevice]:
         """Wait (bounded) until each device's guest has read its config; returns those that did not."""
-        deadline = time.monotonic() + timeout
-        while any(d.config_unread for d in devices) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+
+        async def all_read() -> bool:
+            return not any(d.config_unread for d in devices)
+
+        await poll_until_async(all_read, timeout, 0.005)
         return [d for d in devices if d.config_unread]
+
+    async def done_and_wait(
+        self, devices: list[BalloonDevice], timeout: float, *, force: bool = False
+    ) -> list[BalloonDevice]:
+        """DONE to each device, then wait (bounded) until each guest has read it; returns those whose guest
+        did not within ``timeout``. ``force``: announce DONE again even where it is already DONE."""
+        for device in devices:
+            device.done(force=force)
+        return await self.wait_config_read(devices, timeout)
 
     async def release_all(self, timeout: float = 2.0) -> None:
         """DONE to every guest that can hear it, then wait (bounded) until each has read its config."""
-        waiting = []
-        for path, device in self.devices.items():
-            if not self.connected(path) or device.channel is None or not device.acked & F_FREE_PAGE_HINT:
-                continue
-            device.done(force=True)  # even if already DONE: an earlier interrupt may have gone unheard
-            if device.config_unread:
-                waiting.append(device)
-        for device in await self.wait_config_read(waiting, timeout):
+        hearing = [
+            device
+            for path, device in self.devices.items()
+            if self.connected(path) and device.channel is not None and device.acked & F_FREE_PAGE_HINT
+        ]
+        # force: even if already DONE, an earlier interrupt may have gone unheard
+        for device in await self.done_and_wait(hearing, timeout, force=True):
             log.error(
                 "%s: the guest did not read DONE within %.1f s; hinted blocks may stay held until "
                 "fph reconnects or the device is removed (device_del)",

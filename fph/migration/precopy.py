@@ -54,7 +54,9 @@ class HintControl(Protocol):
 
     def done(self) -> None: ...
 
-    def config_unread(self) -> bool: ...
+    def done_and_wait(self, timeout: float = 2.0) -> bool:
+        """DONE, then wait (bounded) until the guest read it; False if it did not within ``timeout``."""
+        ...
 
     def status(self) -> Any: ...
 
@@ -241,10 +243,7 @@ class Precopy:
         """DONE: the guest takes its hinted blocks back. Safe at any time: the epoch is closed and every
         later write to those pages is in the write log."""
         assert self.hints is not None
-        self.hints.done()
-        t0 = time.monotonic()
-        while self.hints.config_unread() and time.monotonic() - t0 < 2.0:
-            time.sleep(0.005)
+        self.hints.done_and_wait(2.0)
         time.sleep(settle_s)
 
     def _wait_first_hint_run(self, limit_s: float) -> float:
