@@ -7,7 +7,6 @@ migration outcomes are :class:`MigrationError` and its subclasses. Catch :class:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import socket
@@ -17,6 +16,8 @@ from typing import Any
 
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, StateError
 from qemu.qmp import QMPError as _LibQMPError
+
+from fph.waiting import retry_until, retry_until_async
 
 
 class QMPError(Exception):
@@ -84,15 +85,10 @@ class QMPConnection:
 
     async def connect(self, timeout: float = 10.0) -> None:
         """Connect and negotiate capabilities; retry until the socket accepts (QEMU may still be starting)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                await self.client.connect(self.path)
-                return
-            except (ConnectError, OSError) as e:
-                if time.monotonic() >= deadline:
-                    raise QMPConnectError(self.path, str(e)) from e
-                await asyncio.sleep(0.05)
+        try:
+            await retry_until_async(lambda: self.client.connect(self.path), timeout, (ConnectError, OSError))
+        except (ConnectError, OSError) as e:
+            raise QMPConnectError(self.path, str(e)) from e
 
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
         """Run a command; QEMU's error becomes :class:`QMPCommandError` with QEMU's description."""
@@ -137,15 +133,15 @@ def qmp_call(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     reader = None
     try:
-        while True:
-            try:
-                sock.settimeout(max(0.1, deadline - time.monotonic()))
-                sock.connect(path)
-                break
-            except OSError as e:
-                if time.monotonic() >= deadline:
-                    raise QMPConnectError(path, str(e)) from e
-                time.sleep(0.05)
+
+        def connect() -> None:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            sock.connect(path)
+
+        try:
+            retry_until(connect, timeout, (OSError,))
+        except OSError as e:
+            raise QMPConnectError(path, str(e)) from e
         reader = sock.makefile("rb")
 
         def reply() -> dict[str, Any]:

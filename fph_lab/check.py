@@ -8,10 +8,10 @@ a later uptime (no reboot), the shell still answers, and neither serial log show
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from fph.qmp import QMPError
+from fph.waiting import poll_until
 from fph_lab.errors import GuestError, LabError
 from fph_lab.guest import Heartbeat, kernel_errors
 from fph_lab.vm import VM
@@ -48,14 +48,16 @@ def check_destination(
         res.problems.append(f"destination QMP: {e}")
     if res.status != "running":
         res.problems.append(f"destination status {res.status!r}, expected 'running'")
-    deadline = time.monotonic() + timeout
-    later: list[Heartbeat] = []
-    while time.monotonic() < deadline and dst.alive():
-        later = [h for h in dst.guest.heartbeats() if h.uptime > source_heartbeat.uptime]
-        if len(later) >= heartbeats or kernel_errors(dst.console.text()):
-            break
-        time.sleep(0.1)
-    res.heartbeats = later
+
+    def seen_enough() -> bool:
+        """Read the later heartbeats while the destination runs (the last reading stays)."""
+        if not dst.alive():
+            return True
+        res.heartbeats = [h for h in dst.guest.heartbeats() if h.uptime > source_heartbeat.uptime]
+        return len(res.heartbeats) >= heartbeats or bool(kernel_errors(dst.console.text()))
+
+    poll_until(seen_enough, timeout, 0.1)
+    later = res.heartbeats
     if not dst.alive():
         res.problems.append(f"destination QEMU exited (status {dst.proc.returncode if dst.proc else None})")
     if len(later) < heartbeats:

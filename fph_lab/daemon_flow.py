@@ -20,10 +20,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from fph.waiting import poll_until
 from fph_lab.check import check_destination
 from fph_lab.provision import Lab, provision
 from fph_lab.vm import VM, VMConfig
@@ -80,11 +80,9 @@ def _daemon(socket: Path, state: Path, log: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + 30
-    while not socket.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"fph serve did not start: {log.read_text(errors='replace')}")
-        time.sleep(0.05)
+    poll_until(lambda: socket.exists() or proc.poll() is not None, 30)
+    if not socket.exists():
+        raise RuntimeError(f"fph serve did not start: {log.read_text(errors='replace')}")
     return proc
 
 

@@ -13,9 +13,9 @@ import contextlib
 import re
 import socket
 import threading
-import time
 from pathlib import Path
 
+from fph.waiting import poll_until, retry_until
 from fph_lab.errors import GuestError
 
 # Kernel trouble that fails the destination check (and every guest test).
@@ -39,18 +39,20 @@ class SerialConsole:
 
     def connect(self, timeout: float = 10.0) -> None:
         """Connect to QEMU's serial socket (QEMU is the server)."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def attempt() -> socket.socket:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.connect(self.socket_path)
-                break
-            except OSError as e:
+            except OSError:
                 s.close()
-                if time.monotonic() > deadline:
-                    raise GuestError(f"cannot connect to serial socket {self.socket_path}: {e}") from e
-                time.sleep(0.05)
-        self._sock = s
+                raise
+            return s
+
+        try:
+            self._sock = retry_until(attempt, timeout, (OSError,))
+        except OSError as e:
+            raise GuestError(f"cannot connect to serial socket {self.socket_path}: {e}") from e
         self._thread = threading.Thread(
             target=self._drain, name=f"serial-drain {self.socket_path}", daemon=True
         )
@@ -101,26 +103,29 @@ class SerialConsole:
     ) -> re.Match[str]:
         """Wait until ``pattern`` appears in the log after ``since``; fail early on a kernel Oops/panic."""
         rx = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        while True:
+        text = ""
+
+        def search() -> re.Match[str] | None:
+            nonlocal text
             text = self.text(since)
             m = rx.search(text)
-            if m:
-                return m
-            if fail_on_kernel_error:
+            if m is None and fail_on_kernel_error:
                 bad = KERNEL_ERROR.search(text)
                 if bad:
                     line = text[text.rfind("\n", 0, bad.start()) + 1 :].split("\n", 1)[0]
                     raise GuestError(
                         f"guest kernel error while waiting for {rx.pattern!r}: {line}\n(log: {self.log_path})"
                     )
-            if time.monotonic() > deadline:
-                tail = "\n".join(text.strip().splitlines()[-8:])
-                raise GuestError(
-                    f"timeout ({timeout:.0f} s) waiting for {rx.pattern!r} on the serial console "
-                    f"({self.log_path}); last lines:\n{tail}"
-                )
-            time.sleep(0.02)
+            return m
+
+        m = poll_until(search, timeout, 0.02)
+        if m is None:
+            tail = "\n".join(text.strip().splitlines()[-8:])
+            raise GuestError(
+                f"timeout ({timeout:.0f} s) waiting for {rx.pattern!r} on the serial console "
+                f"({self.log_path}); last lines:\n{tail}"
+            )
+        return m
 
     # -- commands
 

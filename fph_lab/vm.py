@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fph.qmp import QMPError, qmp_call
+from fph.waiting import poll_until
 from fph_lab.errors import LabError, VMError
 from fph_lab.guest import Guest
 from fph_lab.provision import Lab
@@ -235,15 +236,20 @@ class VM:
             )
         _LIVE[self.proc.pid] = self
         deadline = time.monotonic() + timeout
-        while not self.lab_qmp_socket.exists():
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def socket_appeared() -> bool:
+            if self.lab_qmp_socket.exists():
+                return True
+            if proc.poll() is not None:
                 err = self.qemu_log.read_text(errors="replace").strip()
                 self.stop()
-                raise VMError(f"{self.name}: QEMU exited at start (status {self.proc.returncode}): {err}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise VMError(f"{self.name}: no QMP socket after {timeout} s")
-            time.sleep(0.02)
+                raise VMError(f"{self.name}: QEMU exited at start (status {proc.returncode}): {err}")
+            return False
+
+        if not poll_until(socket_appeared, timeout, 0.02):
+            self.stop()
+            raise VMError(f"{self.name}: no QMP socket after {timeout} s")
         try:
             self.console.connect()
             while True:  # QMP answers only once init (plugins too) is done

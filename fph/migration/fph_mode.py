@@ -40,6 +40,7 @@ from fph.ram_layout import PAGE_SIZE, RamLayout
 from fph.transfer.ram_file import RamFile
 from fph.transfer.receiver import RamReceiver, ReceiverResult
 from fph.transfer.sender import RamSender
+from fph.waiting import poll_until_async
 from fph.writelog.base import WriteLog
 from fph.writelog.device import DeviceWriteLog
 
@@ -387,16 +388,17 @@ class FphMigration:
         main loop), and vhost-user-test-device-pci does not wait: a device_add in that window fails with
         "vhost_backend_init failed: Protocol error" (measured through the daemon, 2 of 4 runs under load).
         QEMU names a socket chardev "disconnected:..." until it is connected."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        async def filename() -> str:
             chardevs = await conn.execute("query-chardev")
-            filename = next((str(c.get("filename", "")) for c in chardevs if c.get("label") == label), "")
-            if filename and not filename.startswith("disconnected:"):
-                return
-            if time.monotonic() > deadline:
-                state = filename or "absent"
-                raise TimeoutError(f"chardev {label} not connected after {timeout} s ({state})")
-            await asyncio.sleep(0.01)
+            return next((str(c.get("filename", "")) for c in chardevs if c.get("label") == label), "")
+
+        def connected(name: str) -> bool:
+            return bool(name) and not name.startswith("disconnected:")
+
+        name = await poll_until_async(filename, timeout, 0.01, until=connected)
+        if not connected(name):
+            raise TimeoutError(f"chardev {label} not connected after {timeout} s ({name or 'absent'})")
 
     async def _migrate_device_state(self, src: QMPConnection) -> dict[str, Any]:
         listener = src.listener(("MIGRATION",))

@@ -21,6 +21,7 @@ from fph.qmp import (
     QMPCommandError,
     QMPConnection,
 )
+from fph.waiting import poll_until_async
 
 UNLIMITED_BANDWIDTH = 1 << 40
 DEFAULT_DOWNTIME_LIMIT_MS = 300
@@ -157,25 +158,23 @@ class NativeMigration:
 
     async def _final_info(self, src: QMPConnection, timeout: float = 5.0) -> dict[str, Any]:
         """query-migrate until the figures are final (a 'completed' with zero times is asked again)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            info = dict(await src.execute("query-migrate"))
-            if figures_final(info) or time.monotonic() > deadline:
-                return info
-            await asyncio.sleep(0.02)
+
+        async def query() -> dict[str, Any]:
+            return dict(await src.execute("query-migrate"))
+
+        return await poll_until_async(query, timeout, 0.02, until=figures_final)
 
     async def _wait_destination_running(self, dst: QMPConnection, timeout: float) -> None:
         """The destination resumes by itself after a live migration; wait until it says 'running'."""
-        deadline = time.monotonic() + timeout
-        while True:
-            st = await dst.execute("query-status")
-            if st.get("status") == "running":
-                return
-            if time.monotonic() > deadline:
-                info = await dst.execute("query-migrate")
-                raise MigrationError(
-                    f"destination {st.get('status')}",
-                    info.get("error-desc") or "destination did not resume",
-                    info,
-                )
-            await asyncio.sleep(0.02)
+
+        def running(st: Any) -> bool:
+            return bool(st.get("status") == "running")
+
+        st = await poll_until_async(lambda: dst.execute("query-status"), timeout, 0.02, until=running)
+        if not running(st):
+            info = await dst.execute("query-migrate")
+            raise MigrationError(
+                f"destination {st.get('status')}",
+                info.get("error-desc") or "destination did not resume",
+                info,
+            )
