@@ -14,8 +14,8 @@ import os
 import select
 import socket
 import struct
-import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from fph.hint_receiver import (
     CMD_ID_DONE,
@@ -30,6 +30,7 @@ from fph.vhost_user import message as m
 from fph.vhost_user.message import FrontendReq as R
 from fph.virtio.memory import GuestMemory, memfd_region
 from fph.virtio.mock import BumpAllocator, MockSplitQueue
+from fph.waiting import poll_until, retry_until
 
 MiB = 1 << 20
 HINT_BLOCK = 4 * MiB
@@ -49,6 +50,12 @@ class GuestRam:
         self.mem.close()
         os.close(self.fd)
 
+    def __enter__(self) -> GuestRam:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class FrontendError(AssertionError):
     pass
@@ -64,15 +71,8 @@ class FakeFrontend:
         self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        not_listening = (FileNotFoundError, ConnectionRefusedError)
+        retry_until(lambda: self.sock.connect(path), timeout, not_listening, 0.01)
         self.protocol_features = 0
         self.offered_features = 0
         self.num_queues = 0
@@ -244,11 +244,8 @@ class FakeFrontend:
     def wait_until(
         self, cond: Callable[[], bool], timeout: float | None = None, what: str = "condition"
     ) -> None:
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while not cond():
-            if time.monotonic() > deadline:
-                raise FrontendError(f"timed out waiting for {what}")
-            time.sleep(0.001)
+        if not poll_until(cond, self.timeout if timeout is None else timeout, 0.001):
+            raise FrontendError(f"timed out waiting for {what}")
 
     def _close_eventfds(self) -> None:
         for fd in self.kicks + self.calls + self.errs:
@@ -345,3 +342,30 @@ class LinuxBalloonDriver:
         q = self.queue(role)
         self.fe.wait_until(lambda: q.used_idx == q.avail_idx, what=f"{role.value} queue drained")
         q.reap()
+
+
+def boot(path: str, ram: GuestRam, **driver_args: Any) -> tuple[FakeFrontend, LinuxBalloonDriver]:
+    """QEMU starts the device on the vhost-user socket at ``path``; the Linux driver probes it."""
+    fe = FakeFrontend(path, ram)
+    fe.realize()
+    drv = LinuxBalloonDriver(fe, **driver_args)
+    drv.probe()
+    return fe, drv
+
+
+def boot_and_read_done(
+    path: str, ram: GuestRam, **driver_args: Any
+) -> tuple[FakeFrontend, LinuxBalloonDriver]:
+    """:func:`boot`, then the driver reads the DONE that a fresh device announces."""
+    fe, drv = boot(path, ram, **driver_args)
+    assert fe.wait_config_change()  # a fresh device announces DONE
+    drv.config_changed()
+    return fe, drv
+
+
+def guest_hints(fe: FakeFrontend, drv: LinuxBalloonDriver) -> None:
+    """The guest reads the new command id, hints its free blocks and sends its STOP; returns once fph has
+    taken every buffer."""
+    assert fe.wait_config_change()
+    drv.config_changed()
+    drv.drain()

@@ -28,8 +28,9 @@ import pytest
 from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
 from fph.daemon.server import ConfigError, DaemonConfig
+from fph.waiting import poll_until
 from tests.daemon_helper import RunningDaemon
-from tests.fake_frontend import HINT_BLOCK, FakeFrontend, GuestRam, LinuxBalloonDriver, MiB
+from tests.fake_frontend import HINT_BLOCK, GuestRam, MiB, boot_and_read_done, guest_hints
 from tests.fake_qmp import FakeQMP
 
 pytestmark = pytest.mark.timeout(120)
@@ -93,23 +94,6 @@ def code_of(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
             list(r)  # a stream: the error comes while reading it
     err = info.value
     return err.code(), err.details()
-
-
-def boot_frontend(path: str, ram: GuestRam) -> tuple[FakeFrontend, LinuxBalloonDriver]:
-    fe = FakeFrontend(path, ram)
-    fe.realize()
-    drv = LinuxBalloonDriver(fe)
-    drv.probe()
-    assert fe.wait_config_change()  # a fresh device announces DONE
-    drv.config_changed()
-    return fe, drv
-
-
-@pytest.fixture
-def ram() -> Iterator[GuestRam]:
-    r = GuestRam(64 * MiB, gpa=0x1_0000_0000)
-    yield r
-    r.close()
 
 
 # ------------------------------------------------------------------------------------------ socket + config
@@ -266,7 +250,7 @@ def test_hinting_start_stop_status_stats_target(daemon: RunningDaemon, state: Pa
     vm = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state)))
     code, msg = code_of(lambda: daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm1")))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "no QEMU is connected" in msg
-    fe, drv = boot_frontend(vm.spec.balloon_socket, ram)
+    fe, drv = boot_and_read_done(vm.spec.balloon_socket, ram)
     try:
         got = daemon.vms.GetVm(pb.GetVmRequest(name="vm1"))
         assert got.balloon_connected and got.free_page_hint_negotiated
@@ -274,9 +258,7 @@ def test_hinting_start_stop_status_stats_target(daemon: RunningDaemon, state: Pa
         assert st.state == "requested" and st.host_cmd_id >= 0x8000_0000 and st.acknowledge_on_stop
         code, msg = code_of(lambda: daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm1")))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "already on" in msg
-        assert fe.wait_config_change()
-        drv.config_changed()
-        drv.drain()
+        guest_hints(fe, drv)
         st = daemon.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="vm1"))
         assert st.state == "stop" and st.host_cmd_id >= 0x8000_0000  # the guest's STOP ended its run
         assert st.hinted_bytes == len(drv.held) * HINT_BLOCK > 0
@@ -338,12 +320,10 @@ def test_unregister_and_shutdown_send_done_to_guests_holding_hints(
 ) -> None:
     d = make_daemon()
     vm = d.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state)))
-    fe, drv = boot_frontend(vm.spec.balloon_socket, ram)
+    fe, drv = boot_and_read_done(vm.spec.balloon_socket, ram)
     try:
         d.hints.StartHinting(pb.StartHintingRequest(vm="vm1"))  # no acknowledge_on_stop
-        assert fe.wait_config_change()
-        drv.config_changed()
-        drv.drain()
+        guest_hints(fe, drv)
         st = d.hints.StopHinting(pb.StopHintingRequest(vm="vm1"))
         assert st.state == "stop" and st.guest_held_bytes > 0
         assert drv.held  # STOP keeps the blocks with the guest
@@ -361,12 +341,10 @@ def test_unregister_and_shutdown_send_done_to_guests_holding_hints(
 
 def test_unregister_sends_done(daemon: RunningDaemon, state: Path, ram: GuestRam) -> None:
     vm = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state)))
-    fe, drv = boot_frontend(vm.spec.balloon_socket, ram)
+    fe, drv = boot_and_read_done(vm.spec.balloon_socket, ram)
     try:
         daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm1"))
-        assert fe.wait_config_change()
-        drv.config_changed()
-        drv.drain()
+        guest_hints(fe, drv)
         result: list[Any] = []
         t = threading.Thread(
             target=lambda: result.append(daemon.vms.UnregisterVm(pb.UnregisterVmRequest(name="vm1")))
@@ -541,21 +519,23 @@ def test_metrics_endpoint(make_daemon: Callable[..., RunningDaemon], state: Path
     assert d.srv.metrics_address is not None
     host, port = d.srv.metrics_address
     vm = d.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state)))
-    fe, drv = boot_frontend(vm.spec.balloon_socket, ram)
+    fe, drv = boot_and_read_done(vm.spec.balloon_socket, ram)
     try:
         d.hints.StartHinting(pb.StartHintingRequest(vm="vm1"))
-        assert fe.wait_config_change()
-        drv.config_changed()
-        drv.drain()
+        guest_hints(fe, drv)
         want = len(drv.held) * HINT_BLOCK
-        deadline = time.monotonic() + 5
-        values: dict[str, float] = {}
-        while time.monotonic() < deadline:
-            text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
-            values = {m[1]: float(m[2]) for m in re.finditer(r'^(\S+)\{vm="vm1"\} (\S+)$', text, re.M)}
-            if values.get("fph_hint_run_hinted_bytes") == want:
-                break
-            time.sleep(0.05)
+
+        def series(text: str) -> dict[str, float]:
+            return {m[1]: float(m[2]) for m in re.finditer(r'^(\S+)\{vm="vm1"\} (\S+)$', text, re.M)}
+
+        url = f"http://{host}:{port}/metrics"
+        text = poll_until(
+            lambda: urllib.request.urlopen(url, timeout=5).read().decode(),
+            5,
+            0.05,
+            until=lambda t: series(t).get("fph_hint_run_hinted_bytes") == want,
+        )
+        values = series(text)
         assert values.get("fph_hint_run_hinted_bytes") == want > 0, text
         assert values.get("fph_guest_held_bytes") == want
         assert values.get("fph_hint_runs_started_total") == 1.0
@@ -572,16 +552,16 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
+NEW_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+"""``openssl req`` arguments for a new unencrypted P-256 key."""
+
+
 def make_pki(d: Path) -> None:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
     _openssl(
         "req",
         "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
+        *NEW_EC_KEY,
         "-keyout",
         "ca.key",
         "-out",
@@ -595,11 +575,7 @@ def make_pki(d: Path) -> None:
     for name, san in (("server", "IP:127.0.0.1"), ("client", "DNS:orchestrator")):
         _openssl(
             "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
+            *NEW_EC_KEY,
             "-keyout",
             f"{name}.key",
             "-out",
@@ -663,7 +639,7 @@ def test_tcp_needs_a_client_certificate(make_daemon: Callable[..., RunningDaemon
 def test_status_streams_share_device_queries(daemon: RunningDaemon, state: Path, ram: GuestRam) -> None:
     """Many watchers of one VM cost a few device round trips, not one per message (the load check)."""
     vm = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state)))
-    fe, _drv = boot_frontend(vm.spec.balloon_socket, ram)
+    fe, _drv = boot_and_read_done(vm.spec.balloon_socket, ram)
     try:
         registry = daemon.srv.daemon.registry
         device = registry.hints._receiver.devices[vm.spec.balloon_socket]  # the device itself, to count

@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from fph.waiting import poll_until
 
 pytestmark = pytest.mark.timeout(120)
 FPH = [sys.executable, "-m", "fph.cli"]
@@ -31,11 +32,14 @@ def test_serve_cli_and_clean_shutdown(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
+
+        def listening() -> bool:
+            if sock.exists():
+                return True
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "the daemon never created its socket"
-            time.sleep(0.05)
+            return False
+
+        assert poll_until(listening, 30), "the daemon never created its socket"
         assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
         (state / "a").mkdir()
         r = fph(

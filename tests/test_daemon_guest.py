@@ -11,6 +11,7 @@ native migration dst2 -> dst3. Every destination passes ``check_destination``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ import pytest
 
 from fph.api.v1 import fph_pb2 as pb
 from fph.daemon.server import DaemonConfig
+from fph.waiting import poll_until
 from fph_lab.check import check_destination
 from fph_lab.provision import Lab
 from fph_lab.vm import VM, VMConfig
@@ -140,27 +142,24 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
     assert got.balloon_connected and got.free_page_hint_negotiated, got
     st = d.hints.StartHinting(pb.StartHintingRequest(vm="src", acknowledge_on_stop=True))
     assert st.state in ("requested", "start")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        st = d.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="src"))
-        if st.state == "stop":  # the guest reported every free block and sent its STOP
-            break
-        time.sleep(0.2)
+    st = poll_until(  # until the guest reported every free block and sent its STOP
+        lambda: d.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="src")), 60, 0.2, until=stopped
+    )
     assert st.state == "stop" and st.hinted_bytes > 500 * MiB, st
     assert st.guest_held_bytes == st.hinted_bytes and st.guest_cmd_id == 0 and st.run_seconds > 0
     free_held = src.guest.meminfo().memfree_kb
     st = d.hints.StopHinting(pb.StopHintingRequest(vm="src"))
     assert st.state == "done" and st.guest_held_bytes == 0  # acknowledge_on_stop: DONE
-    deadline = time.monotonic() + 30
-    while src.guest.meminfo().memfree_kb < free_held + 400 * 1024 and time.monotonic() < deadline:
-        time.sleep(0.5)
+    poll_until(lambda: src.guest.meminfo().memfree_kb >= free_held + 400 * 1024, 30, 0.5)
     assert src.guest.meminfo().memfree_kb >= free_held + 400 * 1024, "the guest did not get its blocks back"
     d.hints.GetGuestStats(pb.GetGuestStatsRequest(vm="src", refresh=True))
-    deadline = time.monotonic() + 20
-    stats = d.hints.GetGuestStats(pb.GetGuestStatsRequest(vm="src"))
-    while "free_memory" not in stats.values and time.monotonic() < deadline:
-        time.sleep(0.5)
-        stats = d.hints.GetGuestStats(pb.GetGuestStatsRequest(vm="src", refresh=True))
+    # read what the refresh brings; if free_memory is not there yet, refresh again
+    asks = itertools.chain(
+        [pb.GetGuestStatsRequest(vm="src")], itertools.repeat(pb.GetGuestStatsRequest(vm="src", refresh=True))
+    )
+    stats = poll_until(
+        lambda: d.hints.GetGuestStats(next(asks)), 20, 0.5, until=lambda s: "free_memory" in s.values
+    )
     assert 400 * MiB < stats.values["free_memory"] < GiB, stats
 
     # ---- an fph migration cancelled after its first progress figures: ABORTED, rolled back
@@ -188,10 +187,10 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
     time.sleep(2.5)
     hb1 = src.guest.last_heartbeat()
     assert hb0 is not None and hb1 is not None and hb1.seq > hb0.seq and hb1.ok
-    deadline = time.monotonic() + 10
-    while dstc.alive():  # the rollback told the destination QEMU to quit
-        assert time.monotonic() < deadline, "the cancelled migration's destination QEMU is still running"
-        time.sleep(0.1)
+    # the rollback told the destination QEMU to quit
+    assert poll_until(lambda: not dstc.alive(), 10, 0.1), (
+        "the cancelled migration's destination QEMU is still running"
+    )
     d.vms.UnregisterVm(pb.UnregisterVmRequest(name="dstc"))
 
     # ---- fph migration src -> dst
@@ -234,15 +233,14 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
     assert code == grpc.StatusCode.FAILED_PRECONDITION  # the guest left
 
     # ---- the fph balloon was re-plugged on dst: hinting through the API works there
-    deadline = time.monotonic() + 60
-    while not d.vms.GetVm(pb.GetVmRequest(name="dst")).free_page_hint_negotiated:
-        assert time.monotonic() < deadline, "the destination's re-plugged balloon never negotiated"
-        time.sleep(0.5)
+    assert poll_until(lambda: d.vms.GetVm(pb.GetVmRequest(name="dst")).free_page_hint_negotiated, 60, 0.5), (
+        "the destination's re-plugged balloon never negotiated"
+    )
     d.hints.StartHinting(pb.StartHintingRequest(vm="dst", acknowledge_on_stop=True))
-    deadline = time.monotonic() + 60
-    while (st := d.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="dst"))).state != "stop":
-        assert time.monotonic() < deadline, st
-        time.sleep(0.2)
+    st = poll_until(
+        lambda: d.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="dst")), 60, 0.2, until=stopped
+    )
+    assert st.state == "stop", st
     assert st.hinted_bytes > 400 * MiB
     d.hints.StopHinting(pb.StopHintingRequest(vm="dst"))
 
@@ -256,15 +254,13 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
     )
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     dst.qmp("device_del", {"id": "bal0"})
-    deadline = time.monotonic() + 30
-    while "bal0" in {c["name"] for c in dst.qmp("qom-list", {"path": "/machine/peripheral"})}:
-        assert time.monotonic() < deadline, "bal0 not deleted"
-        time.sleep(0.2)
+    assert poll_until(
+        lambda: "bal0" not in {c["name"] for c in dst.qmp("qom-list", {"path": "/machine/peripheral"})},
+        30,
+        0.2,
+    ), "bal0 not deleted"
     dst.qmp("chardev-remove", {"id": "vu"})
-    deadline = time.monotonic() + 10
-    while d.vms.GetVm(pb.GetVmRequest(name="dst")).balloon_connected:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    assert poll_until(lambda: not d.vms.GetVm(pb.GetVmRequest(name="dst")).balloon_connected, 10, 0.1)
     events, rep, none_wall = migrate(d, "dst", pb.MODE_NONE, target2)
     assert events[-1].phase == pb.PHASE_SUCCEEDED and rep.status == "completed", (events[-1], rep.error)
     # every page goes (no hints); the free ones are zero pages here (fph never sent them to dst, and the
@@ -312,6 +308,11 @@ def scrape(d: RunningDaemon) -> dict[str, float]:
     host, port = d.srv.metrics_address
     text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
     return {m[1]: float(m[2]) for m in re.finditer(r"^(\S+\{[^}]*\}) (\S+)$", text, re.M)}
+
+
+def stopped(st: Any) -> bool:
+    """A hint run's status: the guest sent its STOP."""
+    return bool(st.state == "stop")
 
 
 def _code(call: Any) -> grpc.StatusCode:

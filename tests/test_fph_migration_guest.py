@@ -20,6 +20,7 @@ import pytest
 from fph.migration.fph_mode import FphConfig, FphMigrationError, Phase
 from fph.migration_hook import HookEvent, HookPoint
 from fph.ram_layout import PAGE_SIZE
+from fph.waiting import poll_until
 from fph.writelog.base import Words, WriteLog
 from fph_lab.fph_mode import FphPair
 from fph_lab.provision import Lab
@@ -92,14 +93,18 @@ def test_fph_migration_with_shrinker_pressure_is_byte_exact(pair: FphPair, polic
     assert fph["replug_ms"] is not None  # a fresh balloon was plugged on the destination
     # the destination's balloon is bound and hinting works there
     assert pair.dst_control is not None
-    deadline = time.monotonic() + 60
-    while pair.dst_control.status().broken is None and time.monotonic() < deadline:
+    ctl = pair.dst_control
+
+    def hints_accepted() -> bool:
+        if ctl.status().broken is not None:
+            pytest.fail("destination balloon never became usable")
         try:
-            pair.dst_control.request_hints()
-            break
+            ctl.request_hints()
         except Exception:  # the driver has not bound yet
-            time.sleep(0.5)
-    else:
+            return False
+        return True
+
+    if not poll_until(hints_accepted, 60, 0.5):
         pytest.fail("destination balloon never became usable")
 
 
@@ -201,9 +206,7 @@ def test_aborts_leave_the_source_running_with_its_memory(pair: FphPair) -> None:
         time.sleep(2.5)
         later = src.guest.last_heartbeat()
         assert hb is not None and later is not None and later.seq > hb.seq and later.ok
-        deadline = time.monotonic() + 60
-        while src.guest.meminfo().memfree_kb < free_before - 64 * 1024 and time.monotonic() < deadline:
-            time.sleep(1)
+        poll_until(lambda: src.guest.meminfo().memfree_kb >= free_before - 64 * 1024, 60, 1)
         assert src.guest.meminfo().memfree_kb >= free_before - 64 * 1024, make_fault.__name__
         assert src.qmp("qom-get", {"path": "/machine/peripheral/bal0", "property": "type"})
         pair.dst.stop()

@@ -30,7 +30,7 @@ from fph.vhost_user.handler import VhostUserHandler
 from fph.vhost_user.message import FrontendReq as R
 from fph.vhost_user.message import Header, Message
 from fph.virtio.mock import MockSplitQueue
-from tests.fake_frontend import HINT_BLOCK, GuestRam, MiB
+from tests.fake_frontend import HINT_BLOCK, GuestRam
 
 BASE = m.F_VERSION_1 | F_STATS_VQ | F_FREE_PAGE_HINT
 
@@ -112,13 +112,6 @@ class Harness:
         self.h.close()
         for fd in self.errs.values():
             os.close(fd)
-
-
-@pytest.fixture
-def ram() -> Iterator[GuestRam]:
-    r = GuestRam(64 * MiB, gpa=0x1_0000_0000)
-    yield r
-    r.close()
 
 
 @pytest.fixture

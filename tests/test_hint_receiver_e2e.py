@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from fph.hint_receiver import (
     CMD_ID_STOP,
     F_FREE_PAGE_HINT,
     F_STATS_VQ,
+    BalloonControl,
     HintState,
     QueueRole,
     RecordingSink,
@@ -30,36 +30,42 @@ from fph.hint_receiver import (
 from fph.vhost_user import message as m
 from fph.vhost_user.errors import StateError
 from fph.vhost_user.message import FrontendReq as R
-from tests.fake_frontend import HINT_BLOCK, FakeFrontend, GuestRam, LinuxBalloonDriver, MiB
+from fph.waiting import poll_until
+from tests.fake_frontend import (
+    HINT_BLOCK,
+    FakeFrontend,
+    GuestRam,
+    LinuxBalloonDriver,
+    MiB,
+    boot,
+    boot_and_read_done,
+    guest_hints,
+)
 
 pytestmark = pytest.mark.timeout(60)
+RECEIVER_CLOSE_S = 0.5
+"""How long the ``receiver`` fixture's close waits for the guests to read DONE (tests/conftest.py)."""
 
 
-@pytest.fixture
-def receiver() -> Iterator[ThreadedHintReceiver]:
-    r = ThreadedHintReceiver()
-    yield r
-    r.close(timeout=0.5)
+def serve_and_boot(
+    receiver: ThreadedHintReceiver,
+    socket: str,
+    ram: GuestRam,
+    sink: RecordingSink | None = None,
+    *,
+    read_done: bool = True,
+) -> tuple[BalloonControl, FakeFrontend, LinuxBalloonDriver]:
+    """fph serves ``socket``; QEMU starts the device and the driver probes it, then (``read_done``) reads
+    the DONE that a fresh device announces."""
+    ctl = receiver.add_vm(socket, sink)
+    fe, drv = (boot_and_read_done if read_done else boot)(socket, ram)
+    return ctl, fe, drv
 
 
-@pytest.fixture
-def ram() -> Iterator[GuestRam]:
-    r = GuestRam(64 * MiB, gpa=0x1_0000_0000)
-    yield r
-    r.close()
-
-
-def boot(path: str, ram: GuestRam, **driver_args: object) -> tuple[FakeFrontend, LinuxBalloonDriver]:
-    fe = FakeFrontend(path, ram)
-    fe.realize()
-    drv = LinuxBalloonDriver(fe, **driver_args)  # type: ignore[arg-type]
-    drv.probe()
-    return fe, drv
-
-
-def test_handshake_replies_and_roles(receiver: ThreadedHintReceiver, ram: GuestRam, tmp_path: Path) -> None:
-    ctl = receiver.add_vm(str(tmp_path / "vu.sock"))
-    fe, drv = boot(str(tmp_path / "vu.sock"), ram)
+def test_handshake_replies_and_roles(
+    receiver: ThreadedHintReceiver, ram: GuestRam, balloon_socket: str
+) -> None:
+    ctl, fe, drv = serve_and_boot(receiver, balloon_socket, ram, read_done=False)
     assert fe.offered_features & F_FREE_PAGE_HINT and fe.offered_features & F_STATS_VQ
     assert fe.protocol_features & m.ProtocolFeature.CONFIG
     assert fe.num_queues >= 4
@@ -72,20 +78,14 @@ def test_handshake_replies_and_roles(receiver: ThreadedHintReceiver, ram: GuestR
 
 
 def test_hint_round_stop_second_round_done(
-    receiver: ThreadedHintReceiver, ram: GuestRam, tmp_path: Path
+    receiver: ThreadedHintReceiver, ram: GuestRam, balloon_socket: str
 ) -> None:
     sink = RecordingSink()
-    path = str(tmp_path / "vu.sock")
-    ctl = receiver.add_vm(path, sink)
-    fe, drv = boot(path, ram)
-    assert fe.wait_config_change()  # DONE announcement
-    drv.config_changed()
+    ctl, fe, drv = serve_and_boot(receiver, balloon_socket, ram, sink)
 
     cmd1 = ctl.request_hints()
     assert cmd1 >= 0x8000_0000
-    assert fe.wait_config_change()
-    drv.config_changed()
-    drv.drain()
+    guest_hints(fe, drv)
     st = ctl.status()
     assert st.state is HintState.STOP  # the guest's STOP ended the run
     assert st.blocks == len(ram.blocks) == len(drv.held)
@@ -98,9 +98,7 @@ def test_hint_round_stop_second_round_done(
     del drv.held[:3]
     cmd2 = ctl.request_hints()
     assert cmd2 != cmd1
-    assert fe.wait_config_change()
-    drv.config_changed()
-    drv.drain()
+    guest_hints(fe, drv)
     assert len(sink.ranges(cmd2)) == 3
     # held = hinted since the last DONE: an upper bound (the guest reused 3 blocks without telling).
     assert ctl.status().held_bytes == (len(ram.blocks) + 3) * HINT_BLOCK
@@ -115,9 +113,7 @@ def test_hint_round_stop_second_round_done(
 
 def hint_round(ctl: object, fe: FakeFrontend, drv: LinuxBalloonDriver) -> int:
     cmd = ctl.request_hints()  # type: ignore[attr-defined]
-    assert fe.wait_config_change()
-    drv.config_changed()
-    drv.drain()
+    guest_hints(fe, drv)
     return int(cmd)
 
 
@@ -154,9 +150,7 @@ def test_bad_input_closes_only_that_connection(
     bad_path, good_path = str(tmp_path / "bad.sock"), str(tmp_path / "good.sock")
     receiver.add_vm(bad_path)
     good = receiver.add_vm(good_path, RecordingSink())
-    fe_good, drv = boot(good_path, ram)
-    assert fe_good.wait_config_change()
-    drv.config_changed()
+    fe_good, drv = boot_and_read_done(good_path, ram)
 
     fe_bad = FakeFrontend(bad_path, GuestRam(8 * MiB))
     fe_bad.realize()
@@ -176,35 +170,27 @@ def test_bad_input_closes_only_that_connection(
 
 
 def test_disconnect_mid_message(
-    receiver: ThreadedHintReceiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    receiver: ThreadedHintReceiver, balloon_socket: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = str(tmp_path / "vu.sock")
-    receiver.add_vm(path)
+    receiver.add_vm(balloon_socket)
     ram = GuestRam(8 * MiB)
-    fe = FakeFrontend(path, ram)
+    fe = FakeFrontend(balloon_socket, ram)
     fe.realize()
     fe.sock.sendall(m.HEADER.pack(R.SET_FEATURES, 1, 8) + bytes(3))
     fe.sock.close()
-    conn = None
-    for _ in range(200):
-        conn = receiver.connection(path)
-        if conn is None:
-            break
-        time.sleep(0.01)
+    conn = poll_until(lambda: receiver.connection(balloon_socket), 2.0, 0.01, until=lambda c: c is None)
     assert conn is None
     assert "disconnected in the middle of a message (5 bytes missing)" in caplog.text
-    fe2 = FakeFrontend(path, ram)
+    fe2 = FakeFrontend(balloon_socket, ram)
     fe2.realize()
     fe2.close()
     ram.close()
 
 
 def test_descriptor_loop_breaks_the_device_not_the_process(
-    receiver: ThreadedHintReceiver, ram: GuestRam, tmp_path: Path
+    receiver: ThreadedHintReceiver, ram: GuestRam, balloon_socket: str
 ) -> None:
-    path = str(tmp_path / "vu.sock")
-    ctl = receiver.add_vm(path)
-    fe, drv = boot(path, ram)
+    ctl, fe, drv = serve_and_boot(receiver, balloon_socket, ram, read_done=False)
     assert fe.wait_config_change()
     cmd = ctl.request_hints()
     assert fe.wait_config_change()
@@ -224,13 +210,11 @@ def test_descriptor_loop_breaks_the_device_not_the_process(
     fe.close()
 
 
-def test_replug_on_the_same_connection(receiver: ThreadedHintReceiver, ram: GuestRam, tmp_path: Path) -> None:
-    path = str(tmp_path / "vu.sock")
+def test_replug_on_the_same_connection(
+    receiver: ThreadedHintReceiver, ram: GuestRam, balloon_socket: str
+) -> None:
     sink = RecordingSink()
-    ctl = receiver.add_vm(path, sink)
-    fe, drv = boot(path, ram)
-    assert fe.wait_config_change()
-    drv.config_changed()
+    ctl, fe, drv = serve_and_boot(receiver, balloon_socket, ram, sink)
     for _ in range(3):  # advance the used index of the first instance's rings
         hint_round(ctl, fe, drv)
         ctl.done()
@@ -256,13 +240,9 @@ def test_replug_on_the_same_connection(receiver: ThreadedHintReceiver, ram: Gues
     fe.close()
 
 
-def test_restart_after_crash_sends_done(ram: GuestRam, tmp_path: Path) -> None:
-    path = str(tmp_path / "vu.sock")
+def test_restart_after_crash_sends_done(ram: GuestRam, balloon_socket: str) -> None:
     first = ThreadedHintReceiver()
-    ctl = first.add_vm(path)
-    fe, drv = boot(path, ram)
-    assert fe.wait_config_change()
-    drv.config_changed()
+    ctl, fe, drv = serve_and_boot(first, balloon_socket, ram)
     hint_round(ctl, fe, drv)
     assert drv.held
     first.run(first._receiver.server.close())  # "crash": no DONE
@@ -272,8 +252,9 @@ def test_restart_after_crash_sends_done(ram: GuestRam, tmp_path: Path) -> None:
 
     second = ThreadedHintReceiver()
     try:
-        second.add_vm(path)
-        fe2 = FakeFrontend(path, ram)  # QEMU reconnects (reconnect-ms) and restarts the running device
+        second.add_vm(balloon_socket)
+        # QEMU reconnects (reconnect-ms) and restarts the running device
+        fe2 = FakeFrontend(balloon_socket, ram)
         fe2.realize()
         fe2.queues = fe.queues
         fe2.bases = {i: q.avail_idx for i, q in fe.queues.items()}
@@ -288,13 +269,9 @@ def test_restart_after_crash_sends_done(ram: GuestRam, tmp_path: Path) -> None:
         second.close(0.2)
 
 
-def test_shutdown_sends_done_and_waits_for_the_guest(ram: GuestRam, tmp_path: Path) -> None:
-    path = str(tmp_path / "vu.sock")
+def test_shutdown_sends_done_and_waits_for_the_guest(ram: GuestRam, balloon_socket: str) -> None:
     rx = ThreadedHintReceiver()
-    ctl = rx.add_vm(path)
-    fe, drv = boot(path, ram)
-    assert fe.wait_config_change()
-    drv.config_changed()
+    ctl, fe, drv = serve_and_boot(rx, balloon_socket, ram)
     hint_round(ctl, fe, drv)
     closer = threading.Thread(target=rx.close, kwargs={"timeout": 3.0})
     closer.start()
@@ -306,7 +283,7 @@ def test_shutdown_sends_done_and_waits_for_the_guest(ram: GuestRam, tmp_path: Pa
     fe.close()
 
 
-def test_entry_point(ram: GuestRam, tmp_path: Path) -> None:
+def test_entry_point(ram: GuestRam, balloon_socket: str) -> None:
     caps = subprocess.run(
         [sys.executable, "-m", "fph.hint_receiver", "--print-capabilities"],
         capture_output=True,
@@ -315,12 +292,13 @@ def test_entry_point(ram: GuestRam, tmp_path: Path) -> None:
         timeout=30,
     )
     assert json.loads(caps.stdout)["type"] == "balloon"
-    path = str(tmp_path / "vu.sock")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fph.hint_receiver", "--socket", path], stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "fph.hint_receiver", "--socket", balloon_socket],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
-        fe, drv = boot(path, ram)
+        fe, drv = boot(balloon_socket, ram)
         assert fe.wait_config_change(10)
         drv.config_changed()
         # The process has no control API over the wire; check its shutdown path: SIGTERM -> DONE -> exit 0.
@@ -342,16 +320,14 @@ def test_entry_point(ram: GuestRam, tmp_path: Path) -> None:
 
 
 def test_unacked_config_changes_do_not_block(
-    receiver: ThreadedHintReceiver, ram: GuestRam, tmp_path: Path
+    receiver: ThreadedHintReceiver, ram: GuestRam, balloon_socket: str
 ) -> None:
     """A front-end that never answers CONFIG_CHANGE_MSG: fph keeps serving (acks are read asynchronously)."""
-    path = str(tmp_path / "vu.sock")
-    ctl = receiver.add_vm(path)
-    fe, _ = boot(path, ram)
+    ctl, fe, _ = serve_and_boot(receiver, balloon_socket, ram, read_done=False)
     ids = [ctl.request_hints() for _ in range(50)]
     assert len(set(ids)) == 50
     assert fe.config_cmd_id() == ids[-1]  # GET_CONFIG is answered at once
-    conn = receiver.connection(path)
+    conn = receiver.connection(balloon_socket)
     assert conn is not None and conn.backend_channel is not None
     assert receiver.run(_outstanding(conn)) == 51  # the DONE announcement + 50 requests, none acked yet
     fe.close()
@@ -362,14 +338,10 @@ async def _outstanding(conn: object) -> int:
 
 
 def test_control_from_another_event_loop(
-    receiver: ThreadedHintReceiver, ram: GuestRam, tmp_path: Path
+    receiver: ThreadedHintReceiver, ram: GuestRam, balloon_socket: str
 ) -> None:
     """The _async calls: a coroutine on another loop drives the device without blocking its own loop."""
-    path = str(tmp_path / "vu.sock")
-    ctl = receiver.add_vm(path)
-    fe, drv = boot(path, ram)
-    assert fe.wait_config_change()
-    drv.config_changed()
+    ctl, fe, _drv = serve_and_boot(receiver, balloon_socket, ram)
 
     async def other_loop() -> tuple[int, HintState]:
         ticks = 0

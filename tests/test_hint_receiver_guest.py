@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,9 +30,9 @@ from fph.hint_receiver import (
 )
 from fph.ram_layout import RamLayout
 from fph.vhost_user import message as m
-from fph_lab.provision import Lab
+from fph.waiting import wait_until
 from fph_lab.sinks import BitmapSink
-from fph_lab.vm import FPH_DEVICE_ARGS, VM, VMConfig
+from fph_lab.vm import FPH_DEVICE_ARGS, VM
 
 pytestmark = [pytest.mark.guest, pytest.mark.timeout(300)]
 
@@ -45,18 +45,10 @@ def memfree(vm: VM) -> int:
     return vm.guest.meminfo().memfree_kb * 1024
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def run_round(ctl: BalloonControl, sink: BitmapSink | None = None) -> tuple[int, int]:
     """Request hints and wait for the guest's STOP; return (cmd id, hinted bytes)."""
     cmd = ctl.request_hints(on_issue=sink.open_epoch if sink is not None else None)
-    wait_for(lambda: ctl.status().state is HintState.STOP, 60, f"the guest's STOP for run {cmd:#x}")
+    wait_until(lambda: ctl.status().state is HintState.STOP, 60, f"the guest's STOP for run {cmd:#x}")
     st = ctl.status()
     assert st.host_cmd_id == cmd and st.broken is None and st.sink_errors == 0
     return cmd, st.hinted_bytes
@@ -72,23 +64,14 @@ def bal0_present(vm: VM) -> bool:
     return any(p["name"] == "bal0" for p in vm.qmp("qom-list", {"path": "/machine/peripheral"}))
 
 
-@pytest.fixture
-def receiver() -> Iterator[ThreadedHintReceiver]:
-    rx = ThreadedHintReceiver()
-    yield rx
-    rx.close(timeout=2.0)
-
-
 def test_real_guest_hints(
-    vm_factory: Callable[..., VM], receiver: ThreadedHintReceiver, tmp_path: Path
+    fph_vm: Callable[..., VM], receiver: ThreadedHintReceiver, balloon_socket: str
 ) -> None:
-    sock = str(tmp_path / "vu.sock")
     bitmap = DirtyBitmap(RamLayout.pc(GUEST_MIB * MiB))
     bitmap.mark_all()
     sink = BitmapSink(bitmap)
-    ctl = receiver.add_vm(sock, sink)
-    vm = vm_factory(VMConfig(mem_mib=GUEST_MIB, balloon="fph", vhost_user_socket=sock), name="fph-bal")
-    vm.wait_ready(120)
+    ctl = receiver.add_vm(balloon_socket, sink)
+    vm = fph_vm("fph-bal", mem_mib=GUEST_MIB)
 
     # The driver bound the device (virtio id 5) and acked FREE_PAGE_HINT (features: one char per bit).
     line = re.search(r"FPH-VIRTIO dev=\S+ id=0x0005 driver=(\S+) features=([01]+)", vm.console.text())
@@ -122,32 +105,32 @@ def test_real_guest_hints(
 
     # DONE gives everything back.
     ctl.done()
-    wait_for(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after DONE")
+    wait_until(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after DONE")
 
     # Stats: the driver's buffer is held; returning it makes the guest refill it with fresh values.
     stats = ctl.guest_stats()
     assert stats.values["total_memory"] > 900 * MiB and stats.updated is not None
     assert ctl.request_stats()
-    wait_for(lambda: ctl.guest_stats().updated != stats.updated, 10, "a stats refresh")
+    wait_until(lambda: ctl.guest_stats().updated != stats.updated, 10, "a stats refresh")
     # Balloon: inflate by 100 MiB (pages discarded from the shared RAM file), then deflate.
     ctl.set_target(100 * MiB // 4096)
-    wait_for(lambda: ctl.view().actual == 100 * MiB // 4096, 60, "the guest to inflate")
+    wait_until(lambda: ctl.view().actual == 100 * MiB // 4096, 60, "the guest to inflate")
     assert ctl.view().counters.inflated_pages == 100 * MiB // 4096
     assert ctl.view().counters.discarded_bytes == 100 * MiB
     assert memfree(vm) < before - 90 * MiB
     ctl.set_target(0)
-    wait_for(lambda: ctl.view().actual == 0, 60, "the guest to deflate")
+    wait_until(lambda: ctl.view().actual == 0, 60, "the guest to deflate")
     assert ctl.view().counters.deflated_pages == 100 * MiB // 4096
-    wait_for(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after deflate")
+    wait_until(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after deflate")
 
     # Hold blocks again, then device_del: the driver's remove path returns them.
     run_round(ctl, sink)
     held = memfree(vm)
     assert held < before - 200 * MiB
     vm.qmp("device_del", {"id": "bal0"})
-    wait_for(lambda: not bal0_present(vm), 30, "DEVICE_DELETED")
-    wait_for(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after device_del")
-    assert receiver.connection(sock) is not None  # the chardev, so the connection, stays
+    wait_until(lambda: not bal0_present(vm), 30, "DEVICE_DELETED")
+    wait_until(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after device_del")
+    assert receiver.connection(balloon_socket) is not None  # the chardev, so the connection, stays
     assert not balloon_bound(vm)
 
     # Re-plug on the same connection: the whole handshake again, fresh rings, a new round works.
@@ -163,8 +146,8 @@ def test_real_guest_hints(
             **{k: int(v) for k, v in props.items()},
         },
     )
-    wait_for(lambda: balloon_bound(vm), 30, "the driver to bind the re-plugged device")
-    wait_for(
+    wait_until(lambda: balloon_bound(vm), 30, "the driver to bind the re-plugged device")
+    wait_until(
         lambda: bool(ctl.view().acked & F_FREE_PAGE_HINT) and ctl.view().has_channel,
         10,
         "feature negotiation after re-plug",
@@ -175,11 +158,12 @@ def test_real_guest_hints(
     # Shutdown with blocks held: close() sends DONE and returns once the guest has read it.
     assert memfree(vm) < before - 300 * MiB
     receiver.close(timeout=5.0)
-    assert not ctl.view().config_unread
-    wait_for(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after fph's shutdown")
+    # the loop is closed now (no more ctl calls): read the device itself, as before BalloonControl
+    assert not receiver._receiver.devices[balloon_socket].config_unread
+    wait_until(lambda: memfree(vm) >= before - 16 * MiB, 30, "MemFree to recover after fph's shutdown")
 
 
-def test_real_guest_keeps_running_after_fph_dies(vm_factory: Callable[..., VM], tmp_path: Path) -> None:
+def test_real_guest_keeps_running_after_fph_dies(fph_vm: Callable[..., VM], balloon_socket: str) -> None:
     """fph dies without DONE: QEMU and the guest keep running, the guest holds the hinted blocks until memory
     pressure (its balloon shrinker) or ``echo 2 > /proc/sys/vm/drop_caches`` in the guest returns them.
 
@@ -187,12 +171,10 @@ def test_real_guest_keeps_running_after_fph_dies(vm_factory: Callable[..., VM], 
     device_del (``vhost_dev_set_config: Assertion `hdev->vhost_ops' failed`` when the driver writes
     ``actual`` on removal) and a reconnection with ``reconnect-ms`` (``vhost_dev_start`` assertion).
     """
-    sock = str(tmp_path / "vu.sock")
     first = ThreadedHintReceiver()
-    ctl = first.add_vm(sock, event_idx=True)  # this boot also runs the rings with EVENT_IDX
+    ctl = first.add_vm(balloon_socket, event_idx=True)  # this boot also runs the rings with EVENT_IDX
     try:
-        vm = vm_factory(VMConfig(mem_mib=GUEST_MIB, balloon="fph", vhost_user_socket=sock), name="fph-crash")
-        vm.wait_ready(120)
+        vm = fph_vm("fph-crash")
         assert ctl.view().acked & m.F_EVENT_IDX
         before = memfree(vm)
         _, hinted = run_round(ctl)
@@ -208,17 +190,17 @@ def test_real_guest_keeps_running_after_fph_dies(vm_factory: Callable[..., VM], 
         first.close(0.2)
 
 
-def test_real_guest_entry_point_sigterm(vm_factory: Callable[..., VM], tmp_path: Path) -> None:
+def test_real_guest_entry_point_sigterm(fph_vm: Callable[..., VM], balloon_socket: str) -> None:
     """``python -m fph.hint_receiver``: QEMU connects, the driver binds; SIGTERM -> DONE read by the guest ->
     exit 0 promptly; the VM keeps running."""
-    sock = str(tmp_path / "vu.sock")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fph.hint_receiver", "--socket", sock], stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "fph.hint_receiver", "--socket", balloon_socket],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
-        wait_for(lambda: Path(sock).exists(), 20, "fph to listen")
-        vm = vm_factory(VMConfig(mem_mib=GUEST_MIB, balloon="fph", vhost_user_socket=sock), name="fph-cli")
-        vm.wait_ready(120)
+        wait_until(lambda: Path(balloon_socket).exists(), 20, "fph to listen")
+        vm = fph_vm("fph-cli")
         assert balloon_bound(vm)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -241,20 +223,15 @@ class FiveQueueVM(VM):
         return [a.replace("num_vqs=4", "num_vqs=5") for a in super().command()]
 
 
-def test_real_guest_free_page_reporting(lab: Lab, tmp_path: Path) -> None:
+def test_real_guest_free_page_reporting(fph_vm: Callable[..., VM], balloon_socket: str) -> None:
     """REPORTING: the guest reports free 2 MiB+ ranges by itself; fph discards them from the shared RAM file
     before returning each buffer; the guest keeps working, and hinting still works next to it."""
-    sock = str(tmp_path / "vu.sock")
     rx = ThreadedHintReceiver()
-    ctl = rx.add_vm(sock, reporting=True)
-    vm = FiveQueueVM(
-        lab, VMConfig(mem_mib=GUEST_MIB, balloon="fph", vhost_user_socket=sock), name="fph-report"
-    )
+    ctl = rx.add_vm(balloon_socket, reporting=True)
     try:
-        vm.start()
-        vm.wait_ready(120)
+        vm = fph_vm("fph-report", vm_class=FiveQueueVM)
         assert ctl.view().acked & F_REPORTING
-        wait_for(
+        wait_until(
             lambda: ctl.view().counters.reported_bytes >= 256 * MiB, 30, "the guest to report free memory"
         )
         counters = ctl.view().counters
@@ -263,5 +240,4 @@ def test_real_guest_free_page_reporting(lab: Lab, tmp_path: Path) -> None:
         _, hinted = run_round(ctl)
         assert hinted > 500 * MiB and ctl.status().broken is None
     finally:
-        vm.stop()
         rx.close(1.0)

@@ -106,12 +106,8 @@ class FakeBalloon:
 
 
 @pytest.fixture
-def ram_files(tmp_path: Path) -> Iterator[tuple[RamFile, RamFile]]:
-    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else tmp_path
-    src_path, dst_path = base / f"fph-test-src-{os.getpid()}.ram", base / f"fph-test-dst-{os.getpid()}.ram"
-    for p in (src_path, dst_path):
-        with open(p, "wb") as f:
-            f.truncate(LAYOUT.ram_bytes)
+def ram_files(shm_files: Callable[..., list[Path]]) -> Iterator[tuple[RamFile, RamFile]]:
+    src_path, dst_path = shm_files(LAYOUT.ram_bytes, "src", "dst")
     src, dst = RamFile(src_path, LAYOUT, writable=True), RamFile(dst_path, LAYOUT, writable=True)
     rng = np.random.default_rng(7)
     src.buf[: 40 * MiB] = rng.integers(0, 255, 40 * MiB, dtype=np.uint8)  # data; the rest zero
@@ -121,8 +117,6 @@ def ram_files(tmp_path: Path) -> Iterator[tuple[RamFile, RamFile]]:
     finally:
         src.close()
         dst.close()
-        for p in (src_path, dst_path):
-            p.unlink(missing_ok=True)
 
 
 def migrate(

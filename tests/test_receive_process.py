@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +21,9 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def files(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else tmp_path
-    src, dst = base / f"fph-rp-src-{os.getpid()}.ram", base / f"fph-rp-dst-{os.getpid()}.ram"
-    for p in (src, dst):
-        with open(p, "wb") as f:
-            f.truncate(64 * MiB)
-    try:
-        yield src, dst
-    finally:
-        src.unlink(missing_ok=True)
-        dst.unlink(missing_ok=True)
+def files(shm_files: Callable[..., list[Path]]) -> tuple[Path, Path]:
+    src, dst = shm_files(64 * MiB, "src", "dst")
+    return src, dst
 
 
 def start_receiver(dst: Path, mem_mib: int) -> tuple[subprocess.Popen[str], tuple[str, int]]:

@@ -18,6 +18,9 @@ from fph.vhost_user.message import Header, Message
 from fph.virtio.mock import MockSplitQueue
 from tests.fake_frontend import GuestRam, MiB
 
+GUEST_RAM = (16 * MiB, 0x4000_0000)
+"""The ``ram`` fixture's size and guest-physical address here (tests/conftest.py)."""
+
 DRIVER_FEATURES = m.F_VERSION_1 | (1 << 1) | (1 << 3)  # VERSION_1, STATS_VQ, FREE_PAGE_HINT
 
 
@@ -54,13 +57,6 @@ def fd_is_open(fd: int) -> bool:
     except OSError:
         return False
     return True
-
-
-@pytest.fixture
-def ram() -> Iterator[GuestRam]:
-    r = GuestRam(16 * MiB, gpa=0x4000_0000)
-    yield r
-    r.close()
 
 
 @pytest.fixture
