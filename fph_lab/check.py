@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from fph.qmp import QMPError
 from fph.waiting import poll_until
-from fph_lab.errors import GuestError, LabError
+from fph_lab.errors import GuestConsoleError, LabError
 from fph_lab.guest import Heartbeat, kernel_errors
 from fph_lab.vm import VM
 
@@ -33,7 +33,7 @@ class DestinationCheck:
 
     def raise_for_problems(self) -> None:
         if self.problems:
-            raise GuestError("destination check failed: " + "; ".join(self.problems))
+            raise GuestConsoleError("destination check failed: " + "; ".join(self.problems))
 
 
 def check_destination(

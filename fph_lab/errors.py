@@ -5,8 +5,8 @@ class LabError(Exception):
     """Something in the lab failed; the message says what and, where known, how to fix it."""
 
 
-class GuestError(LabError):
-    """The guest misbehaved: no ready line, a command timed out, a kernel Oops on the console, ..."""
+class GuestConsoleError(LabError):
+    """The guest misbehaved on its serial console: no ready line, a command timed out, a kernel Oops, ..."""
 
 
 class VMError(LabError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from fph_lab.errors import GuestError
+from fph_lab.errors import GuestConsoleError
 from fph_lab.serial import KERNEL_ERROR, SerialConsole
 
 PAGE_SIZE = 4096
@@ -59,7 +59,7 @@ def parse_heartbeats(text: str) -> list[Heartbeat]:
 def parse_meminfo(text: str) -> MemInfo:
     m = _MEM.search(text)
     if not m:
-        raise GuestError(f"no FPH-MEM line in: {text.strip()!r}")
+        raise GuestConsoleError(f"no FPH-MEM line in: {text.strip()!r}")
     kv = dict(item.split("=", 1) for item in m.group(1).split())
     return MemInfo(
         buddy_free_pages=int(kv["buddy_free_pages"]),
@@ -86,7 +86,7 @@ class Guest:
         """Write ``mib`` MiB of non-zero data and free it (the program exits)."""
         out = self.console.run(f"fill {int(mib)}", timeout=timeout)
         if "FPH-FILL mib=" not in out:
-            raise GuestError(f"fill {mib} did not report: {out.strip()!r}")
+            raise GuestConsoleError(f"fill {mib} did not report: {out.strip()!r}")
 
     def memhog(self, mib: int, hold_s: int = 0, timeout: float = 120.0) -> None:
         """Allocate and write ``mib`` MiB, keep it ``hold_s`` seconds, exit (foreground)."""

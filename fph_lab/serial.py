@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from fph.waiting import poll_until, retry_until
-from fph_lab.errors import GuestError
+from fph_lab.errors import GuestConsoleError
 
 # Kernel trouble that fails the destination check (and every guest test).
 KERNEL_ERROR = re.compile(
@@ -52,7 +52,7 @@ class SerialConsole:
         try:
             self._sock = retry_until(attempt, timeout, (OSError,))
         except OSError as e:
-            raise GuestError(f"cannot connect to serial socket {self.socket_path}: {e}") from e
+            raise GuestConsoleError(f"cannot connect to serial socket {self.socket_path}: {e}") from e
         self._thread = threading.Thread(
             target=self._drain, name=f"serial-drain {self.socket_path}", daemon=True
         )
@@ -113,7 +113,7 @@ class SerialConsole:
                 bad = KERNEL_ERROR.search(text)
                 if bad:
                     line = text[text.rfind("\n", 0, bad.start()) + 1 :].split("\n", 1)[0]
-                    raise GuestError(
+                    raise GuestConsoleError(
                         f"guest kernel error while waiting for {rx.pattern!r}: {line}\n(log: {self.log_path})"
                     )
             return m
@@ -121,7 +121,7 @@ class SerialConsole:
         m = poll_until(search, timeout, 0.02)
         if m is None:
             tail = "\n".join(text.strip().splitlines()[-8:])
-            raise GuestError(
+            raise GuestConsoleError(
                 f"timeout ({timeout:.0f} s) waiting for {rx.pattern!r} on the serial console "
                 f"({self.log_path}); last lines:\n{tail}"
             )
@@ -139,7 +139,7 @@ class SerialConsole:
         try:
             self._sock.sendall(line.encode() + b"\n")
         except OSError as e:
-            raise GuestError(f"serial socket {self.socket_path}: {e}") from e
+            raise GuestConsoleError(f"serial socket {self.socket_path}: {e}") from e
 
     def run(self, command: str, timeout: float = 60.0, check: bool = True) -> str:
         """Run a shell command in the guest; return its output (lines between the send and the end marker)."""
@@ -153,5 +153,5 @@ class SerialConsole:
         out = self.text(since)[: m.start()]
         rc = int(m.group(1))
         if check and rc != 0:
-            raise GuestError(f"guest command {command!r} exited {rc}:\n{out.strip()}")
+            raise GuestConsoleError(f"guest command {command!r} exited {rc}:\n{out.strip()}")
         return out
