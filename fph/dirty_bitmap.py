@@ -13,7 +13,7 @@ early, the guest writes P, the harvest that closed E records that write as a dir
 hint of E arrives and clears it -- P never reaches the destination. Because the harvest always comes
 before the id is issued, every write made after the id is in the log and re-marks its page at the next
 harvest; a hint clears the bitmap only, never the log. ``merge_write_log()`` therefore refuses to run
-while an epoch is open. (The shared notes' protocol-model.md checks this order exhaustively.)
+while an epoch is open. (docs/protocol-model.md: this order is checked exhaustively.)
 
 The class is safe to call from several threads (one lock); the kernels release the GIL.
 """
@@ -84,7 +84,7 @@ class BitmapError(ValueError):
 
 @dataclass(slots=True)
 class BitmapStats:
-    """Counters for the migration report; names follow anchors.md's fph-specific list."""
+    """Counters for the migration report; the names are the report's."""
 
     hinted_pages: int = 0
     hint_bits_cleared: int = 0

@@ -1,9 +1,10 @@
 """The destination check run after every lab migration.
 
-Transferred bytes mean nothing if the destination guest is broken: under TCG, QEMU 7.2 lost guest writes
-in some runs with and without hints (qemu-lab.md §7). So every migration is followed by: the destination
-VM is running, the guest's ``hold`` heartbeat goes on there with the same checksum (re-verified data) and
-a later uptime (no reboot), the shell still answers, and neither serial log shows an Oops, BUG or panic.
+Transferred bytes mean nothing if the destination guest is broken: under TCG, QEMU 7.2 lost guest writes in
+some runs with and without hints (most likely the TCG dirty-tracking bug fixed in QEMU 9.0). So every
+migration is followed by: the destination VM is running, the guest's ``hold`` heartbeat goes on there with the
+same checksum (re-verified data) and a later uptime (no reboot), the shell still answers, and neither serial
+log shows an Oops, BUG or panic.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ of misses that are known TCG blind spots, and a tiny guest program with page-str
 Why: "every page whose content changed between two snapshots has its bit set" is the property that
 matters for a migration, and it can only be tested against real guest writes. A miss is explained (and
 reported, not hidden) when it only flips x86 PTE Accessed/Dirty bits, which TCG's page walker sets with
-an uninstrumented host cmpxchg (qemu-lab.md §9).
+an uninstrumented host cmpxchg.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@ end-to-end tests of fph's balloon over a real Unix socket.
 
 Guest memory is a memfd the fake shares with the device (as QEMU does with ``memory-backend-memfd``), kicks
 and calls are real eventfds, the back-end channel is a socketpair. The message sequence follows what QEMU
-11.1 sends (vhost-user.md §4); the driver model follows ``drivers/virtio/virtio_balloon.c``
-(free-page-hint-protocol.md §4): START out-buffer, one 4 MiB in-buffer per free max-order block while more
-than one ring entry is free, STOP out-buffer; DONE returns every held block.
+11.1 sends; the driver model follows ``drivers/virtio/virtio_balloon.c``: START out-buffer, one 4 MiB
+in-buffer per free max-order block while more than one ring entry is free, STOP out-buffer; DONE returns
+every held block.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class FakeFrontend:
     # ------------------------------------------------------------------ QEMU sequences
 
     def realize(self) -> None:
-        """What QEMU sends when the device is created (vhost-user.md §4)."""
+        """What QEMU sends when the device is created."""
         self.offered_features = self.call_u64(R.GET_FEATURES)
         offered_protocol = self.call_u64(R.GET_PROTOCOL_FEATURES)
         self.protocol_features = offered_protocol & 0x3_FFFF

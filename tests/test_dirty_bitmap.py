@@ -1,4 +1,4 @@
-"""DirtyBitmap and RamLayout: translation, epochs, bad input, and the traces from protocol-model.md."""
+"""DirtyBitmap and RamLayout: translation, epochs, bad input, and the traces of docs/protocol-model.md."""
 
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def test_unknown_destination_needs_zero_markers() -> None:
 
 
 def test_stale_hint_trace_is_dropped_and_the_checker_catches_the_unsafe_order() -> None:
-    """protocol-model.md's stale-hint loss: hint queued in epoch 2, page reused and written, harvested,
+    """docs/protocol-model.md's stale-hint loss: hint queued in epoch 2, page reused and written, harvested,
     then the late hint arrives. fph drops it; applying it anyway (no epoch check) loses the write."""
     layout = RamLayout.flat(64 * PAGE)
     p = 8

@@ -1,7 +1,7 @@
 """The numba engine against the reference model, under random interleavings, with the no-lost-write check.
 
-The no-lost-write property (issue 2): at the final sync, every page written after its last send is dirty
-(in the bitmap or in the not-yet-harvested log), unless a hint from an epoch opened after that write
+The no-lost-write property (docs/protocol-model.md): at the final sync, every page written after its last send
+is dirty (in the bitmap or in the not-yet-harvested log), unless a hint from an epoch opened after that write
 (opened = the harvest that preceded the id) says the page is free.
 """
 

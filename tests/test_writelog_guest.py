@@ -141,7 +141,7 @@ def test_pte_accessed_bits_set_by_the_page_walker_are_the_known_blind_spot(trace
     fork, so no kernel page-table writes); TCG's page walker sets the Accessed bits again with an
     uninstrumented cmpxchg, so those page-table pages change without a logged store. Every other change
     must be logged. If window 2 ever shows no such page, QEMU instruments the walker now: update
-    qemu-lab.md §9 and this test."""
+    this test."""
     t = traced
     assert t.vm.ram_path is not None
     # A walk happens only on a TLB miss: a window may see none. Three clear/walk pairs, one must show it.
@@ -179,7 +179,7 @@ def test_pte_dirty_bit_after_madv_free_is_not_logged(traced: Traced) -> None:
     logged) the program writes its pages again; the walker sets Dirty with an uninstrumented cmpxchg. The
     data pages are logged, the PTE page is not: a destination copied from this log can hold "clean" PTEs
     for rewritten MADV_FREE pages, which its kernel may then discard. If this ever finds nothing, QEMU
-    instruments the walker now: update qemu-lab.md §9 and this test."""
+    instruments the walker now: update this test."""
     t = traced
     assert t.vm.ram_path is not None
     upload(t.vm.console, build_guest_program("madvfree"), "/tmp/madvfree")

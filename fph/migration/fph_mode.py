@@ -1,6 +1,6 @@
 """fph mode: fph moves the guest's RAM itself, skipping what the guest hinted free; QEMU moves device state.
 
-Sequence (qemu-lab.md §6(c), free-page-hint-protocol.md §7)::
+Sequence::
 
     setup       destination receiver maps the destination RAM file; both QEMUs get x-ignore-shared;
                 the destination listens (migrate-incoming); the write log is armed; every page dirty

@@ -1,7 +1,7 @@
 """Soft-dirty write log for KVM hosts: ``/proc/PID/pagemap`` bit 55 + ``/proc/PID/clear_refs`` ("4").
 
 Why the pause: reading pagemap and writing clear_refs are two steps; a guest write between them is
-forgotten (protocol-model.md: loses a write in 7 steps, with no hint involved). So each harvest stops the
+forgotten (docs/protocol-model.md: loses a write in 7 steps, with no hint involved). So each harvest stops the
 vCPUs (QMP ``stop``), reads, clears and resumes (``cont``), and reports that pause. ``vcpus_stopped=True``
 (the final harvest at switch-over) reads and clears without touching the run state.
 
