@@ -408,13 +408,14 @@ def _skip_zero_runs(words: Any, sent: Any, hinted: Any, known_zero: Any, runs: A
 
 @njit(cache=True, nogil=True)
 def _plan_send(known_zero: Any, start: Any, zero_flags: Any, out: Any) -> Any:
-    """Decide per page SEND_DATA / SEND_ZERO / SKIP_ZERO and record what the destination will hold."""
+    """Decide per page SEND_DATA / SEND_ZERO / SKIP_ZERO and record what the destination will hold.
+    ``zero_flags[i] == 1`` is a zero page; any other value (0 data, 2 a fill page) will hold data."""
     skipped = 0
     for i in range(zero_flags.shape[0]):
         p = start + i
         w = p >> 6
         bit = np.uint64(1) << np.uint64(p & 63)
-        if zero_flags[i]:
+        if zero_flags[i] == 1:
             if known_zero[w] & bit:
                 out[i] = SKIP_ZERO
                 skipped += 1
@@ -662,7 +663,8 @@ class DirtyBitmap:
         return out[:n]
 
     def plan_send(self, first_page: int, zero_flags: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-        """Per page of a run: SEND_DATA, SEND_ZERO or SKIP_ZERO; records what the destination will hold."""
+        """Per page of a run: SEND_DATA, SEND_ZERO or SKIP_ZERO; records what the destination will hold.
+        ``zero_flags``: copy_scan's page classes (1 = zero; 0 data and 2 fill both hold data)."""
         n = int(zero_flags.shape[0])
         if first_page < 0 or first_page + n > self.nbits:
             raise BitmapError(f"pages [{first_page}, +{n}) are outside the bitmap of {self.nbits} pages")

@@ -40,3 +40,22 @@ def test_copy_scan_copies_flags_and_fingerprints_in_one_pass() -> None:
     assert np.array_equal(src, dst)
     assert zero.tolist() == [1, 0, 1, 0]
     assert hashes.tolist() == page_hashes(src).tolist()
+
+
+def test_copy_scan_classifies_fill_pages() -> None:
+    """A page repeating one 8-byte value (a poisoned free page: 0xaa bytes) is a FILL page with that value;
+    one differing byte makes it data again."""
+    from fph.kernels import PAGE_DATA, PAGE_FILL, PAGE_ZERO
+
+    src = np.zeros(4 * PAGE_SIZE, dtype=np.uint8)
+    src[PAGE_SIZE : 2 * PAGE_SIZE] = 0xAA
+    src[2 * PAGE_SIZE : 3 * PAGE_SIZE].view(np.uint64)[:] = 0x0102_0304_0506_0708
+    src[3 * PAGE_SIZE : 4 * PAGE_SIZE] = 0xAA
+    src[4 * PAGE_SIZE - 1] = 0xAB
+    classes = np.empty(4, dtype=np.uint8)
+    fills = np.zeros(4, dtype=np.uint64)
+    hashes = np.empty(4, dtype=np.uint64)
+    assert copy_scan(src, np.empty_like(src), classes, hashes, fills) == 3
+    assert classes.tolist() == [PAGE_ZERO, PAGE_FILL, PAGE_FILL, PAGE_DATA]
+    assert fills[1] == 0xAAAA_AAAA_AAAA_AAAA and fills[2] == 0x0102_0304_0506_0708
+    assert hashes.tolist() == page_hashes(src).tolist()

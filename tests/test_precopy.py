@@ -42,6 +42,7 @@ class SoftGuest:
         self.stop = threading.Event()
         self.writes = 0
         self.free_blocks: set[int] = set()  # GPAs of 4 MiB blocks the guest freed and hinted
+        self.balloon: FakeBalloon | None = None
 
     def write(self, page: int) -> None:
         with self.lock:
@@ -70,8 +71,10 @@ class FakeBalloon:
         self.cmd = 0x8000_0000
         self.state = "stop"
         self.dones = 0
+        self.requests = 0
 
     def request_hints(self, on_issue: Callable[[int], None] | None = None) -> int:
+        self.requests += 1
         self.cmd += 1
         if on_issue is not None:
             on_issue(self.cmd)
@@ -137,19 +140,21 @@ def migrate(
     channel.connect()
     empty = np.zeros_like(guest.log)
     harvest = (lambda: (guest.harvest(), empty)[1]) if ignore_log else guest.harvest
-    balloon = FakeBalloon(bitmap, guest, hint_blocks)
+    balloon = guest.balloon = FakeBalloon(bitmap, guest, hint_blocks)
     pc = Precopy(
         bitmap,
         channel.ram,
         channel,
         harvest,
         balloon,
-        PrecopyConfig(max_rounds=4, min_rounds=3, first_hint_wait_s=2),
+        PrecopyConfig(max_rounds=4, min_rounds=3, first_hint_wait_s=2, hint_policy=policy),
     )
     writer = threading.Thread(target=guest.run, args=(rate,), daemon=True)
     pc.start()
     writer.start()
     pc.iterate()
+    if pc.release_before_switchover(0.0):  # every-round: DONE while the guest runs, one more round
+        pc.run_round()
     guest.stop.set()  # "stop" the VM
     writer.join()
     pc.final_round()
@@ -181,6 +186,12 @@ def test_destination_equals_source_with_a_running_guest_and_hints(
     hinted = [8 * MiB, 12 * MiB, 44 * MiB, 68 * MiB]
     pc, guest, ack, result = migrate(src, dst, ignore_log=False, hint_blocks=hinted, rate=2000, policy=policy)
     assert result.ok, result.error
+    balloon = guest.balloon
+    assert balloon is not None
+    if policy == "release-early":  # one run, DONE before anything is sent
+        assert balloon.requests == 1 and balloon.dones == 1
+    else:  # a run per round (the first run, its sync, each round's sync), DONE a round before switchover
+        assert balloon.requests == len(pc.result.rounds) + 1 and balloon.dones == 1
     assert guest.writes > 20
     assert differing_pages(src, dst, guest) == []
     r0 = pc.result.rounds[0]
@@ -319,7 +330,7 @@ def test_holes_of_the_source_stay_unread_and_a_later_write_into_one_still_arrive
     channel.finish({})
     assert receiver.wait(10).ok
     assert np.array_equal(src.buf, dst.buf)
-    sent = sum(r.pages_data + r.pages_zero_sent for r in [*pc.result.rounds, pc.result.final])
+    sent = sum(r.pages_data + r.pages_zero_sent + r.pages_fill for r in [*pc.result.rounds, pc.result.final])
     assert sent == 44 * MiB // PAGE_SIZE + 1
     channel.close()
 
@@ -339,3 +350,73 @@ def test_the_receiver_is_prepared_when_it_says_so(ram_files: tuple[RamFile, RamF
     with pytest.raises(ChannelError, match="still preparing"):
         unprepared.wait_prepared(0.01)  # never started
     unprepared.stop()
+
+
+class SilentBalloon(FakeBalloon):
+    """A driver that never answers: the request is made, the guest never starts the run."""
+
+    def request_hints(self, on_issue: Callable[[int], None] | None = None) -> int:
+        self.requests += 1
+        self.cmd += 1
+        if on_issue is not None:
+            on_issue(self.cmd)
+        self.state = "requested"
+        return self.cmd
+
+
+class RefusingBalloon(FakeBalloon):
+    def request_hints(self, on_issue: Callable[[int], None] | None = None) -> int:
+        raise RuntimeError("the driver has not negotiated FREE_PAGE_HINT")
+
+
+@pytest.mark.parametrize("balloon_class", [SilentBalloon, RefusingBalloon])
+def test_a_guest_that_cannot_hint_is_migrated_without_hints(
+    ram_files: tuple[RamFile, RamFile], balloon_class: type[FakeBalloon]
+) -> None:
+    src, dst = ram_files
+    bitmap = DirtyBitmap(LAYOUT)
+    guest = SoftGuest(src, LAYOUT)
+    receiver = RamReceiver(dst)
+    channel = RamSender(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
+    channel.connect()
+    balloon = balloon_class(bitmap, guest, [8 * MiB])
+    cfg = PrecopyConfig(first_hint_wait_s=5, hint_start_timeout_s=0.3)
+    pc = Precopy(bitmap, channel.ram, channel, guest.harvest, balloon, cfg)
+    pc.start()
+    t0 = time.monotonic()
+    pc.iterate()
+    assert time.monotonic() - t0 < 3  # bounded: no 5 s wait for a run that never starts
+    pc.final_round()
+    pc.verify_and_resend()
+    channel.finish({})
+    assert receiver.wait(10).ok
+    assert np.array_equal(src.buf, dst.buf)
+    assert pc.result.hinting.startswith("unavailable: ")
+    why = "did not start the requested hint run" if balloon_class is SilentBalloon else "FREE_PAGE_HINT"
+    assert why in pc.result.hinting, pc.result.hinting
+    assert bitmap.stats.hinted_pages == 0
+
+
+def test_poisoned_pages_cost_a_marker(ram_files: tuple[RamFile, RamFile]) -> None:
+    """Pages that repeat one 8-byte value (page_poison's 0xaa) go as FILL markers, not as data, and the
+    destination holds exactly the source's bytes."""
+    src, dst = ram_files
+    src.buf[: 8 * MiB] = 0xAA  # a poisoned 8 MiB
+    src.buf[8 * MiB : 8 * MiB + PAGE_SIZE] = 0x5B  # another fill value, one page
+    guest = SoftGuest(src, LAYOUT)
+    bitmap = DirtyBitmap(LAYOUT)
+    receiver = RamReceiver(dst)
+    channel = RamSender(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
+    channel.connect()
+    pc = Precopy(bitmap, channel.ram, channel, guest.harvest)
+    pc.start()
+    r0 = pc.run_round()
+    pc.final_round()
+    assert pc.verify_and_resend() == 0
+    channel.finish({})
+    rx = receiver.wait(10)
+    assert rx.ok and np.array_equal(src.buf, dst.buf)
+    fill_pages = (8 * MiB + 4 * MiB) // PAGE_SIZE + 1  # the fixture's 4 MiB of 0x5A too
+    assert r0.pages_fill == fill_pages
+    assert rx.counters["fill_pages"] == fill_pages
+    assert channel.counters.bytes_on_wire < (40 * MiB - 8 * MiB) + 2 * MiB  # data only, plus markers

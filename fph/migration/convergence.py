@@ -30,6 +30,11 @@ class OutDirtyPolicy(enum.Enum):
     """Fail as soon as the guest is seen to out-dirty the link; the source keeps running."""
 
 
+class ConvergenceError(RuntimeError):
+    """The policy gave up (the guest out-dirtied the link, or the time budget ran out); the source keeps
+    running with its memory."""
+
+
 class Verdict(enum.Enum):
     ITERATE = "iterate"
     SWITCH_OVER = "switch-over"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -31,12 +32,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fph import dirty_bitmap
+from fph.balloon.spec import F_FREE_PAGE_HINT
 from fph.dirty_bitmap import DirtyBitmap
+from fph.migration.convergence import ConvergenceError, Decision, Verdict
 from fph.migration.hooks import HookDispatcher, HookEvent, HookListener, HookPoint
 from fph.migration.job_stats import FINAL_STATUSES, JobStatsView, figures_final, job_stats
 from fph.migration.precopy import HintControl, Precopy, PrecopyConfig, RoundStats
+from fph.migration.throttle import ThrottleError, VcpuThrottle, vcpu_threads
 from fph.qmp import QMPConnection, QMPError
 from fph.ram_layout import PAGE_SIZE, RamLayout
+from fph.transfer import pagehash
 from fph.transfer.ram_file import RamFile
 from fph.transfer.receiver import RamReceiver, ReceiverResult
 from fph.transfer.sender import RamSender
@@ -118,8 +124,18 @@ class _Resources:
     dst_ram: RamFile | None = None
     sender: RamSender | None = None
     receiver: RamReceiver | None = None
+    throttle: VcpuThrottle | None = None
+
+    def release_throttle(self) -> list[str]:
+        """The vCPUs back at full speed (idempotent); what could not be undone."""
+        if self.throttle is None:
+            return []
+        problems = self.throttle.release()
+        self.throttle = None
+        return problems
 
     def close(self) -> None:
+        self.release_throttle()
         if self.sender is not None:
             self.sender.close()
         if self.receiver is not None:
@@ -251,25 +267,39 @@ class FphMigration:
         src_ram = res.src_ram = RamFile(self.src_ram_path, self.layout, writable=False)
         channel = res.sender = RamSender(address, src_ram, bandwidth=cfg.bandwidth)
         await asyncio.to_thread(channel.connect)
+        await asyncio.to_thread(_warm_kernels)  # nothing compiles or loads later, inside the stop window
         bitmap = DirtyBitmap(self.layout)
-        if self.balloon is not None:
+        unavailable = await self._hinting_unavailable()
+        if self.balloon is not None and unavailable is None:
             self.balloon.control.set_sink(bitmap)
         self.writelog.start()
         self.device_log.start()
         ready = None if receiver is None else lambda: receiver.wait_prepared(cfg.receiver_prepare_timeout_s)
-        pc = self.precopy = Precopy(bitmap, src_ram, channel, self._harvest, self._hints(), cfg, ready)
+        pc = self.precopy = Precopy(
+            bitmap, src_ram, channel, self._harvest, self._hints(), cfg, ready, hints_unavailable=unavailable
+        )
         t_setup = time.monotonic()
 
-        # ---- rounds, guest running
+        # ---- rounds, guest running, until the policy says a switchover now fits the downtime limit
         self.phase = Phase.ROUNDS
         pc.start()
+        t_rounds = time.monotonic()
         while True:
             await self._hook(HookPoint.BEFORE_SYNC)
             await asyncio.to_thread(pc.run_round)
             await self._hook(HookPoint.AFTER_SYNC)
             if self._cancel:
                 raise InterruptedError("cancelled by request")
-            if pc.should_switch_over():
+            decision = pc.decide(time.monotonic() - t_rounds)
+            if decision.throttle_pct != (res.throttle.pct if res.throttle else 0):
+                await self._throttle(src, res, decision.throttle_pct)
+            if decision.verdict is Verdict.FAIL:
+                raise ConvergenceError(decision.reason)
+            if decision.verdict is Verdict.SWITCH_OVER:
+                # Every-round policy: the guest takes its blocks back now, while it runs; one more round
+                # sends what that changed. Then the unplug finds nothing held.
+                if await asyncio.to_thread(pc.release_before_switchover):
+                    continue
                 break
 
         # ---- switchover
@@ -282,31 +312,37 @@ class FphMigration:
             await self._device_del(src, self.balloon.device_id)
             progress.balloon_removed = True
         unplug_ms = (time.monotonic() - t_unplug) * 1e3
+        pc.convergence.costs.unplug_ms = unplug_ms
+        predicted_ms = pc.result.decisions[-1].predicted_downtime_ms if pc.result.decisions else None
+        stop_window = _StopWindow()
         await src.execute("stop")
-        t_stop = time.monotonic()
+        t_stop = stop_window.mark("stop")
         progress.src_stopped = True
         self.phase = Phase.STOPPED
         await self._hook(HookPoint.BEFORE_SYNC)
         final = await asyncio.to_thread(pc.final_round)
         await self._hook(HookPoint.AFTER_SYNC)
-        final_ms = (time.monotonic() - t_stop) * 1e3
+        final_ms = (stop_window.mark("final_round") - t_stop) * 1e3
         if cfg.verify_sent:
             await asyncio.to_thread(pc.verify_and_resend)
+            stop_window.mark("recheck")
         ack = await asyncio.to_thread(channel.finish, {"rounds": pc.round})
         rx = None
         if receiver is not None:
             rx = await asyncio.to_thread(receiver.wait, 30.0)
             if not rx.ok:
                 raise RuntimeError(f"destination receiver: {rx.error}")
-        t_pages_done = time.monotonic()
+        t_pages_done = stop_window.mark("destination_ack")
 
         self.phase = Phase.DEVICE_STATE
         device_state = await self._migrate_device_state(src)
+        stop_window.mark("qemu_device_state")
         await self._hook(HookPoint.COMPLETE)
         self.phase = Phase.RESUME
         await dst.execute("cont")
-        t_resumed = time.monotonic()
+        t_resumed = stop_window.mark("cont")
         progress.dst_running = True
+        res.release_throttle()
         replug_ms = None
         if self.balloon is not None and self.balloon.destination_socket:
             t = time.monotonic()
@@ -328,6 +364,15 @@ class FphMigration:
                 "resumed": t_resumed,
             },
             extra={
+                "hinting": pc.result.hinting,
+                "predicted_downtime_ms": None if predicted_ms is None else round(predicted_ms, 1),
+                "downtime_limit_ms": cfg.downtime_limit_ms,
+                "downtime_breakdown_ms": stop_window.breakdown_ms(),
+                "throttle_max_pct": max((d.throttle_pct for d in pc.result.decisions), default=0),
+                "out_dirtied": pc.convergence.out_dirtied,
+                "decisions": [_decision_dict(d) for d in pc.result.decisions],
+                "bandwidth_cap_bps": cfg.bandwidth or 0,
+                "max_window_rate_bps": round(channel.meter.max_window_rate()),
                 "unplug_ms": round(unplug_ms, 1),
                 "final_round_ms": round(final_ms, 1),
                 "replug_ms": None if replug_ms is None else round(replug_ms, 1),
@@ -337,6 +382,37 @@ class FphMigration:
 
     def _hints(self) -> HintControl | None:
         return self.balloon.control if self.balloon is not None else None
+
+    async def _hinting_unavailable(self) -> str | None:
+        """Why this guest cannot hint (it is then migrated without hints), or None if it can."""
+        if self.balloon is None:
+            return "no balloon device"
+        view = getattr(self.balloon.control, "view_async", None)
+        if view is None:
+            return None  # a control without a view (tests): the request itself will tell
+        v = await view()
+        if v.broken:
+            return f"the balloon device is broken ({v.broken})"
+        if not v.connected:
+            return "no front-end (QEMU) is connected to the balloon socket"
+        if not v.acked:
+            return "the guest has no virtio_balloon driver bound to the device"
+        if not v.acked & F_FREE_PAGE_HINT:
+            return "the guest's driver did not negotiate FREE_PAGE_HINT"
+        if not v.has_channel:
+            return "no back-end channel to raise a config interrupt on"
+        return None
+
+    async def _throttle(self, src: QMPConnection, res: _Resources, pct: int) -> None:
+        """The vCPUs get (100 - pct)% of their CPU time; a host that cannot throttle is logged, and the
+        policy's time budget then ends the migration."""
+        try:
+            if res.throttle is None:
+                pid, tids = vcpu_threads(list(await src.execute("query-cpus-fast")))
+                res.throttle = VcpuThrottle(pid, tids, "vm")
+            await asyncio.to_thread(res.throttle.set, pct)
+        except ThrottleError as exc:
+            log.error("cannot throttle the guest's vCPUs: %s", exc)
 
     async def _device_del(self, conn: QMPConnection, device_id: str) -> None:
         listener = conn.listener(("DEVICE_DELETED",))
@@ -465,6 +541,8 @@ class FphMigration:
             done.append("destination QEMU quit")
         except QMPError:  # already gone (killed, or it failed first)
             done.append("destination QEMU already gone")
+        for problem in self._res.release_throttle():
+            done.append(f"vCPU throttle release FAILED: {problem}")
         if progress.src_stopped:
             await attempt("source resumed (cont)", lambda: src.execute("cont"))
         if self.balloon is not None:
@@ -545,6 +623,13 @@ class FphMigration:
             "writelog": self.writelog.describe(),
             **extra,
         }
+        errors = []
+        if stats["downtime"] > self.config.downtime_limit_ms:
+            errors.append(
+                f"downtime {stats['downtime']} ms exceeded the limit {self.config.downtime_limit_ms:g} ms "
+                f"(predicted {extra.get('predicted_downtime_ms')} ms)"
+            )
+        fph["errors"] = errors
         return FphReport(
             mode=self.mode,
             status="completed",
@@ -556,6 +641,37 @@ class FphMigration:
             hooks=list(self.dispatcher.history),
             wall_s=elapsed_ms / 1e3,
         )
+
+
+@dataclass
+class _StopWindow:
+    """Times of the steps between ``stop`` and ``cont``: the downtime, phase by phase."""
+
+    marks: list[tuple[str, float]] = field(default_factory=list)
+
+    def mark(self, step: str) -> float:
+        t = time.monotonic()
+        self.marks.append((step, t))
+        return t
+
+    def breakdown_ms(self) -> dict[str, float]:
+        return {b[0]: round((b[1] - a[1]) * 1e3, 2) for a, b in itertools.pairwise(self.marks)}
+
+
+def _decision_dict(d: Decision) -> dict[str, Any]:
+    return {
+        "verdict": d.verdict.value,
+        "predicted_downtime_ms": round(d.predicted_downtime_ms, 1),
+        "dirty_rate_bps": round(d.dirty_rate_bps),
+        "wire_rate_bps": round(d.wire_rate_bps),
+        "throttle_pct": d.throttle_pct,
+        "reason": d.reason,
+    }
+
+
+def _warm_kernels() -> None:
+    dirty_bitmap.warm_up()
+    pagehash.warm_up()
 
 
 def _event_data(event: Any) -> dict[str, Any]:

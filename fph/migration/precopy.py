@@ -1,19 +1,26 @@
 """Precopy rounds over the dirty bitmap: what fph sends, in which order, and when it stops iterating.
 
-Each round (the epoch rule, ``fph/dirty_bitmap.py``): STOP the guest's hint run and close the epoch,
-harvest the write log atomically into the bitmap, issue a new command id and open its epoch, then send
-every dirty page. Round 0 starts with every RAM page dirty and, when a balloon is attached, waits for
-the guest to finish its first hint run before sending, so the free memory it reports is never sent.
+Each round sends every dirty page, then ends with a sync (the epoch rule, ``fph/dirty_bitmap.py``): STOP
+the guest's hint run and close the epoch, harvest the write log atomically into the bitmap (what the guest
+wrote while the round ran: the dirty rate) and, with the every-round policy, issue a new command id and open
+its epoch. After the sync :meth:`Precopy.decide` asks the convergence policy (``convergence.py``) whether a
+switchover now would fit the downtime limit. Round 0 starts with every RAM page dirty and, when the guest's
+balloon can hint, waits for the guest to finish its first hint run before sending, so the free memory it
+reports is never sent; a guest that cannot hint (no driver, FREE_PAGE_HINT not negotiated, no answer to the
+request within ``hint_start_timeout_s``) is migrated without hints and the result says why.
 
-Pages are sent as data, as zero markers, or not at all when they are zero and the destination is
-known to hold zeros. Every page the destination now holds is fingerprinted; at switchover, with the
-guest stopped, ``verify_and_resend`` re-reads every page ever sent and resends those whose content no
-longer matches what was sent (the TCG write log misses PTE Accessed/Dirty bits set by the page walker).
+Pages are sent as data, as zero markers, as fill markers (a page repeating one 8-byte value, e.g. a
+poisoned free page), or not at all when they are zero and the destination is known to hold zeros. Every
+page the destination now holds is fingerprinted; at switchover, with the guest stopped,
+``verify_and_resend`` re-reads every page ever sent and resends those whose content no longer matches what
+was sent (the TCG write log misses PTE Accessed/Dirty bits set by the page walker, and device DMA).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +31,15 @@ import numpy as np
 import numpy.typing as npt
 
 from fph.dirty_bitmap import SEND_DATA, SEND_ZERO, SKIP_ZERO, DirtyBitmap
+from fph.kernels import PAGE_FILL
+from fph.migration.convergence import (
+    Convergence,
+    ConvergenceConfig,
+    Decision,
+    FixedCosts,
+    RoundMeasure,
+    Verdict,
+)
 from fph.ram_layout import PAGE_SHIFT, PAGE_SIZE
 from fph.transfer.pagehash import changed_pages, copy_scan, page_hashes
 from fph.transfer.ram_file import RamFile
@@ -70,26 +86,30 @@ Harvest = Callable[[], npt.NDArray[np.uint64]]
 
 
 @dataclass
-class PrecopyConfig:
-    max_rounds: int = 30
-    downtime_limit_ms: float = 300.0
-    """Switch over once the pages left would take at most this long at the measured rate."""
-    min_rounds: int = 1
+class PrecopyConfig(ConvergenceConfig):
+    """The rounds' settings (the convergence policy's are inherited: downtime limit, out-dirty policy, time
+    budget, rounds, throttle steps)."""
+
     bandwidth: int | None = None
+    """Bytes/s on the data connection (None: unlimited); also the wire rate the policy never exceeds."""
     first_hint_wait_s: float = 15.0
     """Round 0 waits at most this long for the guest to finish its first hint run."""
     first_hint_idle_s: float = 1.0
     """... and stops waiting once the run has reported no new block for this long."""
+    hint_start_timeout_s: float = 2.0
+    """A guest that has not started the requested hint run by then is migrated without hints."""
     take_budget_bytes: int = 64 << 20
     hint_policy: HintPolicy = HintPolicy.RELEASE_EARLY
     """``release-early``: one hint run before round 0, then DONE at once, so the guest gets its memory
     back before anything is sent and the kernel's bookkeeping writes for those pages (struct page: ~1.6 %
     of the memory released) are sent once, in round 0. ``every-round``: a fresh hint run per round, the
-    blocks held until the balloon is unplugged at switchover (QEMU's behaviour)."""
+    blocks held until they are given back, with DONE, a round before switchover (QEMU keeps them until the
+    balloon goes)."""
     release_settle_s: float = 0.1
     """After DONE, how long to let the guest free its blocks before the sync that precedes round 0."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.hint_policy = HintPolicy(self.hint_policy)  # a misspelt name fails here, loudly
 
 
@@ -104,6 +124,9 @@ class RoundStats:
     hint_cmd_id: int | None = None
     hint_wait_ms: float = 0.0
     ready_wait_ms: float = 0.0
+    pages_fill: int = 0
+    dirtied_pages: int = 0
+    """What the sync that ended the round found the guest had written meanwhile."""
     hinted_pages: int = 0
     hint_bits_cleared: int = 0
     redirtied_after_hint: int = 0
@@ -122,6 +145,9 @@ class PrecopyResult:
     verify_pages_resent: int = 0
     verify_ms: float = 0.0
     converged: bool = False
+    hinting: str = "unavailable: no balloon"
+    """``used``, or ``unavailable: <reason>`` (the migration went on without hints)."""
+    decisions: list[Decision] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,25 +165,35 @@ class Precopy:
         hints: HintControl | None = None,
         config: PrecopyConfig | None = None,
         destination_ready: Callable[[], object] | None = None,
+        *,
+        hints_unavailable: str | None = None,
+        costs: FixedCosts | None = None,
     ) -> None:
+        """``hints``: the balloon, or None; ``hints_unavailable``: why the caller knows it cannot hint
+        (then ``hints`` is not used)."""
         self.bitmap = bitmap
         self.destination_ready = destination_ready
         """Blocks until the destination can take pages at full speed (its RAM file prepared)."""
         self.ram = ram
         self.channel = channel
         self.harvest = harvest
-        self.hints = hints
         self.config = config or PrecopyConfig()
+        self.hints = hints if hints_unavailable is None else None
+        self.result = PrecopyResult()
+        if hints is None and hints_unavailable is None:
+            hints_unavailable = "no balloon device"
+        self.result.hinting = "used" if self.hints is not None else f"unavailable: {hints_unavailable}"
+        self.convergence = Convergence(self.config, costs or FixedCosts(), bandwidth=self.config.bandwidth)
         self.sent_hash = np.zeros(bitmap.nbits, dtype=np.uint64)
         self.on_wire = np.zeros(bitmap.nbits, dtype=np.uint8)
-        """1 for pages whose content went on the wire (data or a zero marker): what the check re-reads."""
-        self.result = PrecopyResult()
+        """1 for pages whose content went on the wire (data or a marker): what the check re-reads."""
         self.round = 0
-        self._rate_bps = 0.0
-        self._dirty_rate = 0.0
         self._last_harvest = time.monotonic()
+        self._last_dirtied = 0
+        self._last_interval = 0.0
         self._hashbuf = np.empty(MAX_FRAME_PAGES, dtype=np.uint64)
-        self._zero = np.empty(MAX_FRAME_PAGES, dtype=np.uint8)
+        self._class = np.empty(MAX_FRAME_PAGES, dtype=np.uint8)
+        self._fill = np.empty(MAX_FRAME_PAGES, dtype=np.uint64)
         self._bounce = np.empty(MAX_FRAME_PAGES * PAGE_SIZE, dtype=np.uint8)
 
     # ------------------------------------------------------------------------------------- rounds
@@ -186,36 +222,22 @@ class Precopy:
         t0 = time.monotonic()
         newly = self.bitmap.merge_write_log(self.harvest())
         harvest_ms = (time.monotonic() - t0) * 1e3
-        elapsed = t0 - self._last_harvest
+        self._last_interval = t0 - self._last_harvest
         self._last_harvest = t0
-        self._dirty_rate = newly / elapsed if elapsed > 0 else 0.0
+        self._last_dirtied = newly
         if new_epoch and self.hints is not None:
             self.hints.request_hints(on_issue=self.bitmap.open_epoch)
         return newly, harvest_ms
 
     def run_round(self) -> RoundStats:
+        """Send what is dirty (round 0: after the guest's first hint run), then sync: the next round's
+        pages, and the dirty rate the policy decides on, are in the bitmap when this returns."""
         cfg = self.config
         rs = RoundStats(round=self.round)
         t0 = time.monotonic()
         before = self.bitmap.stats.as_dict()
         if self.round == 0:
-            if self.hints is not None:
-                self.hints.request_hints(on_issue=self.bitmap.open_epoch)
-                rs.hint_wait_ms = self._wait_first_hint_run(cfg.first_hint_wait_s) * 1e3
-                # The first run is over: sync once more before sending, so the pages the guest wrote
-                # while hinting (with init_on_alloc=1 the driver zeroes every block it hints) are
-                # merged now and sent once, instead of being sent and then sent again in round 1.
-                early = cfg.hint_policy is HintPolicy.RELEASE_EARLY
-                _newly, rs.harvest_ms = self.sync(new_epoch=not early)
-                if early:
-                    self._release_hints(cfg.release_settle_s)
-                    _newly, ms2 = self.sync(new_epoch=False)
-                    rs.harvest_ms += ms2
-                rs.hint_cmd_id = self.bitmap.epoch
-        else:
-            _newly, rs.harvest_ms = self.sync(new_epoch=cfg.hint_policy is HintPolicy.EVERY_ROUND)
-            rs.dirty_rate_pps = self._dirty_rate
-            rs.hint_cmd_id = self.bitmap.epoch
+            rs.harvest_ms += self._round0_hints(rs)
         rs.dirty_at_start = self.bitmap.count_dirty()
         if self.round == 0:  # both overlap the hint wait; without hints they are round 0's first cost
             t_ready = time.monotonic()
@@ -226,18 +248,55 @@ class Precopy:
         ts = time.monotonic()
         self._send_dirty(rs)
         rs.send_ms = (time.monotonic() - ts) * 1e3
+        self.channel.end_round(self.round, {"pages": rs.pages_data, "zero": rs.pages_zero_sent})
+        every_round = self.hints is not None and cfg.hint_policy is HintPolicy.EVERY_ROUND
+        rs.dirtied_pages, ms = self.sync(new_epoch=every_round)
+        rs.harvest_ms += ms
+        rs.dirty_rate_pps = rs.dirtied_pages / self._last_interval if self._last_interval > 0 else 0.0
+        rs.hint_cmd_id = self.bitmap.epoch
         after = self.bitmap.stats.as_dict()
         rs.hinted_pages = after["hinted_pages"] - before["hinted_pages"]
         rs.hint_bits_cleared = after["hint_bits_cleared"] - before["hint_bits_cleared"]
         rs.redirtied_after_hint = after["redirtied_after_hint"] - before["redirtied_after_hint"]
-        self.channel.end_round(self.round, {"pages": rs.pages_data, "zero": rs.pages_zero_sent})
         rs.ms = (time.monotonic() - t0) * 1e3
-        if rs.send_ms > 0 and rs.bytes_on_wire > (4 << 20):
-            self._rate_bps = rs.bytes_on_wire / (rs.send_ms / 1e3)
         self.result.rounds.append(rs)
         log.info("round %d: %s", self.round, rs)
         self.round += 1
         return rs
+
+    def _round0_hints(self, rs: RoundStats) -> float:
+        """The first hint run, bounded; then the sync that merges what the guest wrote while it hinted
+        (with init_on_alloc=1 the driver zeroes every block it hints) and, with release-early, DONE and a
+        second sync. Returns the harvest time. A guest that does not answer is migrated without hints."""
+        cfg = self.config
+        if self.hints is None:
+            return 0.0
+        try:
+            self.hints.request_hints(on_issue=self.bitmap.open_epoch)
+        except Exception as exc:  # the device refused (no driver, not negotiated, broken): go on without
+            self._hints_unavailable(f"the hint request was refused: {exc}")
+            return 0.0
+        waited = self._wait_first_hint_run(cfg.first_hint_wait_s)
+        rs.hint_wait_ms = waited * 1e3
+        if self.hints is None:  # the guest never started the run
+            _newly, ms = self.sync(new_epoch=False)
+            return ms
+        early = cfg.hint_policy is HintPolicy.RELEASE_EARLY
+        _newly, ms = self.sync(new_epoch=not early)
+        if early:
+            self._release_hints(cfg.release_settle_s)
+            _newly, ms2 = self.sync(new_epoch=False)
+            ms += ms2
+        return ms
+
+    def _hints_unavailable(self, reason: str) -> None:
+        log.warning("hinting unavailable, migrating without hints: %s", reason)
+        self.result.hinting = f"unavailable: {reason}"
+        hints, self.hints = self.hints, None
+        if hints is not None:
+            with contextlib.suppress(Exception):
+                hints.stop_hints()
+        self.bitmap.close_epoch()
 
     def _release_hints(self, settle_s: float) -> None:
         """DONE: the guest takes its hinted blocks back. Safe at any time: the epoch is closed and every
@@ -246,10 +305,23 @@ class Precopy:
         self.hints.done_and_wait(2.0)
         time.sleep(settle_s)
 
+    def release_before_switchover(self, settle_s: float = 0.5) -> bool:
+        """With the every-round policy the guest still holds its hinted blocks: close the epoch, DONE, and
+        give the guest time to take them back while it still runs (one more round sends what that
+        changed). False when there was nothing to give back."""
+        if self.hints is None or self.config.hint_policy is not HintPolicy.EVERY_ROUND:
+            return False
+        self.hints.stop_hints()
+        self.bitmap.close_epoch()
+        self._release_hints(settle_s)
+        self.hints = None  # no further runs: the balloon goes at switchover
+        return True
+
     def _wait_first_hint_run(self, limit_s: float) -> float:
         """Wait until the guest ends its hint run with its STOP (the device leaves REQUESTED/START for
         STOP on its own): free memory hinted before it is sent is never sent. Gives up after ``limit_s``,
-        or once a started run has reported no new block for ``first_hint_idle_s`` (a slow guest)."""
+        or once a started run has reported no new block for ``first_hint_idle_s`` (a slow guest). A guest
+        still in REQUESTED after ``hint_start_timeout_s`` does not answer: hinting is unavailable."""
         assert self.hints is not None
         t0 = last_progress = time.monotonic()
         blocks = -1
@@ -259,6 +331,10 @@ class Precopy:
             if state == "stop" or getattr(st, "broken", None):
                 break
             now = time.monotonic()
+            if state == "requested" and now - t0 > self.config.hint_start_timeout_s:
+                limit = self.config.hint_start_timeout_s
+                self._hints_unavailable(f"the guest did not start the requested hint run within {limit:g} s")
+                break
             got = int(getattr(st, "blocks", 0))
             if got != blocks:
                 blocks, last_progress = got, now
@@ -267,28 +343,39 @@ class Precopy:
             time.sleep(0.005)
         return time.monotonic() - t0
 
-    def should_switch_over(self) -> bool:
-        """After a round: switch when what a harvest now would leave fits the downtime limit."""
-        cfg = self.config
-        if self.round >= cfg.max_rounds:
-            return True
-        if self.round < cfg.min_rounds:
-            return False
-        # Pages dirtied since the last harvest, extrapolated over the time the next round would take.
-        pending_pages = self._dirty_rate * max(1e-3, time.monotonic() - self._last_harvest)
-        rate = cfg.bandwidth or self._rate_bps or 1e9
-        expected_ms = pending_pages * PAGE_SIZE / rate * 1e3
-        self.result.converged = expected_ms <= cfg.downtime_limit_ms
-        return self.result.converged
+    def recheck_estimate_ms(self) -> float:
+        """The switchover re-check re-reads every page that went on the wire, at about 10 GB/s."""
+        return float(np.count_nonzero(self.on_wire)) * PAGE_SIZE / 10e9 * 1e3
 
-    def iterate(self, should_abort: Callable[[], bool] = lambda: False) -> None:
-        """Rounds until the downtime estimate fits (or the round limit); the guest keeps running."""
+    def decide(self, elapsed_s: float) -> Decision:
+        """The convergence policy's verdict on the round that just ended (its sync included)."""
+        last = self.result.rounds[-1]
+        self.convergence.costs.recheck_ms = self.recheck_estimate_ms()
+        self.convergence.costs.final_harvest_ms = max(1.0, last.harvest_ms)
+        m = RoundMeasure(
+            dirtied_pages=self._last_dirtied,
+            dirty_interval_s=self._last_interval,
+            bytes_sent=last.bytes_on_wire,
+            send_s=last.send_ms / 1e3,
+            pending_pages=self.bitmap.count_dirty(),
+            since_harvest_s=time.monotonic() - self._last_harvest,
+        )
+        d = self.convergence.after_round(m, elapsed_s)
+        self.result.decisions.append(d)
+        self.result.converged = d.verdict is Verdict.SWITCH_OVER
+        log.info("after round %d: %s (%s)", self.round - 1, d.verdict.value, d.reason)
+        return d
+
+    def iterate(self, should_abort: Callable[[], bool] = lambda: False) -> Decision:
+        """Rounds until the policy says switch over or fail (then the caller fails, source running)."""
+        t0 = time.monotonic()
         while True:
             self.run_round()
             if should_abort():
                 raise InterruptedError("precopy cancelled")
-            if self.should_switch_over():
-                return
+            d = self.decide(time.monotonic() - t0)
+            if d.verdict is not Verdict.ITERATE:
+                return d
 
     # ---------------------------------------------------------------------------------- switchover
 
@@ -350,17 +437,18 @@ class Precopy:
     def _send_chunk(self, rs: RoundStats, first: int, n: int) -> None:
         """Copy the pages into the bounce buffer while classifying and fingerprinting them, then send."""
         bounce = self._bounce[: n * PAGE_SIZE]
-        zero, hashes = self._zero[:n], self._hashbuf[:n]
-        copy_scan(self.ram.pages(first, n), bounce, zero, hashes)
-        plan = self.bitmap.plan_send(first, zero)
+        classes, hashes, fills = self._class[:n], self._hashbuf[:n], self._fill[:n]
+        uniform = copy_scan(self.ram.pages(first, n), bounce, classes, hashes, fills)
+        plan = self.bitmap.plan_send(first, classes)
         for kind, start, length in _segments(plan):
             p = first + start
             if kind == SEND_DATA:
-                payload = bounce[start * PAGE_SIZE : (start + length) * PAGE_SIZE]
-                self.channel.send_pages(rs.round, p, payload, hashes[start : start + length])
                 self.sent_hash[p : p + length] = hashes[start : start + length]
                 self.on_wire[p : p + length] = 1
-                rs.pages_data += length
+                if uniform and (classes[start : start + length] == PAGE_FILL).any():
+                    self._send_data_or_fill(rs, first, start, length, bounce)
+                else:
+                    self._send_pages(rs, p, bounce, start, length)
             elif kind == SEND_ZERO:
                 self.channel.send_zeros(rs.round, p, length)
                 self.sent_hash[p : p + length] = ZERO_PAGE_HASH
@@ -370,13 +458,37 @@ class Precopy:
                 self.sent_hash[p : p + length] = ZERO_PAGE_HASH
                 rs.pages_zero_skipped += length
 
+    def _send_pages(
+        self, rs: RoundStats, p: int, bounce: npt.NDArray[np.uint8], start: int, length: int
+    ) -> None:
+        payload = bounce[start * PAGE_SIZE : (start + length) * PAGE_SIZE]
+        self.channel.send_pages(rs.round, p, payload, self._hashbuf[start : start + length])
+        rs.pages_data += length
+
+    def _send_data_or_fill(
+        self, rs: RoundStats, first: int, start: int, length: int, bounce: npt.NDArray[np.uint8]
+    ) -> None:
+        """A run of pages the destination will hold as data: runs of one fill value go as FILL markers."""
+        classes = self._class[start : start + length]
+        values = np.where(classes == PAGE_FILL, self._fill[start : start + length], 0)
+        key = np.where(classes == PAGE_FILL, 1, 0).astype(np.int8)
+        edges = np.flatnonzero((np.diff(key) != 0) | (np.diff(values) != 0)) + 1
+        bounds = [0, *edges.tolist(), length]
+        for a, b in itertools.pairwise(bounds):
+            p = first + start + a
+            if key[a]:
+                self.channel.send_fill(rs.round, p, b - a, int(values[a]))
+                rs.pages_fill += b - a
+            else:
+                self._send_pages(rs, p, bounce, start + a, b - a)
+
     def _send_data(self, round_: int, first: int, n: int) -> None:
         """Send pages as data whatever they hold (the switchover check's resends)."""
         for off in range(0, n, MAX_FRAME_PAGES):
             k = min(MAX_FRAME_PAGES, n - off)
             p = first + off
             bounce, hashes = self._bounce[: k * PAGE_SIZE], self._hashbuf[:k]
-            copy_scan(self.ram.pages(p, k), bounce, self._zero[:k], hashes)
+            copy_scan(self.ram.pages(p, k), bounce, self._class[:k], hashes, self._fill[:k])
             self.channel.send_pages(round_, p, bounce, hashes)
             self.bitmap.plan_send(p, np.zeros(k, dtype=np.uint8))  # the destination now holds data there
             self.sent_hash[p : p + k] = hashes

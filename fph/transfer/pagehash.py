@@ -45,21 +45,37 @@ def changed_pages(
 def copy_scan(
     src: npt.NDArray[np.uint8],
     dst: npt.NDArray[np.uint8],
-    zero_out: npt.NDArray[np.uint8],
+    class_out: npt.NDArray[np.uint8],
     hash_out: npt.NDArray[np.uint64],
+    fill_out: npt.NDArray[np.uint64] | None = None,
 ) -> int:
-    """Copy whole pages ``src`` -> ``dst`` (a bounce buffer), flag zero pages and fingerprint each page,
-    in one pass over memory: the flags and fingerprints describe exactly the bytes in ``dst``."""
+    """Copy whole pages ``src`` -> ``dst`` (a bounce buffer), classify each page (``PAGE_DATA``,
+    ``PAGE_ZERO``, or ``PAGE_FILL``: one repeated 8-byte value, kept in ``fill_out``) and fingerprint it,
+    in one pass over memory: classes and fingerprints describe exactly the bytes in ``dst``. Returns the
+    count of zero and fill pages."""
     n = src.nbytes // PAGE_SIZE
-    if src.nbytes % PAGE_SIZE or dst.nbytes < src.nbytes or zero_out.shape[0] < n or hash_out.shape[0] < n:
+    if src.nbytes % PAGE_SIZE or dst.nbytes < src.nbytes or class_out.shape[0] < n or hash_out.shape[0] < n:
         raise ValueError(
-            f"copy_scan: {src.nbytes} bytes into {dst.nbytes}, outputs for {zero_out.shape[0]} pages"
+            f"copy_scan: {src.nbytes} bytes into {dst.nbytes}, outputs for {class_out.shape[0]} pages"
         )
+    if fill_out is None:
+        fill_out = np.empty(n, dtype=np.uint64)
+    elif fill_out.shape[0] < n:
+        raise ValueError(f"copy_scan: fill values for {fill_out.shape[0]} of {n} pages")
     return int(
         kernels.copy_scan(
             src.reshape(-1).view(np.uint64),
             dst[: src.nbytes].reshape(-1).view(np.uint64),
-            zero_out[:n],
+            class_out[:n],
             hash_out[:n],
+            fill_out[:n],
         )
     )
+
+
+def warm_up() -> None:
+    """Load every page kernel (numba's on-disk cache, or a compile) now, not inside a stop window."""
+    pages = np.zeros(2 * PAGE_SIZE, dtype=np.uint8)
+    hashes = page_hashes(pages)
+    changed_pages(pages, np.ones(2, dtype=np.uint8), hashes)
+    copy_scan(pages, np.empty_like(pages), np.empty(2, dtype=np.uint8), np.empty(2, dtype=np.uint64))
