@@ -261,7 +261,10 @@ def fph_migration(
     ring_ranges: Callable[[], list[tuple[int, int]]] | None,
     target: Target,
     params: Params,
+    receiver_address: tuple[str, int] | None = None,
 ) -> FphMigration:
+    """``receiver_address``: a receiver the destination prepared at AcceptIncoming (else the migration
+    maps and prepares the destination RAM file itself, inside round 0's wait)."""
     assert target.ram_file is not None
     balloon = None
     if control is not None:
@@ -276,7 +279,8 @@ def fph_migration(
         uri=target.migration_uri,
         layout=layout,
         src_ram=src_ram,
-        dst_ram=target.ram_file,
+        dst_ram=target.ram_file if receiver_address is None else None,
+        receiver_address=receiver_address,
         writelog=writelog,
         balloon=balloon,
         config=FphConfig(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from fph.daemon.incoming import PreparedIncoming
 from fph.hint_receiver import F_FREE_PAGE_HINT, BalloonControl, CountingSink, HintStatus, ThreadedHintReceiver
 from fph.ram_layout import RamLayout
 
@@ -143,10 +144,17 @@ class VmRecord:
     hint_runs: int = 0
     job: MigrationJob | None = None
     registered_at: float = field(default_factory=time.time)
+    incoming: PreparedIncoming | None = None
+    """As a migration destination: its RAM file prepared and a receiver listening since AcceptIncoming."""
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def drop_incoming(self) -> None:
+        if self.incoming is not None:
+            self.incoming.close()
+            self.incoming = None
 
 
 class Registry:
@@ -214,6 +222,7 @@ class Registry:
             if rec.job is not None and not rec.job.finished:
                 raise FailedPrecondition(f"VM {name!r} is migrating ({rec.job.id}); cancel it first")
             done = False
+            await asyncio.to_thread(rec.drop_incoming)
             if rec.control is not None:
                 ctl = rec.control
                 st = await ctl.status_async()
@@ -249,6 +258,8 @@ class Registry:
 
     def close(self, timeout: float = 2.0) -> None:
         """DONE to every guest that can hear it (bounded wait), then stop listening."""
+        for rec in self.vms.values():
+            rec.drop_incoming()
         self.hints.close(timeout)
 
 

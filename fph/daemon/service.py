@@ -16,6 +16,7 @@ import grpc
 
 from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
+from fph.daemon.incoming import PreparedIncoming
 from fph.daemon.jobs import (
     PENDING,
     PREPARING_TARGET,
@@ -519,6 +520,15 @@ class MigrationService(pbg.MigrationServiceServicer):
                 f"VM {rec.name!r}: QEMU status {st.get('status')!r}; a target runs with -incoming defer "
                 "and has not received a migration yet"
             )
+        # The destination RAM file is mapped and pre-faulted now, while the orchestrator is still on its way
+        # to Migrate: round 0 then never waits for it.
+        await asyncio.to_thread(rec.drop_incoming)
+        try:
+            rec.incoming = await asyncio.to_thread(PreparedIncoming.start, rec.spec.ram_file, rec.layout)
+        except Exception as e:
+            raise FailedPrecondition(
+                f"VM {rec.name!r}: cannot prepare its RAM file {rec.spec.ram_file}: {e}"
+            ) from e
         rec.state = "incoming"
         mig_sock = rec.spec.qmp_socket.parent / "mig.sock"
         log.info("incoming accepted", extra={"vm": rec.name})
@@ -557,7 +567,12 @@ class MigrationService(pbg.MigrationServiceServicer):
             assert rec.spec.write_log is not None
             wl = await asyncio.to_thread(open_writelog, rec.spec.write_log, rec.layout)
             reg = self.d.registry
+            dst_rec = reg.vms.get(target.vm)
+            prepared = None
+            if dst_rec is not None and dst_rec.spec.qmp_socket == target.qmp_socket:
+                prepared = dst_rec.incoming
             migration: Any = fph_migration(
+                receiver_address=None if prepared is None else prepared.address,
                 src_qmp=rec.spec.qmp_socket,
                 src_ram=rec.spec.ram_file,
                 layout=rec.layout,
@@ -584,6 +599,7 @@ class MigrationService(pbg.MigrationServiceServicer):
             dst = self.d.registry.vms.get(target.vm)
             if dst is not None and dst.spec.qmp_socket == target.qmp_socket and dst.state == "incoming":
                 dst.state = "registered" if j.report is not None else dst.state
+                dst.drop_incoming()  # its receiver served (or failed) this migration
             self.d.metrics.ended(j)
             log.info(
                 "migration ended", extra={"vm": j.vm, "migration": j.id, "phase": j.phase, "status": j.status}

@@ -68,7 +68,10 @@ class RamReceiver:
         *,
         timeout: float = 60.0,
         prepare: bool = True,
+        accept_timeout: float | None = None,
     ) -> None:
+        """``timeout``: for the stream once a source connected; ``accept_timeout`` (default: ``timeout``):
+        how long to wait for the source at all (a receiver prepared ahead of the migration waits longer)."""
         if not ram.writable:
             raise ChannelError("the receiver needs the destination RAM file mapped writable")
         self.ram = ram
@@ -76,7 +79,7 @@ class RamReceiver:
         self.holds_data = np.zeros(ram.layout.span_pages, dtype=np.uint8)
         self.timeout = timeout
         self._listener = socket.create_server((host, port))
-        self._listener.settimeout(timeout)
+        self._listener.settimeout(accept_timeout or timeout)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._thread = threading.Thread(
             target=self._serve, name=f"fph-receiver-{self.address[1]}", daemon=True
@@ -184,7 +187,10 @@ class RamReceiver:
         return self.result
 
     def stop(self) -> None:
-        """Tear down: close the sockets (the serving thread ends with an error if it was mid-stream)."""
+        """Tear down: close the sockets (the serving thread ends with an error if it was mid-stream). The
+        listener is shut down first: closing it alone does not wake a thread blocked in accept()."""
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         if self._conn is not None:
             with contextlib.suppress(OSError):
