@@ -170,3 +170,18 @@ def test_vcpu_threads_names_qemus_pid() -> None:
     )
     with pytest.raises(ThrottleError, match="no vCPU thread"):
         vcpu_threads([{"cpu-index": 0}])
+
+
+def test_a_fitting_but_long_stop_gets_one_more_round_while_it_still_shrinks() -> None:
+    """A poisoned guest re-dirties its freed memory after DONE: the prediction fits the limit, but another
+    round with the guest running makes the stop short; once the pages left stop halving, switch."""
+    costs = FixedCosts(unplug_ms=0, final_harvest_ms=1, recheck_ms=5, device_state_ms=10)
+    c = Convergence(ConvergenceConfig(downtime_limit_ms=300), costs, bandwidth=1000 * MiB)
+    d = c.after_round(measure(0, 1000, pending_mib=120, interval=0.5), elapsed_s=1)
+    assert d.verdict is Verdict.ITERATE and 100 < d.predicted_downtime_ms <= 300 and "shrink" in d.reason
+    d = c.after_round(measure(0, 1000, pending_mib=1, interval=0.5), elapsed_s=2)
+    assert d.verdict is Verdict.SWITCH_OVER and d.predicted_downtime_ms < 30
+    c = Convergence(ConvergenceConfig(downtime_limit_ms=300), costs, bandwidth=1000 * MiB)
+    c.after_round(measure(0, 1000, pending_mib=120, interval=0.5), elapsed_s=1)
+    d = c.after_round(measure(0, 1000, pending_mib=100, interval=0.5), elapsed_s=2)  # no longer halving
+    assert d.verdict is Verdict.SWITCH_OVER

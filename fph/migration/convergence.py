@@ -59,6 +59,11 @@ class ConvergenceConfig:
     """The guest out-dirties the link when its dirty rate reaches this share of the wire rate..."""
     stalled_rounds: int = 3
     """... or when the pages left have not shrunk for this many rounds."""
+    settled_margin_ms: float = 10.0
+    """A prediction within this of the fixed costs alone is as low as it gets: switch over."""
+    shrink_factor: float = 0.5
+    """Otherwise, while a round still shrinks the pages left to at most this share of the previous
+    round's, one more round (the guest running) beats a longer stop, even when the prediction fits."""
 
     def __post_init__(self) -> None:
         self.out_dirty_policy = OutDirtyPolicy(self.out_dirty_policy)
@@ -124,6 +129,14 @@ class Convergence:
     out_dirtied: bool = False
     _wire_bps: float = 0.0
     _history: list[int] = field(default_factory=list)
+    _pending: list[int] = field(default_factory=list)
+
+    def _still_shrinking(self) -> bool:
+        """True after round 0 (nothing to compare with yet) and while the pages left keep halving."""
+        p = self._pending
+        if len(p) < 2:
+            return True
+        return p[-1] <= self.config.shrink_factor * p[-2]
 
     def wire_rate(self, m: RoundMeasure) -> float:
         """The rate the next transfer can expect: the last round's achieved rate when it sent enough to
@@ -146,12 +159,21 @@ class Convergence:
         wire_bps = self.wire_rate(m)
         predicted = self.predict_ms(m, dirty_bps, wire_bps)
         self._history.append(m.pending_pages + m.dirtied_pages)
+        self._pending.append(m.pending_pages)
 
         def decide(verdict: Verdict, reason: str) -> Decision:
             return Decision(verdict, predicted, dirty_bps, wire_bps, self.throttle_pct, reason)
 
+        settled = predicted <= self.costs.downtime_ms() + cfg.settled_margin_ms
+        last_chance = self.rounds + 1 >= cfg.max_rounds or elapsed_s >= cfg.time_budget_s
         if self.rounds >= cfg.min_rounds and predicted <= cfg.downtime_limit_ms:
-            return decide(Verdict.SWITCH_OVER, f"predicted downtime {predicted:.0f} ms fits the limit")
+            if settled or last_chance or not self._still_shrinking():
+                return decide(Verdict.SWITCH_OVER, f"predicted downtime {predicted:.0f} ms fits the limit")
+            return decide(
+                Verdict.ITERATE,
+                f"predicted downtime {predicted:.0f} ms fits the limit, but the pages left still shrink: "
+                "one more round while the guest runs",
+            )
         if elapsed_s >= cfg.time_budget_s or self.rounds >= cfg.max_rounds:
             return decide(
                 Verdict.FAIL,
