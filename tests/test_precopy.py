@@ -218,11 +218,8 @@ def test_the_switchover_check_does_not_cover_reused_hinted_pages(ram_files: tupl
     """With the log ignored, re-reading sent pages still catches writes to them, but not to hinted blocks
     the guest took back and wrote: only the write log covers those. Writes go to hinted blocks only."""
     src, dst = ram_files
-    bitmap = DirtyBitmap(LAYOUT)
     guest = SoftGuest(src, LAYOUT)
-    receiver = RamReceiver(dst)
-    channel = RamSender(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
-    channel.connect()
+    bitmap, channel, receiver = connected(src, dst)
     balloon = FakeBalloon(bitmap, guest, [8 * MiB])
     pc = Precopy(bitmap, channel.ram, channel, lambda: np.zeros(bitmap.nwords, dtype=np.uint64), balloon)
     pc.start()
@@ -236,12 +233,18 @@ def test_the_switchover_check_does_not_cover_reused_hinted_pages(ram_files: tupl
     assert differing_pages(src, dst, guest) == [(8 * MiB >> 12) + 3]
 
 
-def no_log_precopy(src: RamFile, dst: RamFile) -> tuple[Precopy, RamSender, RamReceiver]:
-    """A connected precopy with an empty write log, after its first round."""
+def connected(src: RamFile, dst: RamFile) -> tuple[DirtyBitmap, RamSender, RamReceiver]:
+    """A fresh bitmap and a sender connected to a receiver on ``dst``."""
     bitmap = DirtyBitmap(LAYOUT)
     receiver = RamReceiver(dst)
     channel = RamSender(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
     channel.connect()
+    return bitmap, channel, receiver
+
+
+def no_log_precopy(src: RamFile, dst: RamFile) -> tuple[Precopy, RamSender, RamReceiver]:
+    """A connected precopy with an empty write log, after its first round."""
+    bitmap, channel, receiver = connected(src, dst)
     pc = Precopy(bitmap, channel.ram, channel, lambda: np.zeros(bitmap.nwords, dtype=np.uint64))
     pc.start()
     pc.run_round()
@@ -277,9 +280,7 @@ def test_skipped_zero_pages_are_not_re_read(ram_files: tuple[RamFile, RamFile]) 
 
 def test_receiver_failure_reaches_the_source(ram_files: tuple[RamFile, RamFile]) -> None:
     src, dst = ram_files
-    receiver = RamReceiver(dst)
-    channel = RamSender(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
-    channel.connect()
+    _bitmap, channel, receiver = connected(src, dst)
     page = np.ones(16 * PAGE_SIZE, dtype=np.uint8)
     channel.send_pages(0, 0, page[:PAGE_SIZE], page_hashes(page[:PAGE_SIZE]))
     receiver.stop()  # the destination goes away mid-stream
@@ -311,10 +312,7 @@ def test_holes_of_the_source_stay_unread_and_a_later_write_into_one_still_arrive
     if os.stat(src.path).st_blocks * 512 >= LAYOUT.ram_bytes:
         pytest.skip("file system without holes")
     guest = SoftGuest(src, LAYOUT)
-    bitmap = DirtyBitmap(LAYOUT)
-    receiver = RamReceiver(dst)
-    channel = RamSender(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
-    channel.connect()
+    bitmap, channel, receiver = connected(src, dst)
     pc = Precopy(bitmap, channel.ram, channel, guest.harvest)
     pc.start()
     hole_pages = (LAYOUT.ram_bytes - 44 * MiB) // PAGE_SIZE
@@ -374,11 +372,8 @@ def test_a_guest_that_cannot_hint_is_migrated_without_hints(
     ram_files: tuple[RamFile, RamFile], balloon_class: type[FakeBalloon]
 ) -> None:
     src, dst = ram_files
-    bitmap = DirtyBitmap(LAYOUT)
     guest = SoftGuest(src, LAYOUT)
-    receiver = RamReceiver(dst)
-    channel = RamSender(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
-    channel.connect()
+    bitmap, channel, receiver = connected(src, dst)
     balloon = balloon_class(bitmap, guest, [8 * MiB])
     cfg = PrecopyConfig(first_hint_wait_s=5, hint_start_timeout_s=0.3)
     pc = Precopy(bitmap, channel.ram, channel, guest.harvest, balloon, cfg)
@@ -404,10 +399,7 @@ def test_poisoned_pages_cost_a_marker(ram_files: tuple[RamFile, RamFile]) -> Non
     src.buf[: 8 * MiB] = 0xAA  # a poisoned 8 MiB
     src.buf[8 * MiB : 8 * MiB + PAGE_SIZE] = 0x5B  # another fill value, one page
     guest = SoftGuest(src, LAYOUT)
-    bitmap = DirtyBitmap(LAYOUT)
-    receiver = RamReceiver(dst)
-    channel = RamSender(receiver.start(), RamFile(src.path, LAYOUT, writable=False))
-    channel.connect()
+    bitmap, channel, receiver = connected(src, dst)
     pc = Precopy(bitmap, channel.ram, channel, guest.harvest)
     pc.start()
     r0 = pc.run_round()
