@@ -73,13 +73,17 @@ class FakeBalloon:
         self.dones = 0
         self.requests = 0
 
+    answers = True
+    """The guest starts the run it is asked for (SilentBalloon's does not)."""
+
     def request_hints(self, on_issue: Callable[[int], None] | None = None) -> int:
         self.requests += 1
         self.cmd += 1
         if on_issue is not None:
             on_issue(self.cmd)
         self.state = "requested"
-        threading.Timer(0.02, self._hint, args=(self.cmd,)).start()
+        if self.answers:
+            threading.Timer(0.02, self._hint, args=(self.cmd,)).start()
         return self.cmd
 
     def _hint(self, cmd: int) -> None:
@@ -353,13 +357,7 @@ def test_the_receiver_is_prepared_when_it_says_so(ram_files: tuple[RamFile, RamF
 class SilentBalloon(FakeBalloon):
     """A driver that never answers: the request is made, the guest never starts the run."""
 
-    def request_hints(self, on_issue: Callable[[int], None] | None = None) -> int:
-        self.requests += 1
-        self.cmd += 1
-        if on_issue is not None:
-            on_issue(self.cmd)
-        self.state = "requested"
-        return self.cmd
+    answers = False
 
 
 class RefusingBalloon(FakeBalloon):
