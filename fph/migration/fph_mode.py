@@ -284,6 +284,7 @@ class FphMigration:
         self.phase = Phase.ROUNDS
         pc.start()
         t_rounds = time.monotonic()
+        unplug_ms = 0.0
         while True:
             await self._hook(HookPoint.BEFORE_SYNC)
             await asyncio.to_thread(pc.run_round)
@@ -300,19 +301,20 @@ class FphMigration:
                 # sends what that changed. Then the unplug finds nothing held.
                 if await asyncio.to_thread(pc.release_before_switchover):
                     continue
+                # The unplug runs with the guest running too, and one more round sends what the guest
+                # wrote meanwhile: a slow unplug (a busy or throttled guest answers ACPI late) must not
+                # land in the stop window.
+                if self.balloon is not None and not progress.balloon_removed:
+                    self.phase = Phase.UNPLUG
+                    unplug_ms = await self._unplug(src, pc, progress)
+                    self.phase = Phase.ROUNDS
+                    continue
                 break
 
         # ---- switchover
         self.phase = Phase.UNPLUG
-        t_unplug = time.monotonic()
-        if self.balloon is not None:
-            if bitmap.epoch is not None:
-                self.balloon.control.stop_hints()
-            bitmap.close_epoch()
-            await self._device_del(src, self.balloon.device_id)
-            progress.balloon_removed = True
-        unplug_ms = (time.monotonic() - t_unplug) * 1e3
-        pc.convergence.costs.unplug_ms = unplug_ms
+        if self.balloon is not None and not progress.balloon_removed:
+            unplug_ms = await self._unplug(src, pc, progress)
         predicted_ms = pc.result.decisions[-1].predicted_downtime_ms if pc.result.decisions else None
         stop_window = _StopWindow()
         await src.execute("stop")
@@ -382,6 +384,17 @@ class FphMigration:
 
     def _hints(self) -> HintControl | None:
         return self.balloon.control if self.balloon is not None else None
+
+    async def _unplug(self, src: QMPConnection, pc: Precopy, progress: _Progress) -> float:
+        """Close the hint epoch for good and device_del the balloon (unmigratable); returns how long it
+        took. After it no hint can arrive: the rounds go on without hints."""
+        assert self.balloon is not None
+        t = time.monotonic()
+        pc.detach_hints()
+        await self._device_del(src, self.balloon.device_id)
+        progress.balloon_removed = True
+        pc.convergence.costs.unplug_ms = 0.0  # done: the stop no longer waits for it
+        return (time.monotonic() - t) * 1e3
 
     async def _hinting_unavailable(self) -> str | None:
         """Why this guest cannot hint (it is then migrated without hints), or None if it can."""

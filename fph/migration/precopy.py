@@ -317,6 +317,13 @@ class Precopy:
         self.hints = None  # no further runs: the balloon goes at switchover
         return True
 
+    def detach_hints(self) -> None:
+        """No more hint runs (the balloon is about to go): STOP a run still open, close its epoch."""
+        if self.hints is not None and self.bitmap.epoch is not None:
+            self.hints.stop_hints()
+        self.bitmap.close_epoch()
+        self.hints = None
+
     def _wait_first_hint_run(self, limit_s: float) -> float:
         """Wait until the guest ends its hint run with its STOP (the device leaves REQUESTED/START for
         STOP on its own): free memory hinted before it is sent is never sent. Gives up after ``limit_s``,
