@@ -283,19 +283,25 @@ def _hammer(words: np.ndarray, pages: np.ndarray, take: object) -> tuple[list[np
 
 
 def test_concurrent_writer_loses_nothing_with_the_atomic_harvest() -> None:
-    """The property: union of harvests == everything written, and each write taken exactly once."""
+    """The property: union of harvests == everything written, and each write taken exactly once. Checked
+    on every attempt; the run counts only once harvests overlapped the writer (on a loaded host the writer
+    can finish before the harvesting thread gets the CPU: then the run is repeated, up to 8 times)."""
     rng = np.random.default_rng(7)
     nbits = 1 << 20
     pages = rng.permutation(nbits).astype(np.uint64)[: nbits // 2]
-    words = np.zeros(nbits // 64, dtype=np.uint64)
-    harvests, overlapped = _hammer(words, pages, harvest_words)
-    total = np.zeros_like(words)
-    for h in harvests:
-        assert not (total & h).any()  # no bit taken twice
-        total |= h
-    assert pages_of(total) == {int(p) for p in pages}
-    assert sum(count_bits(h) for h in harvests) == len(pages)
-    assert overlapped >= 2, "the writer finished before a harvest overlapped it: the test proved nothing"
+    overlapped = 0
+    for _attempt in range(8):
+        words = np.zeros(nbits // 64, dtype=np.uint64)
+        harvests, overlapped = _hammer(words, pages, harvest_words)
+        total = np.zeros_like(words)
+        for h in harvests:
+            assert not (total & h).any()  # no bit taken twice
+            total |= h
+        assert pages_of(total) == {int(p) for p in pages}
+        assert sum(count_bits(h) for h in harvests) == len(pages)
+        if overlapped >= 2:
+            break
+    assert overlapped >= 2, "the writer always finished before a harvest overlapped it: nothing proved"
 
 
 def test_the_concurrency_test_catches_a_non_atomic_harvest() -> None:
