@@ -48,6 +48,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -108,6 +109,23 @@ WORKLOADS: dict[str, Workload] = {
         Workload("idle", "idle"),
     )
 }
+
+
+def fph_revision() -> dict[str, Any]:
+    """The fph code this process imported: HEAD and what differs from it under fph/ and fph_lab/ (the tree
+    may be shared with someone committing while a suite runs: modules are imported at start)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()
+        except OSError as e:
+            return f"git: {e}"
+
+    return {
+        "head": git("rev-parse", "HEAD"),
+        "modified": git("status", "--porcelain", "--", "fph", "fph_lab"),
+    }
 
 
 def count_qemu() -> int:
@@ -358,7 +376,7 @@ def _failed_fph_evidence(out: dict[str, Any], mig: FphMigration | None) -> None:
     out["phase_at_failure"] = mig.phase.value if mig is not None else None
     out["hinting"] = res.hinting
     out["rounds"] = len(res.rounds)
-    out["decisions"] = [dataclasses.asdict(d) for d in res.decisions]
+    out["decisions"] = [{**dataclasses.asdict(d), "verdict": d.verdict.value} for d in res.decisions]
     out["fph_rounds"] = [dataclasses.asdict(r) for r in res.rounds]
     out["throttle_max_pct"] = max((d.throttle_pct for d in res.decisions), default=0)
     if res.decisions:
@@ -601,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         "guest_kernel": lab.kernel_version,
         "accel": "tcg, 1 vCPU",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fph_revision": fph_revision(),
         "argv": sys.argv,
         "quick": args.quick,
         "runs_per_mode": runs_n,
