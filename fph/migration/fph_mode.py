@@ -38,7 +38,7 @@ from fph.dirty_bitmap import DirtyBitmap
 from fph.migration.convergence import ConvergenceError, Decision, Verdict
 from fph.migration.hooks import HookDispatcher, HookEvent, HookListener, HookPoint
 from fph.migration.job_stats import FINAL_STATUSES, JobStatsView, figures_final, job_stats
-from fph.migration.precopy import HintControl, Precopy, PrecopyConfig, RoundStats
+from fph.migration.precopy import HintControl, HintPolicy, Precopy, PrecopyConfig, RoundStats
 from fph.migration.throttle import ThrottleError, VcpuThrottle, vcpu_threads
 from fph.qmp import QMPConnection, QMPError
 from fph.ram_layout import PAGE_SIZE, RamLayout
@@ -291,6 +291,17 @@ class FphMigration:
             await self._hook(HookPoint.AFTER_SYNC)
             if self._cancel:
                 raise InterruptedError("cancelled by request")
+            if (
+                pc.round == 1
+                and cfg.hint_policy is HintPolicy.RELEASE_EARLY
+                and self.balloon is not None
+                and not progress.balloon_removed
+            ):
+                # release-early is done with the balloon after round 0 (DONE was read): unplug it now,
+                # while the guest runs unthrottled and answers the ACPI eject at once.
+                self.phase = Phase.UNPLUG
+                unplug_ms = await self._unplug(src, pc, progress, res)
+                self.phase = Phase.ROUNDS
             decision = pc.decide(time.monotonic() - t_rounds)
             if decision.throttle_pct != (res.throttle.pct if res.throttle else 0):
                 await self._throttle(src, res, decision.throttle_pct)
@@ -306,7 +317,7 @@ class FphMigration:
                 # land in the stop window.
                 if self.balloon is not None and not progress.balloon_removed:
                     self.phase = Phase.UNPLUG
-                    unplug_ms = await self._unplug(src, pc, progress)
+                    unplug_ms = await self._unplug(src, pc, progress, res)
                     self.phase = Phase.ROUNDS
                     continue
                 break
@@ -314,7 +325,7 @@ class FphMigration:
         # ---- switchover
         self.phase = Phase.UNPLUG
         if self.balloon is not None and not progress.balloon_removed:
-            unplug_ms = await self._unplug(src, pc, progress)
+            unplug_ms = await self._unplug(src, pc, progress, res)
         predicted_ms = pc.result.decisions[-1].predicted_downtime_ms if pc.result.decisions else None
         stop_window = _StopWindow()
         await src.execute("stop")
@@ -385,14 +396,20 @@ class FphMigration:
     def _hints(self) -> HintControl | None:
         return self.balloon.control if self.balloon is not None else None
 
-    async def _unplug(self, src: QMPConnection, pc: Precopy, progress: _Progress) -> float:
+    async def _unplug(self, src: QMPConnection, pc: Precopy, progress: _Progress, res: _Resources) -> float:
         """Close the hint epoch for good and device_del the balloon (unmigratable); returns how long it
-        took. After it no hint can arrive: the rounds go on without hints."""
+        took. After it no hint can arrive: the rounds go on without hints. A throttle is lifted meanwhile:
+        the guest needs its CPU to answer the ACPI eject (at 99% a 10 s wait ran out)."""
         assert self.balloon is not None
         t = time.monotonic()
         pc.detach_hints()
+        throttled = res.throttle.pct if res.throttle is not None else 0
+        if throttled:
+            await self._throttle(src, res, 0)
         await self._device_del(src, self.balloon.device_id)
         progress.balloon_removed = True
+        if throttled:
+            await self._throttle(src, res, throttled)
         pc.convergence.costs.unplug_ms = 0.0  # done: the stop no longer waits for it
         return (time.monotonic() - t) * 1e3
 
