@@ -37,7 +37,7 @@ from fph.qmp import QMPError
 from fph_lab.fph_mode import FphPair
 from fph_lab.pair import VMPair
 from fph_lab.provision import Lab, QemuInstall, provision
-from fph_lab.vm import VMConfig
+from fph_lab.vm import VMConfig, count_qemu
 from fph_lab.workload import (
     DIRTY_MIB,
     DIRTY_RATE,
@@ -60,18 +60,6 @@ class Spec:
     mem_mib: int
     bandwidth: int | None
     exit_with_parent: bool = True
-
-
-def count_qemu() -> int:
-    """QEMU processes on the host (other users' too): the 2-core host is shared, so record contention."""
-    n = 0
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                n += b"qemu-system" in (p / "cmdline").read_bytes()
-            except OSError:
-                continue
-    return n
 
 
 def default_init_on_alloc(lab: Lab) -> int:

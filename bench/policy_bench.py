@@ -63,7 +63,7 @@ from fph.migration_hook import MigrationReport
 from fph_lab.fph_mode import FphPair
 from fph_lab.pair import VMPair
 from fph_lab.provision import Lab, provision
-from fph_lab.vm import VM, VMConfig
+from fph_lab.vm import VM, VMConfig, count_qemu
 from fph_lab.workload import HOLD_MIB, MEMHOG_MIB, SETTLE_S, wait_allocation_settles
 
 MIB = 1 << 20
@@ -126,18 +126,6 @@ def fph_revision() -> dict[str, Any]:
         "head": git("rev-parse", "HEAD"),
         "modified": git("status", "--porcelain", "--", "fph", "fph_lab"),
     }
-
-
-def count_qemu() -> int:
-    """QEMU processes on the host (the 2-core host may be shared): recorded as contention."""
-    n = 0
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                n += b"qemu-system" in (p / "cmdline").read_bytes()
-            except OSError:
-                continue
-    return n
 
 
 class RateSampler:
