@@ -59,6 +59,7 @@ from typing import Any
 
 from fph.migration.fph_mode import FphConfig, FphMigration, FphReport
 from fph.migration.native import UNLIMITED_BANDWIDTH, NativeMigration
+from fph.migration.precopy import FirstHintRun
 from fph.migration_hook import MigrationReport
 from fph_lab.fph_mode import FphPair
 from fph_lab.pair import VMPair
@@ -68,6 +69,9 @@ from fph_lab.workload import HOLD_MIB, MEMHOG_MIB, SETTLE_S, wait_allocation_set
 
 MIB = 1 << 20
 MODES = ("fph", "native", "none")
+EXTRA_MODES = ("fph-wait",)
+"""On request: fph with ``first_hint_run=wait`` (round 0 waits for the guest's first hint run)."""
+FPH_MODES = ("fph", "fph-wait")
 DOWNTIME_LIMIT_MS = 300
 DIRTY_MIB = 256
 DIRTY_RATE = 51200  # pages/s = 200 MiB/s
@@ -269,13 +273,13 @@ def run_one(
         "downtime_limit_ms": DOWNTIME_LIMIT_MS, "predicted_downtime_ms": None, "rounds": None,
         "bandwidth_cap_bps": cap or 0, "max_window_rate_bps": None, "max_window_rate_source": None,
         "guest_oom_kills": None, "hinting": None, "destination_ok": False, "error": None,
-        "kernel_append": w.append, "auto_converge": mode != "fph" and w.auto_converge,
+        "kernel_append": w.append, "auto_converge": mode not in FPH_MODES and w.auto_converge,
     }  # fmt: skip
     extra: dict[str, Any] = {}
     pair: VMPair | FphPair | None = None
     phase = "boot"
     try:
-        if mode == "fph":
+        if mode in FPH_MODES:
             pair = FphPair(lab, mem_mib=w.mem_mib, append=w.append, keep_logs=logs)
         else:
             cfg = VMConfig(
@@ -287,6 +291,9 @@ def run_one(
             pair = VMPair(lab, cfg, keep_logs=logs)
         with pair:
             out["boot_s"] = round(time.monotonic() - t0, 1)
+            if isinstance(pair, FphPair):  # as the daemon does at AcceptIncoming, before any migration
+                phase = "prepare incoming"
+                pair.prepare_incoming()
             phase = "workload"
             prepare(w, pair, extra)
             phase = "lower bound"
@@ -301,7 +308,9 @@ def run_one(
             fmig: FphMigration | None = None
             try:
                 if isinstance(pair, FphPair):
-                    fmig = pair.migration(FphConfig(bandwidth=cap, downtime_limit_ms=DOWNTIME_LIMIT_MS))
+                    first = FirstHintRun.WAIT if mode == "fph-wait" else FirstHintRun.OVERLAP
+                    fcfg = FphConfig(bandwidth=cap, downtime_limit_ms=DOWNTIME_LIMIT_MS, first_hint_run=first)
+                    fmig = pair.migration(fcfg, receiver_process=True)
                     report = asyncio.run(fmig.run())
                 else:
                     caps = {"auto-converge": True} if w.auto_converge else {}
@@ -340,7 +349,7 @@ def run_one(
             n_dst, lines_dst = oom_kills(pair.dst.console.text()) if report is not None else (0, [])
             out["guest_oom_kills"] = n_src + n_dst
             out["guest_oom_lines"] = (lines_src + lines_dst)[:12]
-            if mode != "fph" and out["hinting"] is None:
+            if mode not in FPH_MODES and out["hinting"] is None:
                 out["hinting"] = native_hinting(pair.src, mode == "native")
     except Exception as e:
         if out["error"] is None:
@@ -431,7 +440,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         rs = [r for r in runs if r["workload"] == name]
         w = WORKLOADS[name]
         per_mode: dict[str, Any] = {}
-        for mode in MODES:
+        for mode in (*MODES, *EXTRA_MODES):
             mr = [r for r in rs if r["mode"] == mode]
             if not mr:
                 continue
@@ -459,6 +468,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             entry["bytes_ratio"] = round(fb / nb, 3) if fb and nb else None
             entry["total_s_ratio"] = round(ft / nt, 3) if ft and nt else None
             entry["downtime_diff_ms"] = round(fd - nd, 1) if fd is not None and nd is not None else None
+        wait = per_mode.get("fph-wait")
+        if wait and nat:  # for comparison only: the targets are fph's (its default, overlap)
+            pairs = (("fph_wait_bytes_ratio", "bytes_median"), ("fph_wait_total_s_ratio", "total_s_median"))
+            for key, col in pairs:
+                a, b = wait[col], nat[col]
+                entry[key] = round(a / b, 3) if a and b else None
         fph_runs = [r for r in rs if r["mode"] == "fph"]
         bytes_target = 1.0 if w.hints_possible else 1.05
         targets: dict[str, Any] = {}
@@ -578,7 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--workloads", default=None, help=f"comma-separated (default all): {', '.join(WORKLOADS)}"
     )
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated (default fph,native,none)")
+    ap.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help="comma-separated (default fph,native,none; also fph-wait: round 0 waits for the first hint run)",
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="1 run per workload and mode, 1 GiB workloads only")
     ap.add_argument(
@@ -593,8 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown workload(s) {', '.join(unknown)}: {', '.join(WORKLOADS)}")
     modes = args.modes.split(",")
-    if any(m not in MODES for m in modes):
-        ap.error(f"modes: {', '.join(MODES)}")
+    if any(m not in (*MODES, *EXTRA_MODES) for m in modes):
+        ap.error(f"modes: {', '.join((*MODES, *EXTRA_MODES))}")
     runs_n = args.runs
     if args.quick:
         runs_n = 1

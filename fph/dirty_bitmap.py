@@ -636,6 +636,15 @@ class DirtyBitmap:
             self.stats.zero_pages_unread += skipped
             return skipped
 
+    def count_hinted(self, among: npt.NDArray[np.bool_]) -> int:
+        """Pages marked hinted (hinted free, not sent since), among those true in ``among`` (one entry per
+        page): after a round that sent while a hint run streamed, its sent pages hinted later (waste)."""
+        if among.shape != (self.nbits,):
+            raise BitmapError(f"need one flag per page ({self.nbits}), got shape {among.shape}")
+        with self._lock:
+            bits = np.unpackbits(self.hinted.view(np.uint8), bitorder="little", count=self.nbits)
+        return int(np.count_nonzero(bits.view(np.bool_) & among))
+
     def count_dirty(self) -> int:
         """Dirty pages now: a counter every operation keeps, so the sender can ask every run."""
         return self._dirty_count

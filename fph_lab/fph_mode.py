@@ -53,6 +53,8 @@ class FphPair(PairBase):
     writelog: TcgWriteLog = field(init=False)
     keep_logs: Path | None = None
     receiver_procs: list[subprocess.Popen[str]] = field(init=False, default_factory=list)
+    prepared_receiver: tuple[str, int] | None = field(init=False, default=None)
+    """A receiver process started by ``prepare_incoming`` and not yet used by a migration."""
 
     def __post_init__(self) -> None:
         os.environ["FPH_RUN_DIR"] = _run_base()
@@ -122,6 +124,13 @@ class FphPair(PairBase):
             raise RuntimeError(f"receiver process did not start: {proc.communicate()[1].strip()}")
         return words[1], int(words[2])
 
+    def prepare_incoming(self) -> tuple[str, int]:
+        """Start the destination's receiver now, as the daemon does at AcceptIncoming: it allocates the
+        destination RAM file before the migration is asked for, off the migration's clock. The next
+        ``migration(receiver_process=True)`` uses it."""
+        self.prepared_receiver = self.start_receiver_process()
+        return self.prepared_receiver
+
     def migration(
         self,
         config: FphConfig | None = None,
@@ -131,6 +140,10 @@ class FphPair(PairBase):
         **kwargs: Any,
     ) -> FphMigration:
         assert self.src.ram_path is not None and self.dst.ram_path is not None
+        address = None
+        if receiver_process:
+            address, self.prepared_receiver = self.prepared_receiver, None
+            address = address or self.start_receiver_process()
         balloon = None
         if self.balloon and self.control is not None:
             balloon = Balloon(self.control, ring_ranges=self.ring_ranges, destination_socket=self.dst_socket)
@@ -141,7 +154,7 @@ class FphPair(PairBase):
             layout=self.layout,
             src_ram=self.src.ram_path,
             dst_ram=None if receiver_process else self.dst.ram_path,
-            receiver_address=self.start_receiver_process() if receiver_process else None,
+            receiver_address=address,
             writelog=writelog or self.writelog,
             balloon=balloon,
             config=config,

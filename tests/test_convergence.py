@@ -48,7 +48,7 @@ def test_prediction_counts_pending_and_what_the_guest_dirties_until_stop() -> No
     c = Convergence(ConvergenceConfig(), costs, bandwidth=100 * MiB)
     m = measure(10, 100, pending_mib=10, interval=0.5)  # 10 MiB/s dirty; 0.5 s since the harvest
     # left = 10 MiB + 10 MiB/s * (0.5 + 0.1) s = 16 MiB, at 100 MiB/s = 160 ms
-    assert c.predict_ms(m, 10 * MiB, 100 * MiB) == pytest.approx(160, rel=1e-3)
+    assert c.predict_ms(m, 10 * PAGES_PER_MIB, 100 * PAGES_PER_MIB) == pytest.approx(160, rel=1e-3)
 
 
 def simulate(
@@ -93,6 +93,28 @@ def test_a_slower_writer_converges_without_throttle() -> None:
     c = Convergence(ConvergenceConfig(out_dirty_policy=OutDirtyPolicy.THROTTLE), bandwidth=128 * MiB)
     seen = simulate(c, 40, 128)
     assert seen[-1][0] is Verdict.SWITCH_OVER and all(t == 0 for _v, t in seen) and len(seen) > 2
+
+
+def test_rates_count_pages_so_marker_rounds_do_not_look_out_dirtied() -> None:
+    """A poisoned guest: 200 MiB/s of pages dirtied, each one a fill marker. The round handled 1 GiB/s
+    of pages while only 2 MiB went on the wire: the guest does not out-dirty the link, no throttle."""
+    c = Convergence(ConvergenceConfig(out_dirty_policy=OutDirtyPolicy.FAIL), bandwidth=128 * MiB)
+    m = RoundMeasure(
+        dirtied_pages=200 * PAGES_PER_MIB,
+        dirty_interval_s=1.0,
+        bytes_sent=2 * MiB,
+        send_s=0.25,
+        pending_pages=200 * PAGES_PER_MIB,
+        since_harvest_s=0.01,
+        pages_sent=256 * PAGES_PER_MIB,
+    )
+    d = c.after_round(m, elapsed_s=1)
+    assert d.verdict is not Verdict.FAIL and d.throttle_pct == 0
+    assert d.page_rate_pps == pytest.approx(1024 * PAGES_PER_MIB)
+    # the same round counted as data pages at the wire rate would have been out-dirtied
+    c2 = Convergence(ConvergenceConfig(out_dirty_policy=OutDirtyPolicy.FAIL), bandwidth=128 * MiB)
+    m2 = RoundMeasure(**{**m.__dict__, "pages_sent": None, "bytes_sent": 128 * MiB, "send_s": 1.0})
+    assert c2.after_round(m2, elapsed_s=1).verdict is Verdict.FAIL
 
 
 def test_fail_policy_fails_with_a_reason() -> None:

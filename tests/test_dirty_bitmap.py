@@ -253,6 +253,28 @@ def test_reuse_after_a_current_hint_is_caught_at_the_next_harvest() -> None:
     assert bm.stats.redirtied_after_hint == 1
 
 
+def test_a_page_sent_before_its_hint_in_the_same_epoch_is_waste_and_a_later_write_still_counts() -> None:
+    """Round 0 overlapping the hint run: page 8 is sent, then hinted in the open epoch (waste: the bit is
+    already clear), then the guest writes it; page 9 is hinted before it is sent (saved), then written.
+    Both writes come back at the harvest; the hint touched neither log bit."""
+    bm = DirtyBitmap(RamLayout.flat(64 * PAGE))
+    bm.mark_all()
+    bm.open_epoch(2)
+    assert bm.take_dirty_runs(PAGE).tolist() == [[0, 1]]  # the sender's cursor: page 0 ...
+    for _ in range(8):
+        bm.take_dirty_runs(PAGE)  # ... to page 8, one page at a time
+    sent = np.zeros(64, dtype=np.bool_)
+    sent[:9] = True
+    assert bm.apply_hints(2, [(8 * PAGE, 2 * PAGE)]) == 1  # only page 9 was still dirty
+    assert bm.count_hinted(sent) == 1  # page 8: sent, then hinted
+    pending = {8, 9}
+    bm.close_epoch()
+    bm.merge_write_log(to_words(pending, bm.nwords))
+    assert bm.is_dirty(8) and bm.is_dirty(9)
+    with pytest.raises(BitmapError, match="one flag per page"):
+        bm.count_hinted(sent[:10])
+
+
 def test_unread_zero_pages_leave_only_where_the_destination_holds_zeros() -> None:
     bm = DirtyBitmap(RamLayout.flat(256 * PAGE))
     bm.mark_all()

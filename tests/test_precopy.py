@@ -135,6 +135,7 @@ def migrate(
     rate: float,
     verify: bool = True,
     policy: str = "release-early",
+    first_run: str = "overlap",
 ) -> tuple:
     bitmap = DirtyBitmap(LAYOUT)
     guest = SoftGuest(src, LAYOUT)
@@ -151,7 +152,9 @@ def migrate(
         channel,
         harvest,
         balloon,
-        PrecopyConfig(max_rounds=4, min_rounds=3, first_hint_wait_s=2, hint_policy=policy),
+        PrecopyConfig(
+            max_rounds=4, min_rounds=3, first_hint_wait_s=2, hint_policy=policy, first_hint_run=first_run
+        ),
     )
     writer = threading.Thread(target=guest.run, args=(rate,), daemon=True)
     pc.start()
@@ -182,27 +185,32 @@ def differing_pages(src: RamFile, dst: RamFile, guest: SoftGuest) -> list[int]:
     ]
 
 
+@pytest.mark.parametrize("first_run", ["overlap", "wait"])
 @pytest.mark.parametrize("policy", ["release-early", "every-round"])
 def test_destination_equals_source_with_a_running_guest_and_hints(
-    ram_files: tuple[RamFile, RamFile], policy: str
+    ram_files: tuple[RamFile, RamFile], policy: str, first_run: str
 ) -> None:
     src, dst = ram_files
     hinted = [8 * MiB, 12 * MiB, 44 * MiB, 68 * MiB]
-    pc, guest, ack, result = migrate(src, dst, ignore_log=False, hint_blocks=hinted, rate=2000, policy=policy)
+    pc, guest, ack, result = migrate(
+        src, dst, ignore_log=False, hint_blocks=hinted, rate=2000, policy=policy, first_run=first_run
+    )
     assert result.ok, result.error
     balloon = guest.balloon
     assert balloon is not None
     if policy == "release-early":  # one run, DONE before anything is sent
         assert balloon.requests == 1 and balloon.dones == 1
     else:  # a run per round (the first run, its sync, each round's sync), DONE a round before switchover
-        assert balloon.requests == len(pc.result.rounds) + 1 and balloon.dones == 1
+        first_run_sync = first_run == "wait"  # waiting, the first run ends with its own sync
+        assert balloon.requests == len(pc.result.rounds) + first_run_sync and balloon.dones == 1
     assert guest.writes > 20
     assert differing_pages(src, dst, guest) == []
     r0 = pc.result.rounds[0]
     assert r0.hinted_pages == 4 * 1024 and r0.hint_wait_ms < 2000
-    # zeroed hinted blocks never went on the wire as data; zero pages the destination holds are skipped
+    # zeroed hinted blocks never went on the wire as data, unless round 0 sent them before their hint came
+    # (overlap: counted as waste); zero pages the destination holds are skipped
     sent_data = sum(r.pages_data for r in pc.result.rounds) + pc.result.final.pages_data
-    assert sent_data < (48 + 16) * 256 - 4 * 1024
+    assert sent_data < (48 + 16) * 256 - 4 * 1024 + r0.hint_waste_pages
     assert pc.result.rounds[0].pages_zero_skipped > 0
     assert ack["counters"]["pages"] == sum(r.pages_data for r in [*pc.result.rounds, pc.result.final]) + (
         pc.result.verify_pages_resent
@@ -410,3 +418,39 @@ def test_poisoned_pages_cost_a_marker(ram_files: tuple[RamFile, RamFile]) -> Non
     assert r0.pages_fill == fill_pages
     assert rx.counters["fill_pages"] == fill_pages
     assert channel.counters.bytes_on_wire < (40 * MiB - 8 * MiB) + 2 * MiB  # data only, plus markers
+
+
+class LateBalloon(FakeBalloon):
+    """Its guest hints only after round 0 has sent everything (when the sender asks for the run's state),
+    before the STOP that ends the run: every data page of its blocks was sent for nothing."""
+
+    answers = False
+
+    def status(self) -> object:
+        if self.state == "requested":
+            self._hint(self.cmd)
+        return super().status()
+
+
+def test_overlap_counts_pages_sent_before_their_hint_as_waste(ram_files: tuple[RamFile, RamFile]) -> None:
+    """Round 0 overlapping the hint run: blocks hinted after round 0 read them were sent (waste, counted);
+    the driver's zeroing of those blocks is logged and resent as zero markers; the destination is exact."""
+    src, dst = ram_files
+    guest = SoftGuest(src, LAYOUT)
+    bitmap, channel, receiver = connected(src, dst)
+    balloon = guest.balloon = LateBalloon(bitmap, guest, [8 * MiB, 44 * MiB])  # data, and zeros (skipped)
+    cfg = PrecopyConfig(first_hint_run="overlap")
+    pc = Precopy(bitmap, channel.ram, channel, guest.harvest, balloon, cfg)
+    pc.start()
+    r0 = pc.run_round()
+    r1 = pc.run_round()
+    pc.final_round()
+    assert pc.verify_and_resend() == 0
+    channel.finish({})
+    assert receiver.wait(10).ok
+    assert r0.hinted_pages == 2048 and r0.hint_bits_cleared == 0
+    assert r0.hint_waste_pages == 1024  # the data block; the zero block was skipped, never on the wire
+    assert r1.pages_zero_sent == 1024  # the zeroed data block, as markers
+    assert balloon.dones == 1 and pc.result.hinting == "used"
+    assert differing_pages(src, dst, guest) == []
+    channel.close()

@@ -2,13 +2,15 @@
 
 After every round the migration hands in what it measured: the pages the write log says the guest dirtied
 since the previous harvest and over how long (the dirty rate), and the bytes the round put on the wire and
-how long that took (the wire rate, never above the cap). The policy predicts the downtime of a switchover
-now: the pages still dirty plus those the guest dirties until the vCPUs stop (the unplug runs first), sent
-at the wire rate, plus the measured fixed costs (final harvest, switchover re-check, QEMU's device state,
-unplug and resume). It switches over only when that prediction fits the downtime limit; otherwise it
-iterates. When the guest dirties memory faster than the link can carry it, the user's
-:class:`OutDirtyPolicy` decides: iterate up to a time budget, throttle the vCPUs step by step (as QEMU's
-auto-converge and libvirt do), or fail at once with the source running.
+how long that took (the wire rate, never above the cap), and how many pages it handled in that time (the
+page rate). Rates are counted in pages, not bytes: a zero or fill page costs a marker, not 4 KiB, so a
+round of poisoned or zeroed pages goes much faster than its page count times 4 KiB at the wire rate would
+say. The policy predicts the downtime of a switchover now: the pages still dirty plus those the guest
+dirties until the vCPUs stop (the unplug runs first), at the page rate, plus the measured fixed costs
+(final harvest, switchover re-check, QEMU's device state, unplug and resume). It switches over only when
+that prediction fits the downtime limit; otherwise it iterates. When the guest dirties memory faster than
+the link can carry it, the user's :class:`OutDirtyPolicy` decides: iterate up to a time budget, throttle
+the vCPUs step by step (as QEMU's auto-converge and libvirt do), or fail at once with the source running.
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ class RoundMeasure:
     """Pages dirty in the bitmap now (after that harvest): what the next round must send."""
     since_harvest_s: float
     """Time since that harvest: pages dirtied meanwhile are not yet in the bitmap."""
+    pages_sent: int | None = None
+    """Pages the round handled in ``send_s``: data, zero and fill markers, zero pages skipped (None: all
+    of them were data, ``bytes_sent / PAGE_SIZE``)."""
 
 
 @dataclass
@@ -113,6 +118,8 @@ class Decision:
     wire_rate_bps: float
     throttle_pct: int
     reason: str
+    page_rate_pps: float = 0.0
+    """Pages per second the last rounds handled, whatever their content: what the prediction uses."""
 
 
 @dataclass
@@ -128,6 +135,7 @@ class Convergence:
     throttle_pct: int = 0
     out_dirtied: bool = False
     _wire_bps: float = 0.0
+    _page_pps: float = 0.0
     _history: list[int] = field(default_factory=list)
     _pending: list[int] = field(default_factory=list)
 
@@ -146,23 +154,33 @@ class Convergence:
         rate = self._wire_bps or (self.bandwidth or 1e9)
         return min(rate, self.bandwidth) if self.bandwidth else rate
 
-    def predict_ms(self, m: RoundMeasure, dirty_bps: float, wire_bps: float) -> float:
+    def page_rate(self, m: RoundMeasure, wire_bps: float) -> float:
+        """Pages per second the next transfer can expect: the last round's when it handled enough pages to
+        tell (1,024 or more), else the previous figure, else the wire rate in whole pages."""
+        pages = m.pages_sent if m.pages_sent is not None else m.bytes_sent // PAGE_SIZE
+        if pages >= 1024 and m.send_s > 0:
+            self._page_pps = pages / m.send_s
+        return self._page_pps or wire_bps / PAGE_SIZE
+
+    def predict_ms(self, m: RoundMeasure, dirty_pps: float, page_pps: float) -> float:
         """Downtime of a switchover now: what is dirty, plus what the guest dirties until it stops."""
         until_stop_s = m.since_harvest_s + self.costs.unplug_ms / 1e3
-        left = m.pending_pages * PAGE_SIZE + dirty_bps * until_stop_s
-        return left / wire_bps * 1e3 + self.costs.downtime_ms()
+        left_pages = m.pending_pages + dirty_pps * until_stop_s
+        return left_pages / page_pps * 1e3 + self.costs.downtime_ms()
 
     def after_round(self, m: RoundMeasure, elapsed_s: float) -> Decision:
         cfg = self.config
         self.rounds += 1
-        dirty_bps = m.dirtied_pages * PAGE_SIZE / m.dirty_interval_s if m.dirty_interval_s > 0 else 0.0
+        dirty_pps = m.dirtied_pages / m.dirty_interval_s if m.dirty_interval_s > 0 else 0.0
+        dirty_bps = dirty_pps * PAGE_SIZE
         wire_bps = self.wire_rate(m)
-        predicted = self.predict_ms(m, dirty_bps, wire_bps)
+        page_pps = self.page_rate(m, wire_bps)
+        predicted = self.predict_ms(m, dirty_pps, page_pps)
         self._history.append(m.pending_pages + m.dirtied_pages)
         self._pending.append(m.pending_pages)
 
         def decide(verdict: Verdict, reason: str) -> Decision:
-            return Decision(verdict, predicted, dirty_bps, wire_bps, self.throttle_pct, reason)
+            return Decision(verdict, predicted, dirty_bps, wire_bps, self.throttle_pct, reason, page_pps)
 
         settled = predicted <= self.costs.downtime_ms() + cfg.settled_margin_ms
         last_chance = self.rounds + 1 >= cfg.max_rounds or elapsed_s >= cfg.time_budget_s
@@ -184,11 +202,11 @@ class Convergence:
         stalled = len(self._history) > cfg.stalled_rounds and min(
             self._history[-cfg.stalled_rounds :]
         ) >= min(self._history[: -cfg.stalled_rounds])
-        if dirty_bps >= cfg.out_dirty_ratio * wire_bps or stalled:
+        if dirty_pps >= cfg.out_dirty_ratio * page_pps or stalled:
             self.out_dirtied = True
             why = (
                 f"the guest dirties {dirty_bps / 2**20:.0f} MiB/s, "
-                f"the link carries {wire_bps / 2**20:.0f} MiB/s"
+                f"the link carries {page_pps * PAGE_SIZE / 2**20:.0f} MiB/s of pages"
                 if not stalled
                 else f"the pages left have not shrunk in {cfg.stalled_rounds} rounds"
             )

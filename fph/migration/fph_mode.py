@@ -298,10 +298,13 @@ class FphMigration:
                 and not progress.balloon_removed
             ):
                 # release-early is done with the balloon after round 0 (DONE was read): unplug it now,
-                # while the guest runs unthrottled and answers the ACPI eject at once.
+                # while the guest runs unthrottled and answers the ACPI eject at once. The guest frees its
+                # blocks meanwhile (with page_poison, re-poisons each one): decide only after the next
+                # round's harvest has seen that, never on the figures from before the unplug.
                 self.phase = Phase.UNPLUG
                 unplug_ms = await self._unplug(src, pc, progress, res)
                 self.phase = Phase.ROUNDS
+                continue
             decision = pc.decide(time.monotonic() - t_rounds)
             if decision.throttle_pct != (res.throttle.pct if res.throttle else 0):
                 await self._throttle(src, res, decision.throttle_pct)
@@ -352,7 +355,7 @@ class FphMigration:
         stop_window.mark("qemu_device_state")
         await self._hook(HookPoint.COMPLETE)
         self.phase = Phase.RESUME
-        await dst.execute("cont")
+        await self._resume_destination(dst)
         t_resumed = stop_window.mark("cont")
         progress.dst_running = True
         res.release_throttle()
@@ -506,6 +509,29 @@ class FphMigration:
         if not connected(name):
             raise TimeoutError(f"chardev {label} not connected after {timeout} s ({name or 'absent'})")
 
+    async def _resume_destination(self, dst: QMPConnection) -> None:
+        """``cont`` once the destination has loaded the device state, then check that it runs.
+
+        The source was stopped before its device state was sent, so the destination takes "paused" from
+        the stream when it finishes loading; a ``cont`` that arrives while it still loads is lost (QEMU
+        only notes it as autostart, which a paused source overrides). The source reporting "completed"
+        does not mean the destination has finished loading."""
+        deadline = time.monotonic() + self.config.migrate_timeout_s
+        while True:
+            status = str((await dst.execute("query-status")).get("status"))
+            if status != "inmigrate":
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the destination still loads the device state after {self.config.migrate_timeout_s} s"
+                )
+            await asyncio.sleep(0.001)
+        if status != "running":
+            await dst.execute("cont")
+        status = str((await dst.execute("query-status")).get("status"))
+        if status != "running":
+            raise RuntimeError(f"the destination is {status!r} after cont, not running")
+
     async def _migrate_device_state(self, src: QMPConnection) -> dict[str, Any]:
         listener = src.listener(("MIGRATION",))
         try:
@@ -640,6 +666,8 @@ class FphMigration:
             "stale_hints_dropped": st.hints_dropped_stale,
             "hints_rejected_invalid": st.hints_rejected_invalid,
             "redirtied_after_hint": st.redirtied_after_hint,
+            "hint_waste_pages": sum(r.hint_waste_pages for r in rounds),
+            "first_hint_run": self.config.first_hint_run.value,
             "log_pages_marked": st.log_pages_marked,
             "zero_pages_sent": zero_sent,
             "zero_pages_skipped": zero_skipped,
@@ -694,6 +722,7 @@ def _decision_dict(d: Decision) -> dict[str, Any]:
         "predicted_downtime_ms": round(d.predicted_downtime_ms, 1),
         "dirty_rate_bps": round(d.dirty_rate_bps),
         "wire_rate_bps": round(d.wire_rate_bps),
+        "page_rate_pps": round(d.page_rate_pps),
         "throttle_pct": d.throttle_pct,
         "reason": d.reason,
     }

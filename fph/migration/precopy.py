@@ -5,9 +5,11 @@ the guest's hint run and close the epoch, harvest the write log atomically into 
 wrote while the round ran: the dirty rate) and, with the every-round policy, issue a new command id and open
 its epoch. After the sync :meth:`Precopy.decide` asks the convergence policy (``convergence.py``) whether a
 switchover now would fit the downtime limit. Round 0 starts with every RAM page dirty and, when the guest's
-balloon can hint, waits for the guest to finish its first hint run before sending, so the free memory it
-reports is never sent; a guest that cannot hint (no driver, FREE_PAGE_HINT not negotiated, no answer to the
-request within ``hint_start_timeout_s``) is migrated without hints and the result says why.
+balloon can hint, requests the guest's first hint run and sends while it streams (or, with
+``first_hint_run=wait``, waits for the run to end first); free memory hinted before round 0 reaches it is
+never sent. Sending never clears a log bit, so sends may interleave with hints and harvests in any order
+(docs/protocol-model.md). A guest that cannot hint (no driver, FREE_PAGE_HINT not negotiated, no answer to
+the request within ``hint_start_timeout_s``) is migrated without hints and the result says why.
 
 Pages are sent as data, as zero markers, as fill markers (a page repeating one 8-byte value, e.g. a
 poisoned free page), or not at all when they are zero and the destination is known to hold zeros. Every
@@ -58,6 +60,13 @@ class HintPolicy(enum.Enum):
     EVERY_ROUND = "every-round"
 
 
+class FirstHintRun(enum.Enum):
+    """How round 0 meets the guest's first hint run (see ``PrecopyConfig.first_hint_run``)."""
+
+    OVERLAP = "overlap"
+    WAIT = "wait"
+
+
 class HintControl(Protocol):
     """The balloon device's control API as the sender needs it (``fph.hint_receiver.BalloonControl``)."""
 
@@ -96,6 +105,12 @@ class PrecopyConfig(ConvergenceConfig):
     """Round 0 waits at most this long for the guest to finish its first hint run."""
     first_hint_idle_s: float = 1.0
     """... and stops waiting once the run has reported no new block for this long."""
+    first_hint_run: FirstHintRun = FirstHintRun.OVERLAP
+    """``overlap``: round 0 starts sending as soon as the run is requested, and the sync that ends round 0
+    STOPs it (QEMU's order): a block hinted before round 0 reaches it is not sent, one hinted after is
+    reported as waste. ``wait``: round 0 first waits for the guest to end its run (bounded by
+    ``first_hint_wait_s``): fewer bytes when the guest hints fast, a longer round 0 when it does not
+    (under TCG with ``init_on_alloc=1`` the driver zeroes every block it hints, ~0.2 GB/s)."""
     hint_start_timeout_s: float = 2.0
     """A guest that has not started the requested hint run by then is migrated without hints."""
     take_budget_bytes: int = 64 << 20
@@ -111,6 +126,7 @@ class PrecopyConfig(ConvergenceConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.hint_policy = HintPolicy(self.hint_policy)  # a misspelt name fails here, loudly
+        self.first_hint_run = FirstHintRun(self.first_hint_run)
 
 
 @dataclass
@@ -130,6 +146,8 @@ class RoundStats:
     hinted_pages: int = 0
     hint_bits_cleared: int = 0
     redirtied_after_hint: int = 0
+    hint_waste_pages: int = 0
+    """Pages this round put on the wire and the guest then hinted free in the same run (overlap)."""
     harvest_ms: float = 0.0
     send_ms: float = 0.0
     ms: float = 0.0
@@ -191,6 +209,7 @@ class Precopy:
         self._last_harvest = time.monotonic()
         self._last_dirtied = 0
         self._last_interval = 0.0
+        self._first_request_t = 0.0
         self._hashbuf = np.empty(MAX_FRAME_PAGES, dtype=np.uint64)
         self._class = np.empty(MAX_FRAME_PAGES, dtype=np.uint8)
         self._fill = np.empty(MAX_FRAME_PAGES, dtype=np.uint64)
@@ -213,12 +232,23 @@ class Precopy:
         self.result.pages_unread_holes = self.bitmap.skip_zero_pages(holes)
         self.ram.populate_in_background(extents)
 
-    def sync(self, *, new_epoch: bool) -> tuple[int, float]:
+    def sync(
+        self,
+        *,
+        new_epoch: bool,
+        waste: tuple[RoundStats, npt.NDArray[np.uint8] | None] | None = None,
+    ) -> tuple[int, float]:
         """Close the hint epoch, harvest the write log, and (if asked) issue a fresh id. The order is
-        the safety argument: harvest before issue, so every write after the id is in the next log."""
+        the safety argument: harvest before issue, so every write after the id is in the next log.
+
+        ``waste``: the round and what was on the wire when it started (None: no epoch was open); the pages
+        it sent that the closed epoch then hinted are counted in the round's ``hint_waste_pages``."""
         if self.hints is not None and self.bitmap.epoch is not None:  # a run of that epoch may be on
             self.hints.stop_hints()
         self.bitmap.close_epoch()
+        if waste is not None and waste[1] is not None:
+            sent_now = self.on_wire > waste[1]  # put on the wire by this round
+            waste[0].hint_waste_pages = self.bitmap.count_hinted(sent_now)
         t0 = time.monotonic()
         newly = self.bitmap.merge_write_log(self.harvest())
         harvest_ms = (time.monotonic() - t0) * 1e3
@@ -236,22 +266,31 @@ class Precopy:
         rs = RoundStats(round=self.round)
         t0 = time.monotonic()
         before = self.bitmap.stats.as_dict()
-        if self.round == 0:
+        if self.round == 0 and cfg.first_hint_run is FirstHintRun.WAIT:
             rs.harvest_ms += self._round0_hints(rs)
+        overlap = self.round == 0 and cfg.first_hint_run is FirstHintRun.OVERLAP
+        if overlap:
+            self._request_first_run()
         rs.dirty_at_start = self.bitmap.count_dirty()
-        if self.round == 0:  # both overlap the hint wait; without hints they are round 0's first cost
+        if self.round == 0:
             t_ready = time.monotonic()
-            self.ram.wait_populated()
+            if not overlap:  # it ran behind the hint wait; overlapping, reads fault pages in as they go
+                self.ram.wait_populated()
             if self.destination_ready is not None:
                 self.destination_ready()
             rs.ready_wait_ms = (time.monotonic() - t_ready) * 1e3
+        wire_before = self.on_wire.copy() if self.bitmap.epoch is not None else None
         ts = time.monotonic()
         self._send_dirty(rs)
         rs.send_ms = (time.monotonic() - ts) * 1e3
         self.channel.end_round(self.round, {"pages": rs.pages_data, "zero": rs.pages_zero_sent})
+        if overlap:
+            self._confirm_first_run_started()
         every_round = self.hints is not None and cfg.hint_policy is HintPolicy.EVERY_ROUND
-        rs.dirtied_pages, ms = self.sync(new_epoch=every_round)
+        rs.dirtied_pages, ms = self.sync(new_epoch=every_round, waste=(rs, wire_before))
         rs.harvest_ms += ms
+        if overlap and self.hints is not None and cfg.hint_policy is HintPolicy.RELEASE_EARLY:
+            self.hints.done_and_wait(2.0)  # the run was STOPped by the sync: the guest takes its blocks back
         rs.dirty_rate_pps = rs.dirtied_pages / self._last_interval if self._last_interval > 0 else 0.0
         rs.hint_cmd_id = self.bitmap.epoch
         after = self.bitmap.stats.as_dict()
@@ -288,6 +327,32 @@ class Precopy:
             _newly, ms2 = self.sync(new_epoch=False)
             ms += ms2
         return ms
+
+    def _request_first_run(self) -> None:
+        """Overlap: ask for the first hint run and send at once; a refusal means no hints."""
+        if self.hints is None:
+            return
+        self._first_request_t = time.monotonic()
+        try:
+            self.hints.request_hints(on_issue=self.bitmap.open_epoch)
+        except Exception as exc:  # the device refused (no driver, not negotiated, broken): go on without
+            self._hints_unavailable(f"the hint request was refused: {exc}")
+
+    def _confirm_first_run_started(self) -> None:
+        """Overlap, end of round 0: a guest that has not started the requested run gets what is left of
+        ``hint_start_timeout_s``; then it counts as not answering and the migration goes on without hints."""
+        if self.hints is None:
+            return
+        limit = self.config.hint_start_timeout_s
+        while True:
+            st = self.hints.status()
+            state = getattr(st.state, "value", st.state)
+            if state != "requested" or getattr(st, "broken", None):
+                return
+            if time.monotonic() - self._first_request_t > limit:
+                self._hints_unavailable(f"the guest did not start the requested hint run within {limit:g} s")
+                return
+            time.sleep(0.005)
 
     def _hints_unavailable(self, reason: str) -> None:
         log.warning("hinting unavailable, migrating without hints: %s", reason)
@@ -366,6 +431,7 @@ class Precopy:
             send_s=last.send_ms / 1e3,
             pending_pages=self.bitmap.count_dirty(),
             since_harvest_s=time.monotonic() - self._last_harvest,
+            pages_sent=last.pages_data + last.pages_zero_sent + last.pages_zero_skipped + last.pages_fill,
         )
         d = self.convergence.after_round(m, elapsed_s)
         self.result.decisions.append(d)
