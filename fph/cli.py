@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 MODES = ("fph", "native", "none")
 DEFAULT_SOCKET = "/run/fph/fph.sock"
@@ -42,7 +42,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {
         "socket": args.socket,
-        "socket_mode": int(args.socket_mode, 8) if args.socket_mode else None,
+        "socket_mode": args.socket_mode,
+        "socket_group": args.socket_group,
         "state_dir": args.state_dir,
         "metrics_address": args.metrics_address,
         "log_format": args.log_format,
@@ -77,6 +78,7 @@ def _add_daemon_parsers(sub: Any) -> None:
     s.add_argument("--config", type=Path, help="TOML config file (flags override it)")
     s.add_argument("--socket", help="Unix socket to serve on (default /run/fph/fph.sock)")
     s.add_argument("--socket-mode", help="octal mode of the socket (default 0600; 0660 for a group)")
+    s.add_argument("--socket-group", help="group (name or gid) of the socket, for clients in that group")
     s.add_argument("--state-dir", help="every VM path must be inside it (default /run/fph)")
     s.add_argument("--metrics-address", help="HOST:PORT for Prometheus /metrics (off by default)")
     s.add_argument("--tcp", help="also serve TCP HOST:PORT, only with --tls-cert/--tls-key/--tls-client-ca")
@@ -142,8 +144,15 @@ def _add_daemon_parsers(sub: Any) -> None:
         p.set_defaults(func=_client("migration"))
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line and exit status 2 (argparse's own also prints the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fph", description=__doc__.split("\n\n")[0])
+    ap = _Parser(prog="fph", description=__doc__.split("\n\n")[0])
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
     _with_socket(

@@ -184,7 +184,15 @@ def test_bad_registrations(daemon: RunningDaemon, state: Path, tmp_path: Path) -
     outside.mkdir()
     (state / "vm1").mkdir()
     (state / "vm1" / "escape").symlink_to(outside)
+    (state / "vm1" / "ramdir").mkdir()
+    (state / "vm1" / "plain").write_text("not a socket")
+    (state / "vm1" / "open-ram").write_bytes(b"")
+    os.chmod(state / "vm1" / "open-ram", 0o666)
     cases = {
+        "name with a newline": pb.RegisterVmRequest(spec=spec(state, "x", name="vm1\n")),
+        "a directory as the RAM file": pb.RegisterVmRequest(spec=spec(state, ram_file=f"{state}/vm1/ramdir")),
+        "a file as the QMP socket": pb.RegisterVmRequest(spec=spec(state, qmp_socket=f"{state}/vm1/plain")),
+        "a RAM file all may write": pb.RegisterVmRequest(spec=spec(state, ram_file=f"{state}/vm1/open-ram")),
         "missing spec": pb.RegisterVmRequest(),
         "no name": pb.RegisterVmRequest(spec=spec(state, "x", name="")),
         "bad name": pb.RegisterVmRequest(spec=spec(state, "vm1", name="VM/1")),
@@ -203,6 +211,8 @@ def test_bad_registrations(daemon: RunningDaemon, state: Path, tmp_path: Path) -
         code, msg = code_of(lambda req=req: reg(req))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (what, code, msg)
         assert msg, what
+    code, msg = code_of(lambda: reg(pb.RegisterVmRequest(spec=spec(state, ram_file=f"{state}/vm1/ramdir"))))
+    assert "exists and is not a regular file" in msg
     code, msg = code_of(lambda: reg(pb.RegisterVmRequest(spec=spec(state, ram_file="/etc/passwd"))))
     assert "outside the daemon's state directory" in msg
     assert not (outside / "b.sock").exists()

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,13 +84,26 @@ def test_serve_cli_and_clean_shutdown(tmp_path: Path) -> None:
         assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "nothing to cancel" in r.stderr
         r = fph("migrate", "--socket", str(sock), "--vm", "a", "--dest-vm", "nope")
         assert r.returncode == 1 and "NOT_FOUND" in r.stderr
+        # a second daemon on the live socket, or on the same state directory, refuses and touches nothing
+        second = fph("serve", "--socket", str(sock), "--state-dir", str(tmp_path / "state2"))
+        assert second.returncode == 2 and "another process serves" in second.stderr, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        second = fph("serve", "--socket", str(tmp_path / "run" / "other.sock"), "--state-dir", str(state))
+        assert second.returncode == 2 and f"(pid {proc.pid}) uses the state directory" in second.stderr
+        assert sock.exists() and fph("vm", "list", "--socket", str(sock)).returncode == 0
+        t_term = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(30) == 0
+        assert time.monotonic() - t_term < 2.0, "SIGTERM must end the daemon within 2 s"
         assert not sock.exists() and not (state / "a" / "b.sock").exists()
         logs = [json.loads(line) for line in (proc.stderr.read() if proc.stderr else "").splitlines() if line]
         msgs = [entry["msg"] for entry in logs]
         assert "serving" in msgs and "vm registered" in msgs and msgs[-1] == "stopped", msgs
         assert next(e for e in logs if e["msg"] == "vm registered")["vm"] == "a"
+        rejected = [e for e in logs if e["msg"] == "rpc rejected"]
+        assert {e["rpc"] for e in rejected} >= {"RegisterVm", "StartHinting", "GetHintingStatus"}, rejected
+        reg = next(e for e in rejected if e["rpc"] == "RegisterVm")
+        assert reg["code"] == "INVALID_ARGUMENT" and "/etc/q.sock" in reg["reason"] and reg["peer"]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -111,3 +125,45 @@ def test_serve_refuses_tcp_without_mutual_tls_and_a_non_socket(tmp_path: Path) -
     )
     assert proc.returncode == 2 and "is not a socket" in proc.stderr and "Traceback" not in proc.stderr
     assert not_a_socket.read_text() == "x"
+
+
+def test_configuration_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("socket = 3\n")
+    broken_toml = tmp_path / "broken.toml"
+    broken_toml.write_text("socket = \n")
+    st = str(tmp_path / "st")
+    cases = {
+        "a flag that does not exist": ["serve", "--bogus"],
+        "a mode that is not octal": ["serve", "--socket", str(tmp_path / "s"), "--socket-mode", "9z"],
+        "a key of the wrong type": ["serve", "--config", str(bad_toml)],
+        "a file that is not TOML": ["serve", "--config", str(broken_toml)],
+        "a group that does not exist": ["serve", "--state-dir", st, "--socket-group", "no-such-grp"],
+        "a log level that does not exist": ["serve", "--state-dir", st, "--log-level", "loud"],
+    }  # fmt: skip
+    for what, args in cases.items():
+        r = fph(*args)
+        assert r.returncode == 2, (what, r.returncode, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, (what, r.stderr)
+
+
+def test_socket_group_is_set(tmp_path: Path) -> None:
+    import grp
+
+    others = [g for g in grp.getgrall() if g.gr_gid != os.getegid()]
+    if not others:
+        pytest.skip("no second group on this host")
+    group = others[0]
+    sock = tmp_path / "run" / "fph.sock"
+    proc = subprocess.Popen(
+        [*FPH, "serve", "--socket", str(sock), "--state-dir", str(tmp_path / "st"), "--socket-mode", "0660",
+         "--socket-group", group.gr_name],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert poll_until(lambda: sock.exists() or proc.poll() is not None, 30)
+        assert poll_until(lambda: os.stat(sock).st_gid == group.gr_gid, 5), proc.stderr
+        assert oct(os.stat(sock).st_mode & 0o777) == "0o660"
+    finally:
+        proc.terminate()
+        proc.wait(10)

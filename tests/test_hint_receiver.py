@@ -406,3 +406,17 @@ def test_done_without_a_channel_is_not_pretended(hx: Harness, ram: GuestRam) -> 
     hx.kick(QueueRole.FREE_PAGE)  # the next time the ring runs, DONE is announced
     assert hx.chan.changes == 2 and hx.config_id() == CMD_ID_DONE
     assert hx.dev.status().held_bytes == 0
+
+
+def test_held_bytes_count_each_block_once_across_runs(hx: Harness, ram: GuestRam) -> None:
+    """The shrinker gives a held block back unseen and the driver hints it again in a later run: held
+    bytes count it once (they once grew to 3.5x guest RAM over repeated runs); DONE clears them."""
+    for _ in range(3):
+        cmd = hx.dev.request_hints()
+        hx.cmd(cmd)
+        hx.hint(*blocks(ram, 2))  # the same two blocks every run
+        hx.dev.stop_hints()
+    st = hx.dev.status()
+    assert st.held_bytes == 2 * HINT_BLOCK and st.hinted_bytes == 2 * HINT_BLOCK
+    hx.dev.done()
+    assert hx.dev.status().held_bytes == 0

@@ -47,8 +47,10 @@ class HintState(enum.Enum):
 
 @dataclass(frozen=True)
 class HintStatus:
-    """``blocks``/``hinted_bytes``: this run. ``held_bytes``: hinted since the last DONE, an upper bound of
-    what the guest holds (its shrinker takes blocks back without telling the device)."""
+    """``blocks``/``hinted_bytes``: this run. ``held_bytes``: the distinct blocks hinted since the last DONE
+    (a block the shrinker gave back and the driver hinted again counts once), so never more than guest
+    RAM; still an upper bound of what the guest holds: its shrinker takes blocks back without telling
+    the device."""
 
     state: HintState
     host_cmd_id: int
@@ -88,13 +90,18 @@ class FreePageHinting:
         self._guest_active_id: int | None = None  # started by the guest, its STOP not yet seen
         self.run_blocks = 0
         self.run_bytes = 0
-        self.held_bytes = 0
+        self._forget_held()
         self.rejected = 0
         self.dropped = 0
         self.sink_errors = 0
         self._run_start: float | None = None
         self._run_end: float | None = None
         self.announce_done = True
+
+    def _forget_held(self) -> None:
+        self._held_blocks: dict[int, int] = {}
+        """GPA -> length of each block hinted since the last DONE (at most guest RAM / 4 MiB entries)."""
+        self.held_bytes = 0
 
     # ------------------------------------------------------------------ the guest's side
 
@@ -194,7 +201,11 @@ class FreePageHinting:
         hinted = sum(n for _, n in ranges)
         self.run_blocks += len(ranges)
         self.run_bytes += hinted
-        self.held_bytes += hinted
+        for gpa, length in ranges:
+            old = self._held_blocks.get(gpa, 0)
+            if length > old:
+                self._held_blocks[gpa] = length
+                self.held_bytes += length - old
 
     # ------------------------------------------------------------------ the host's side
 
@@ -229,7 +240,7 @@ class FreePageHinting:
         self._end_run()
         self.state = HintState.DONE
         if self._notify():
-            self.held_bytes = 0  # only once the guest is told; the driver reads the id on the interrupt
+            self._forget_held()  # only once the guest is told; the driver reads the id on the interrupt
         # Without a channel the guest cannot hear DONE: status keeps showing what it may still hold, and a
         # later device start announces DONE again (a new driver instance or a reconnect).
         else:
@@ -243,7 +254,7 @@ class FreePageHinting:
                 "%s: announcing DONE so that blocks held for an earlier instance are returned", self.name
             )
             if self._notify():
-                self.held_bytes = 0
+                self._forget_held()
 
     def abandon(self) -> None:
         """The device broke: give every hinted block back (DONE) without touching the rings again."""

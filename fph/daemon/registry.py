@@ -11,7 +11,9 @@ import asyncio
 import logging
 import os
 import re
+import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fph.daemon")
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+"""A VM name, matched whole (``fullmatch``: ``$`` would let a trailing newline through)."""
 MIN_MEMORY = 64 << 20
 MAX_MEMORY = 1 << 40
 MEMORY_ALIGN = 2 << 20
@@ -68,7 +71,7 @@ class Unavailable(ApiError):
 def check_name(name: str, what: str = "vm") -> str:
     if not name:
         raise InvalidArgument(f"{what} name is required")
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"{what} name {name!r} is invalid: 1-63 characters of a-z 0-9 . _ -, "
             "starting with a letter or digit"
@@ -101,6 +104,34 @@ def check_path(
     return resolved
 
 
+def trusted_uids(state_dir: Path) -> set[int]:
+    """Who may own the files a VM's paths name: root, the daemon's user, the state directory's owner."""
+    return {0, os.geteuid(), os.stat(state_dir).st_uid}
+
+
+def check_existing(
+    path: Path | None, what: str, is_kind: Callable[[int], bool], kind: str, *, trusted_uids: set[int]
+) -> None:
+    """A path that already exists must be of the kind the daemon will use it as, owned by a trusted user
+    (root, the daemon's user, the state directory's owner: the user an orchestrator runs QEMU as), and
+    not writable by others. A path that does not exist yet is fine: QEMU or the daemon creates it."""
+    if path is None:
+        return
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not is_kind(st.st_mode):
+        raise InvalidArgument(f"{what} {path} exists and is not {kind}")
+    if st.st_uid not in trusted_uids:
+        raise InvalidArgument(
+            f"{what} {path} is owned by uid {st.st_uid}: not root, the daemon's user or the state "
+            "directory's owner"
+        )
+    if st.st_mode & stat.S_IWOTH:
+        raise InvalidArgument(f"{what} {path} is writable by every user (mode {stat.S_IMODE(st.st_mode):o})")
+
+
 @dataclass(frozen=True)
 class VmSpec:
     name: str
@@ -128,6 +159,10 @@ class VmSpec:
         paths = [p for p in (qmp, ram, balloon, wlog) if p is not None]
         if len(set(paths)) != len(paths):
             raise InvalidArgument("qmp_socket, ram_file, balloon_socket and write_log must be distinct paths")
+        uids = trusted_uids(state_dir)
+        check_existing(qmp, "qmp_socket", stat.S_ISSOCK, "a socket", trusted_uids=uids)
+        check_existing(ram, "ram_file", stat.S_ISREG, "a regular file", trusted_uids=uids)
+        check_existing(wlog, "write_log", stat.S_ISREG, "a regular file", trusted_uids=uids)
         return cls(name, qmp, ram, balloon, mem, wlog)
 
 

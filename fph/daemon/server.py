@@ -7,6 +7,7 @@ Config file (every key optional; flags win)::
 
     socket = "/run/fph/fph.sock"
     socket_mode = "0600"
+    socket_group = "kvm"                   # group of the socket (with socket_mode "0660")
     state_dir = "/run/fph"
     metrics_address = "127.0.0.1:9477"     # opt-in Prometheus endpoint
     log_format = "json"                    # or "text"
@@ -23,10 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
+import grp
 import json
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
 import time
@@ -50,6 +54,8 @@ class ConfigError(ValueError):
 class DaemonConfig:
     socket: str = "/run/fph/fph.sock"
     socket_mode: int = 0o600
+    socket_group: str = ""
+    """A group name or gid for the socket (empty: the daemon's own group)."""
     state_dir: str = "/run/fph"
     metrics_address: str = ""
     log_format: str = "json"
@@ -83,8 +89,25 @@ class DaemonConfig:
                 cfg.socket_mode = int(cfg.socket_mode, 8)
             except ValueError as e:
                 raise ConfigError(f"socket_mode {cfg.socket_mode!r} is not an octal mode") from e
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            value, want = getattr(cfg, f.name), type(getattr(defaults, f.name))
+            if type(value) is not want:
+                kind = "an integer" if want is int else "a string"
+                raise ConfigError(f"{f.name} = {value!r}: must be {kind}")
         cfg.validate()
         return cfg
+
+    def socket_gid(self) -> int | None:
+        """The socket's group as a gid (None: leave the daemon's); ConfigError if there is no such group."""
+        if not self.socket_group:
+            return None
+        if self.socket_group.isdigit():
+            return int(self.socket_group)
+        try:
+            return grp.getgrnam(self.socket_group).gr_gid
+        except KeyError:
+            raise ConfigError(f"socket_group {self.socket_group!r}: no such group") from None
 
     def validate(self) -> None:
         if not self.socket and not self.tcp_address:
@@ -102,6 +125,9 @@ class DaemonConfig:
                 )
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format {self.log_format!r}: json or text")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"log_level {self.log_level!r}: debug, info, warning, error or critical")
+        self.socket_gid()
 
 
 class JsonFormatter(logging.Formatter):
@@ -143,6 +169,8 @@ class DaemonServer:
         self.cfg = cfg
         state = Path(cfg.state_dir)
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd: int | None = _lock_state_dir(state)
+        self._socket_ino: int | None = None
         self.daemon = Daemon(state, cfg.socket)
         self.server: Any = None
         self.metrics_address: tuple[str, int] | None = None
@@ -164,6 +192,10 @@ class DaemonServer:
         await self.server.start()
         if cfg.socket:
             os.chmod(cfg.socket, cfg.socket_mode)
+            gid = cfg.socket_gid()
+            if gid is not None:
+                os.chown(cfg.socket, -1, gid)
+            self._socket_ino = os.lstat(cfg.socket).st_ino
         if cfg.metrics_address:
             self.metrics_address = self.daemon.metrics.serve(cfg.metrics_address)
         log.info(
@@ -182,10 +214,30 @@ class DaemonServer:
         await self.daemon.close()
         if self.server is not None:
             await self.server.stop(grace)
-        if self.cfg.socket:
+        if self.cfg.socket and self._socket_ino is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.cfg.socket)
+                if os.lstat(self.cfg.socket).st_ino == self._socket_ino:  # still ours, not a successor's
+                    os.unlink(self.cfg.socket)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the state directory's lock
+            self._lock_fd = None
         log.info("stopped")
+
+
+def _lock_state_dir(state: Path) -> int:
+    """One daemon per state directory: an flock on ``fph.lock`` held for the daemon's life (the kernel
+    drops it when the process dies, so a crash leaves nothing stale). The file holds the holder's pid."""
+    path = state / "fph.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"another fph daemon (pid {holder}) uses the state directory {state}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _bind_unix(server: Any, path: str, mode: int) -> None:
@@ -196,12 +248,26 @@ def _bind_unix(server: Any, path: str, mode: int) -> None:
         st = os.lstat(p)
         if not stat.S_ISSOCK(st.st_mode):
             raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
-        os.unlink(p)  # a stale socket of an earlier run
+        if _socket_is_live(path):
+            raise ConfigError(f"{path}: another process serves this socket; refusing to replace it")
+        os.unlink(p)  # a stale socket of an earlier run: nobody accepts on it
     old = os.umask(0o777 & ~mode)
     try:
         server.add_insecure_port(f"unix:{path}")
     finally:
         os.umask(old)
+
+
+def _socket_is_live(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # e.g. EAGAIN (a full backlog) or a timeout: someone is there
+        return True
 
 
 async def serve(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> None:

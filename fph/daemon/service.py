@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -41,9 +42,11 @@ from fph.daemon.registry import (
     Unavailable,
     VmRecord,
     VmSpec,
+    check_existing,
     check_name,
     check_path,
     open_writelog,
+    trusted_uids,
 )
 from fph.hint_receiver import HintState
 from fph.migration.fph_mode import FphReport
@@ -85,13 +88,23 @@ def _map_error(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
 
 
+def _reject(fn: Callable[..., Any], context: Any, e: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status an exception becomes, logged as one structured line (who asked, what, why)."""
+    code, msg = _map_error(e)
+    peer = ""
+    with contextlib.suppress(Exception):
+        peer = context.peer()
+    log.warning("rpc rejected", extra={"rpc": fn.__name__, "code": code.name, "reason": msg, "peer": peer})
+    return code, msg
+
+
 def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
             return await fn(self, request, context)
         except Exception as e:
-            code, msg = _map_error(e)
+            code, msg = _reject(fn, context, e)
             await context.abort(code, msg)
             raise AssertionError("unreachable") from e
 
@@ -105,7 +118,7 @@ def streaming(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterato
             async for item in fn(self, request, context):
                 yield item
         except Exception as e:
-            code, msg = _map_error(e)
+            code, msg = _reject(fn, context, e)
             await context.abort(code, msg)
 
     return wrapper
@@ -390,6 +403,9 @@ class MigrationService(pbg.MigrationServiceServicer):
         if not uri.startswith("unix:"):
             raise InvalidArgument(f"destination.migration_uri {uri!r}: only unix:PATH (inside the state dir)")
         check_path(self.d.state_dir, uri[5:], "destination.migration_uri", socket=True)
+        uids = trusted_uids(self.d.state_dir)
+        check_existing(qmp, "destination.qmp_socket", stat.S_ISSOCK, "a socket", trusted_uids=uids)
+        check_existing(ram, "destination.ram_file", stat.S_ISREG, "a regular file", trusted_uids=uids)
         assert qmp is not None
         return Target(name, qmp, ram, balloon, uri, msg.daemon_socket)
 
