@@ -208,7 +208,7 @@ class DaemonServer:
             },
         )
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def stop(self, grace: float = 0.3) -> None:
         """Cancel migrations, DONE to guests holding hinted pages, then stop serving and remove the socket."""
         log.info("shutting down")
         await self.daemon.close()

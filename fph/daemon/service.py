@@ -174,7 +174,7 @@ class Daemon:
             migration_id=rec.job.id if rec.job is not None else "",
         )
 
-    async def close(self, timeout: float = 2.0) -> None:
+    async def close(self, timeout: float = 1.5) -> None:
         """Cancel running migrations (each rolls back), then DONE to every guest holding hinted pages."""
         running = [j for j in self.jobs.values() if not j.finished and j.task is not None]
         for job in running:

@@ -75,6 +75,16 @@ class FphMigrationError(RuntimeError):
         self.cleanup = cleanup
 
 
+class FphMigrationCancelledError(FphMigrationError):
+    """``cancel()`` was asked for: the migration stopped at a round boundary and rolled back."""
+
+    def __init__(self, phase: Phase, cleanup: list[str]) -> None:
+        RuntimeError.__init__(self, f"fph migration cancelled by request during {phase.value}")
+        self.phase = phase
+        self.cause = InterruptedError("cancelled by request")
+        self.cleanup = cleanup
+
+
 @dataclass
 class Balloon:
     """Where fph's balloon device lives on each side: QEMU ids and the destination back-end socket."""
@@ -238,6 +248,10 @@ class FphMigration:
             return await self._run(src, dst, progress, res)
         except BaseException as exc:
             cleanup = await self._abort(src, dst, progress, res.sender, res.receiver, exc)
+            if not isinstance(exc, Exception):  # the task was cancelled (or ^C): restored, and it goes on
+                raise
+            if self._cancel and isinstance(exc, InterruptedError):
+                raise FphMigrationCancelledError(self.phase, cleanup) from exc
             raise FphMigrationError(self.phase, exc, cleanup) from exc
         finally:
             res.close()
