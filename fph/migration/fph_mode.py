@@ -75,6 +75,10 @@ class FphMigrationError(RuntimeError):
         self.cleanup = cleanup
 
 
+class BalloonDisconnectedError(RuntimeError):
+    """The balloon's back-end connection dropped; unplugging it would abort QEMU (see the message)."""
+
+
 class FphMigrationCancelledError(FphMigrationError):
     """``cancel()`` was asked for: the migration stopped at a round boundary and rolled back."""
 
@@ -264,6 +268,7 @@ class FphMigration:
         cfg = self.config
         t_start = time.monotonic()
         self.phase = Phase.SETUP
+        await self._refuse_a_disconnected_balloon()  # before anything on either QEMU changes
         await self._hook(HookPoint.SETUP)
         receiver: RamReceiver | None = None
         if self.dst_ram_path is not None:
@@ -423,12 +428,28 @@ class FphMigration:
         throttled = res.throttle.pct if res.throttle is not None else 0
         if throttled:
             await self._throttle(src, res, 0)
+        await self._refuse_a_disconnected_balloon()
         await self._device_del(src, self.balloon.device_id)
         progress.balloon_removed = True
         if throttled:
             await self._throttle(src, res, throttled)
         pc.convergence.costs.unplug_ms = 0.0  # done: the stop no longer waits for it
         return (time.monotonic() - t) * 1e3
+
+    async def _refuse_a_disconnected_balloon(self) -> None:
+        """QEMU 11.1 aborts on any config access to a vhost-user device whose back-end connection dropped
+        (device_del included): such a balloon is never unplugged, so the VM cannot be migrated by fph."""
+        view = getattr(self.balloon.control, "view_async", None) if self.balloon is not None else None
+        if view is None:
+            return
+        v = await view()
+        if not v.connected:
+            raise BalloonDisconnectedError(
+                "the balloon's vhost-user connection to QEMU dropped: QEMU 11.1 aborts on device_del of "
+                "such a device, so fph will not unplug it and cannot migrate this VM. The VM keeps running; "
+                "shut it down from inside the guest when convenient and start it again with its balloon "
+                "(QEMU cannot re-attach a back-end to a running vhost-user device)"
+            )
 
     async def _hinting_unavailable(self) -> str | None:
         """Why this guest cannot hint (it is then migrated without hints), or None if it can."""
