@@ -685,3 +685,25 @@ def test_status_streams_share_device_queries(daemon: RunningDaemon, state: Path,
         assert calls[0] * 4 < messages, (calls[0], messages)  # without sharing: one query per message
     finally:
         fe.close()
+
+
+def test_standard_health_and_reflection_services(daemon: RunningDaemon) -> None:
+    """What orchestrators and generic clients call, through their own stubs (grpcio-health-checking,
+    grpcio-reflection), not fph's: grpc.health.v1 Check for the server and each service, and reflection's
+    service list and a file descriptor by symbol."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(daemon.channel)
+    for service in ("", "fph.api.v1.VmService", "fph.api.v1.HintingService", "fph.api.v1.MigrationService"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+    code, _msg = code_of(lambda: health.Check(health_pb2.HealthCheckRequest(service="no.such.Service")))
+    assert code == grpc.StatusCode.NOT_FOUND
+    stub = reflection_pb2_grpc.ServerReflectionStub(daemon.channel)
+    req = reflection_pb2.ServerReflectionRequest(list_services="")
+    names = {s.name for r in stub.ServerReflectionInfo(iter([req])) for s in r.list_services_response.service}
+    assert {"fph.api.v1.VmService", "fph.api.v1.MigrationService", "grpc.health.v1.Health"} <= names
+    req = reflection_pb2.ServerReflectionRequest(file_containing_symbol="fph.api.v1.VmService")
+    (reply,) = list(stub.ServerReflectionInfo(iter([req])))
+    assert reply.file_descriptor_response.file_descriptor_proto, reply

@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
-from fph.daemon.service import Daemon, add_services
+from fph.daemon.service import SERVICE_NAMES, Daemon, add_services
 
 log = logging.getLogger("fph.daemon")
 
@@ -173,13 +174,14 @@ class DaemonServer:
         self._socket_ino: int | None = None
         self.daemon = Daemon(state, cfg.socket)
         self.server: Any = None
+        self.health: Any = None
         self.metrics_address: tuple[str, int] | None = None
         self.tcp_port: int | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
         self.server = grpc.aio.server()
-        add_services(self.server, self.daemon)
+        self.health = add_services(self.server, self.daemon)
         if cfg.socket:
             _bind_unix(self.server, cfg.socket, cfg.socket_mode)
         if cfg.tcp_address:
@@ -190,6 +192,8 @@ class DaemonServer:
             )
             self.tcp_port = self.server.add_secure_port(cfg.tcp_address, creds)
         await self.server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.socket:
             os.chmod(cfg.socket, cfg.socket_mode)
             gid = cfg.socket_gid()
@@ -211,6 +215,8 @@ class DaemonServer:
     async def stop(self, grace: float = 0.3) -> None:
         """Cancel migrations, DONE to guests holding hinted pages, then stop serving and remove the socket."""
         log.info("shutting down")
+        if self.server is not None:
+            await self.health.enter_graceful_shutdown()  # probes see NOT_SERVING from now on
         await self.daemon.close()
         if self.server is not None:
             await self.server.stop(grace)

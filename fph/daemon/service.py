@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
@@ -726,7 +728,22 @@ def _writelog_check(rec: VmRecord) -> tuple[str, bool, str]:
     return ("write_log", True, f"TCG write log attached ({attached} attach)")
 
 
-def add_services(server: Any, d: Daemon) -> None:
+SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[n].full_name for n in pb.DESCRIPTOR.services_by_name)
+"""fph's own services (``fph.api.v1.VmService`` ...), as health and reflection name them."""
+
+
+def add_services(server: Any, d: Daemon) -> health.HealthServicer:
+    """fph's services, the standard health service (``grpc.health.v1``: what Kubernetes probes and
+    grpc-health-probe call; "" and every fph service SERVING) and server reflection (generic clients such
+    as grpcurl list and call the API without the .proto). Returns the health servicer: set NOT_SERVING
+    on shutdown."""
     pbg.add_VmServiceServicer_to_server(VmService(d), server)
     pbg.add_HintingServiceServicer_to_server(HintingService(d), server)
     pbg.add_MigrationServiceServicer_to_server(MigrationService(d), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    return health_servicer
