@@ -133,6 +133,9 @@ def test_configuration_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     broken_toml = tmp_path / "broken.toml"
     broken_toml.write_text("socket = \n")
     st = str(tmp_path / "st")
+    broken_state = tmp_path / "broken-state"
+    broken_state.mkdir()
+    (broken_state / "state.json").write_text("{not json")
     cases = {
         "a flag that does not exist": ["serve", "--bogus"],
         "a mode that is not octal": ["serve", "--socket", str(tmp_path / "s"), "--socket-mode", "9z"],
@@ -140,6 +143,7 @@ def test_configuration_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
         "a file that is not TOML": ["serve", "--config", str(broken_toml)],
         "a group that does not exist": ["serve", "--state-dir", st, "--socket-group", "no-such-grp"],
         "a log level that does not exist": ["serve", "--state-dir", st, "--log-level", "loud"],
+        "a saved state that is not JSON": ["serve", "--state-dir", str(broken_state), "--socket", f"{st}/x"],
     }  # fmt: skip
     for what, args in cases.items():
         r = fph(*args)

@@ -94,6 +94,17 @@ class MigrationJob:
         self.last = Progress(PENDING, "none")
         self.on_progress: Callable[[MigrationJob, Progress], None] | None = None  # e.g. live metrics
 
+    @classmethod
+    def interrupted(
+        cls, job_id: str, vm: str, mode: str, target: Target, started: float, cleanup: list[str], error: str
+    ) -> MigrationJob:
+        """The record of a migration a previous daemon ran when it died (rolled back on restart)."""
+        job = cls(vm, Params(mode, None, 0, 0, 1.0), target, 0)
+        job.id, job.start_time, job.end_time = job_id, started, time.time()
+        job.phase, job.status, job.error, job.cleanup = FAILED, "failed", error, list(cleanup)
+        job.last = job.snapshot(error)
+        return job
+
     @property
     def finished(self) -> bool:
         return self.phase in FINAL_PHASES

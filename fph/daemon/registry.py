@@ -8,6 +8,7 @@ it could make the daemon clobber or map any file root can reach.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ import grpc
 
 from fph.daemon.incoming import PreparedIncoming
 from fph.hint_receiver import F_FREE_PAGE_HINT, BalloonControl, CountingSink, HintStatus, ThreadedHintReceiver
+from fph.qmp import QMPConnection, QMPError
 from fph.ram_layout import RamLayout
 
 if TYPE_CHECKING:
@@ -181,6 +183,8 @@ class VmRecord:
     registered_at: float = field(default_factory=time.time)
     incoming: PreparedIncoming | None = None
     """As a migration destination: its RAM file prepared and a receiver listening since AcceptIncoming."""
+    degraded: str = ""
+    """Why fph cannot serve this VM's balloon (restored after a restart while its QEMU ran), or ""."""
 
     @property
     def name(self) -> str:
@@ -190,6 +194,16 @@ class VmRecord:
         if self.incoming is not None:
             self.incoming.close()
             self.incoming = None
+
+
+async def balloon_plugged(qmp_socket: Path, device_id: str = "bal0") -> bool | None:
+    """Whether the VM's QEMU has the balloon ``device_id`` plugged; None if its QEMU does not answer."""
+    try:
+        async with asyncio.timeout(5.0), QMPConnection(str(qmp_socket), "fph-restore") as conn:
+            children = await conn.execute("qom-list", {"path": "/machine/peripheral"})
+    except (QMPError, OSError, TimeoutError):
+        return None
+    return any(c.get("name") == device_id for c in children)
 
 
 class Registry:
@@ -250,6 +264,35 @@ class Registry:
             log.info("vm registered", extra={"vm": spec.name, "balloon": str(spec.balloon_socket)})
             return rec
 
+    async def restore(self, spec: VmSpec, state: str) -> VmRecord:
+        """A VM of the previous daemon's saved state. If its QEMU runs and still has the balloon plugged,
+        the balloon's connection dropped with the previous process: QEMU 11.1 cannot re-attach a back-end
+        (it aborts), so fph does not listen again and the VM is degraded (never unplugged by fph, see
+        fph.migration.fph_mode). A VM whose QEMU is not running gets its balloon socket served again."""
+        rec = VmRecord(spec, RamLayout.pc(spec.memory_bytes), state=state)
+        if spec.write_log is not None and spec.write_log.exists():
+            with contextlib.suppress(Exception):
+                wl = await asyncio.to_thread(open_writelog, spec.write_log, rec.layout, False)
+                rec.plugin_arg = wl.plugin_arg
+                wl.close()
+        if spec.balloon_socket is not None:
+            plugged = await balloon_plugged(spec.qmp_socket)
+            if plugged is None or not plugged:
+                with contextlib.suppress(FileNotFoundError):
+                    spec.balloon_socket.unlink()  # the dead daemon's listener; nobody accepts on it
+                rec.control = await asyncio.to_thread(
+                    self.hints.add_vm, str(spec.balloon_socket), rec.sink, name=spec.name
+                )
+            else:
+                rec.degraded = (
+                    "the balloon's connection to QEMU dropped when the previous fph daemon died; QEMU 11.1 "
+                    "cannot re-attach it (it would abort), so this VM has no working balloon until its QEMU "
+                    "is started again: no hinting, no fph-mode migration; native migration is refused by "
+                    "QEMU while the device is plugged"
+                )
+        self.vms[spec.name] = rec
+        return rec
+
     async def unregister(self, name: str) -> bool:
         """Drop a VM; DONE first if its guest may hold hinted pages. Returns whether DONE was sent."""
         async with self._lock:
@@ -271,6 +314,8 @@ class Registry:
             return done
 
     def balloon(self, rec: VmRecord) -> BalloonControl:
+        if rec.control is None and rec.degraded:
+            raise FailedPrecondition(f"VM {rec.name!r} is degraded: {rec.degraded}")
         if rec.control is None:
             raise FailedPrecondition(
                 f"VM {rec.name!r} was registered without balloon_socket: fph serves no balloon for it"

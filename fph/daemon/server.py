@@ -43,6 +43,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from fph.daemon.service import SERVICE_NAMES, Daemon, add_services
+from fph.daemon.state_file import StateFileError
 
 log = logging.getLogger("fph.daemon")
 
@@ -180,6 +181,10 @@ class DaemonServer:
 
     async def start(self) -> None:
         cfg = self.cfg
+        try:
+            await self.daemon.restore()  # the previous daemon's VMs; its interrupted migrations rolled back
+        except StateFileError as exc:
+            raise ConfigError(f"cannot restore the saved state: {exc}") from exc
         self.server = grpc.aio.server()
         self.health = add_services(self.server, self.daemon)
         if cfg.socket:

@@ -34,6 +34,7 @@ from fph.daemon.jobs import (
     native_migration,
 )
 from fph.daemon.metrics import Metrics
+from fph.daemon.recovery import ABORTED, roll_back
 from fph.daemon.registry import (
     Aborted,
     ApiError,
@@ -50,6 +51,7 @@ from fph.daemon.registry import (
     open_writelog,
     trusted_uids,
 )
+from fph.daemon.state_file import PersistedMigration, PersistedState, PersistedVm, StateFile
 from fph.hint_receiver import HintState
 from fph.migration.fph_mode import FphReport
 from fph.qmp import QMPConnectError, QMPConnection, QMPError
@@ -153,6 +155,70 @@ class Daemon:
         self.metrics = Metrics(self.registry)
         self.socket_path = socket_path
         self.jobs: dict[str, MigrationJob] = {}
+        self.state_file = StateFile(self.registry.state_dir)
+
+    def persist(self) -> None:
+        """Save the VMs and the migrations in flight (after every change; atomic)."""
+        vms = [
+            PersistedVm(
+                name=r.name,
+                qmp_socket=str(r.spec.qmp_socket),
+                ram_file=str(r.spec.ram_file),
+                balloon_socket=str(r.spec.balloon_socket or ""),
+                memory_bytes=r.spec.memory_bytes,
+                write_log=str(r.spec.write_log or ""),
+                state=r.state,
+            )
+            for r in self.registry.vms.values()
+        ]
+        migrations = [
+            PersistedMigration(
+                id=j.id,
+                vm=j.vm,
+                mode=j.params.mode,
+                source_qmp=str(self.registry.vms[j.vm].spec.qmp_socket),
+                destination_vm=j.target.vm,
+                destination_qmp=str(j.target.qmp_socket),
+                started=j.start_time,
+            )
+            for j in self.jobs.values()
+            if not j.finished and j.vm in self.registry.vms
+        ]
+        try:
+            self.state_file.save(PersistedState(vms, migrations))
+        except OSError as exc:
+            log.error("state not saved", extra={"path": str(self.state_file.path), "error": str(exc)})
+
+    async def restore(self) -> None:
+        """After a restart: the VMs of the last saved state again, and every migration the previous daemon
+        was running rolled back (``fph.daemon.recovery``); its report reads "aborted: back-end restarted"."""
+        state = self.state_file.load()
+        for v in state.vms:
+            spec = VmSpec(
+                v.name,
+                Path(v.qmp_socket),
+                Path(v.ram_file),
+                Path(v.balloon_socket) if v.balloon_socket else None,
+                v.memory_bytes,
+                Path(v.write_log) if v.write_log else None,
+            )
+            state_now = "migrated" if v.state == "migrated" else "registered"  # nothing else survives
+            restored = await self.registry.restore(spec, state_now)
+            log.info(
+                "vm restored",
+                extra={"vm": restored.name, "state": restored.state, "degraded": restored.degraded},
+            )
+        for m in state.migrations:
+            rb = await roll_back(m)
+            rec = self.registry.vms.get(m.vm)
+            target = Target(m.destination_vm, Path(m.destination_qmp), None, None, "")
+            job = MigrationJob.interrupted(m.id, m.vm, m.mode, target, m.started, rb.cleanup, ABORTED)
+            self.jobs[job.id] = job
+            if rec is not None:
+                rec.job = job
+                rec.state = "migrated" if rb.completed else "registered"
+            log.warning("migration rolled back", extra={"vm": m.vm, "migration": m.id, "cleanup": rb.cleanup})
+        self.persist()
 
     @property
     def state_dir(self) -> Path:
@@ -174,6 +240,7 @@ class Daemon:
             free_page_hint_negotiated=self.registry.negotiated(rec),
             plugin_arg=rec.plugin_arg,
             migration_id=rec.job.id if rec.job is not None else "",
+            degraded=rec.degraded,
         )
 
     async def close(self, timeout: float = 1.5) -> None:
@@ -200,6 +267,7 @@ class VmService(pbg.VmServiceServicer):
             raise InvalidArgument("spec is required")
         spec = VmSpec.validate(self.d.state_dir, request.spec)
         rec = await self.d.registry.register(spec)
+        self.d.persist()
         return self.d.vm_message(rec)
 
     @unary
@@ -212,7 +280,9 @@ class VmService(pbg.VmServiceServicer):
 
     @unary
     async def UnregisterVm(self, request: Any, context: Any) -> Any:
-        return pb.UnregisterVmResponse(done_sent=await self.d.registry.unregister(request.name))
+        done = await self.d.registry.unregister(request.name)
+        self.d.persist()
+        return pb.UnregisterVmResponse(done_sent=done)
 
 
 # ------------------------------------------------------------------------------------------- Hinting
@@ -574,6 +644,8 @@ class MigrationService(pbg.MigrationServiceServicer):
             raise FailedPrecondition(f"VM {rec.name!r} is already migrating ({rec.job.id})")
         if rec.state != "registered":
             raise FailedPrecondition(f"VM {rec.name!r} is {rec.state}: it cannot be migrated from here")
+        if rec.degraded:
+            raise FailedPrecondition(f"VM {rec.name!r} is degraded: {rec.degraded}")
         checks = await self._checks(rec, mode, target)
         for name, ok, detail in checks:
             if not ok and name in ("qmp", "destination") and "does not answer" in detail:
@@ -619,12 +691,14 @@ class MigrationService(pbg.MigrationServiceServicer):
                 dst.state = "registered" if j.report is not None else dst.state
                 dst.drop_incoming()  # its receiver served (or failed) this migration
             self.d.metrics.ended(j)
+            self.d.persist()
             log.info(
                 "migration ended", extra={"vm": j.vm, "migration": j.id, "phase": j.phase, "status": j.status}
             )
 
         job.on_progress = lambda j, p: self.d.metrics.live(j, p.stats)
         job.start(migration, str(rec.spec.qmp_socket), on_end)
+        self.d.persist()
         log.info("migration started", extra={"vm": rec.name, "migration": job.id, "mode": mode})
         return job
 

@@ -118,3 +118,23 @@ def vcpu_threads(cpus: list[dict[str, object]]) -> tuple[int, list[int]]:
     if not tgid:
         raise ThrottleError(f"no Tgid for vCPU thread {tids[0]}")
     return tgid, tids
+
+
+def release_stale_groups(pid: int, root: Path = CPU_V1) -> list[str]:
+    """After a crash of the process that throttled QEMU ``pid``: every thread of its ``fph-throttle-*-pid``
+    groups goes back to the root group (where QEMU's threads start) and the groups are removed. Returns
+    what was done, one line each."""
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for group in sorted(root.glob(f"fph-throttle-*-{pid}")):
+        tasks = [t for t in (group / "tasks").read_text().split() if t]
+        for tid in tasks:
+            with contextlib.suppress(OSError):  # a thread that exited meanwhile
+                (root / "tasks").write_text(tid)
+        try:
+            group.rmdir()
+            done.append(f"vCPU throttle group {group.name} removed ({len(tasks)} thread(s) released)")
+        except OSError as exc:
+            done.append(f"vCPU throttle group {group} NOT removed: {exc}")
+    return done

@@ -65,20 +65,22 @@ class VmSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., qmp_socket: _Optional[str] = ..., ram_file: _Optional[str] = ..., balloon_socket: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., write_log: _Optional[str] = ...) -> None: ...
 
 class Vm(_message.Message):
-    __slots__ = ("spec", "state", "balloon_connected", "free_page_hint_negotiated", "plugin_arg", "migration_id")
+    __slots__ = ("spec", "state", "balloon_connected", "free_page_hint_negotiated", "plugin_arg", "migration_id", "degraded")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BALLOON_CONNECTED_FIELD_NUMBER: _ClassVar[int]
     FREE_PAGE_HINT_NEGOTIATED_FIELD_NUMBER: _ClassVar[int]
     PLUGIN_ARG_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     spec: VmSpec
     state: VmState
     balloon_connected: bool
     free_page_hint_negotiated: bool
     plugin_arg: str
     migration_id: str
-    def __init__(self, spec: _Optional[_Union[VmSpec, _Mapping]] = ..., state: _Optional[_Union[VmState, str]] = ..., balloon_connected: _Optional[bool] = ..., free_page_hint_negotiated: _Optional[bool] = ..., plugin_arg: _Optional[str] = ..., migration_id: _Optional[str] = ...) -> None: ...
+    degraded: str
+    def __init__(self, spec: _Optional[_Union[VmSpec, _Mapping]] = ..., state: _Optional[_Union[VmState, str]] = ..., balloon_connected: _Optional[bool] = ..., free_page_hint_negotiated: _Optional[bool] = ..., plugin_arg: _Optional[str] = ..., migration_id: _Optional[str] = ..., degraded: _Optional[str] = ...) -> None: ...
 
 class RegisterVmRequest(_message.Message):
     __slots__ = ("spec",)

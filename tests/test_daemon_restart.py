@@ -1,0 +1,136 @@
+"""A restarted daemon: its VMs back from the saved state, a running VM whose balloon connection dropped
+reported degraded (never re-attached, never unplugged), and a migration the dead daemon was running
+rolled back over QMP (fake QEMU monitors) with the report "aborted: back-end restarted"."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from fph.api.v1 import fph_pb2 as pb
+from fph.daemon.server import DaemonConfig
+from fph.daemon.state_file import PersistedMigration, PersistedState, PersistedVm, StateFile
+from tests.daemon_helper import RunningDaemon
+from tests.fake_qmp import FakeQMP
+
+GiB = 1 << 30
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    d = tmp_path / "state"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path, state: Path) -> Iterator[Callable[[], RunningDaemon]]:
+    started: list[RunningDaemon] = []
+
+    def make() -> RunningDaemon:
+        sock = str(tmp_path / f"fph{len(started)}.sock")
+        cfg = DaemonConfig.load(None, {"socket": sock, "state_dir": str(state), "log_format": "text"})
+        d = RunningDaemon(cfg)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+def vm(state: Path, name: str, *, balloon: bool = True) -> PersistedVm:
+    d = state / name
+    d.mkdir(exist_ok=True)
+    return PersistedVm(
+        name=name, qmp_socket=str(d / "qmp.sock"), ram_file=str(d / "ram"),
+        balloon_socket=str(d / "balloon.sock") if balloon else "", memory_bytes=GiB, write_log="",
+        state="registered",
+    )  # fmt: skip
+
+
+def listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+        return True
+
+
+def test_vms_come_back_after_a_restart(make_daemon: Callable[[], RunningDaemon], state: Path) -> None:
+    first = make_daemon()
+    for name, balloon in (("vm1", True), ("vm2", False)):
+        v = vm(state, name, balloon=balloon)
+        first.vms.RegisterVm(
+            pb.RegisterVmRequest(
+                spec=pb.VmSpec(
+                    name=v.name,
+                    qmp_socket=v.qmp_socket,
+                    ram_file=v.ram_file,
+                    balloon_socket=v.balloon_socket,
+                    memory_bytes=v.memory_bytes,
+                )
+            )
+        )
+    first.stop()
+    second = make_daemon()
+    vms = {v.spec.name: v for v in second.vms.ListVms(pb.ListVmsRequest()).vms}
+    assert sorted(vms) == ["vm1", "vm2"] and not any(v.degraded for v in vms.values())
+    assert listening(vms["vm1"].spec.balloon_socket)  # no QEMU runs it yet: its balloon is served again
+    second.vms.UnregisterVm(pb.UnregisterVmRequest(name="vm2"))
+    assert [v.name for v in StateFile(state).load().vms] == ["vm1"]
+
+
+def test_a_running_vm_whose_balloon_dropped_is_degraded(
+    make_daemon: Callable[[], RunningDaemon], state: Path
+) -> None:
+    v = vm(state, "vm1")
+    qemu = FakeQMP(
+        Path(v.qmp_socket), {"qom-list": [{"name": "bal0", "type": "child<vhost-user-test-device-pci>"}]}
+    )
+    try:
+        StateFile(state).save(PersistedState([v]))
+        d = make_daemon()
+        got = d.vms.GetVm(pb.GetVmRequest(name="vm1"))
+        assert "cannot re-attach" in got.degraded and not got.balloon_connected
+        assert not listening(v.balloon_socket)  # never served again while that QEMU runs
+        with pytest.raises(grpc.RpcError) as info:
+            d.hints.StartHinting(pb.StartHintingRequest(vm="vm1"))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "degraded" in info.value.details()
+        assert "device_del" not in qemu.commands
+    finally:
+        qemu.close()
+
+
+@pytest.mark.parametrize("destination_status", ["inmigrate", "running"])
+def test_an_interrupted_migration_is_rolled_back(
+    make_daemon: Callable[[], RunningDaemon], state: Path, destination_status: str
+) -> None:
+    src_vm, dst_vm = vm(state, "src"), vm(state, "dst", balloon=False)
+    replies: dict[str, Any] = {"query-cpus-fast": [], "migrate_cancel": {}, "migrate-set-capabilities": {}}
+    src = FakeQMP(Path(src_vm.qmp_socket), {**replies, "query-status": {"status": "paused"}, "cont": {},
+                                            "qom-list": []})  # fmt: skip
+    dst = FakeQMP(Path(dst_vm.qmp_socket), {"query-status": {"status": destination_status}, "quit": {}})
+    try:
+        m = PersistedMigration("mig-1", "src", "fph", src_vm.qmp_socket, "dst", dst_vm.qmp_socket, 1.0)
+        StateFile(state).save(PersistedState([src_vm, dst_vm], [m]))
+        d = make_daemon()
+        report = d.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
+        assert report.error == "aborted: back-end restarted" and report.migration_id == "mig-1"
+        if destination_status == "inmigrate":  # not finished: the source gets its guest back
+            assert {"migrate_cancel", "migrate-set-capabilities", "cont"} <= set(src.commands)
+            assert "quit" in dst.commands
+            assert any("source resumed" in c for c in report.cleanup), report.cleanup
+        else:  # finished before the crash: the guest runs on the destination; the source stays stopped
+            assert "cont" not in src.commands and "quit" not in dst.commands
+            assert d.vms.GetVm(pb.GetVmRequest(name="src")).state == pb.VM_STATE_MIGRATED
+        assert StateFile(state).load().migrations == []
+    finally:
+        src.close()
+        dst.close()
