@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import stat
 import time
 from collections.abc import Callable
@@ -197,13 +198,29 @@ class VmRecord:
 
 
 async def balloon_plugged(qmp_socket: Path, device_id: str = "bal0") -> bool | None:
-    """Whether the VM's QEMU has the balloon ``device_id`` plugged; None if its QEMU does not answer."""
+    """Whether the VM's QEMU has the balloon ``device_id`` plugged; None if no QEMU listens on its monitor
+    (the socket is gone or refuses). A QEMU that is there but does not answer counts as plugged: serving the
+    balloon socket again could let it reconnect, and QEMU 11.1 aborts on that."""
+    if _nothing_listens(qmp_socket):
+        return None
     try:
         async with asyncio.timeout(5.0), QMPConnection(str(qmp_socket), "fph-restore") as conn:
             children = await conn.execute("qom-list", {"path": "/machine/peripheral"})
     except (QMPError, OSError, TimeoutError):
-        return None
+        return True
     return any(c.get("name") == device_id for c in children)
+
+
+def _nothing_listens(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return True
+        except OSError:
+            return False
+    return False
 
 
 class Registry:
