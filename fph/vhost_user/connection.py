@@ -6,6 +6,11 @@ waiting for one of our replies).
 
 Run states (like qemu.qmp): RUNNING -> DISCONNECTING -> CLOSED. Any protocol error, an unexpected EOF or a
 device bug closes only this connection; the loop and the other devices keep running.
+
+One loop serves every VM, so a hostile front-end is bounded: every fd it sends is made non-blocking on
+arrival (a full blocking pipe as call fd would block the loop in write()), at most
+``MAX_MESSAGES_PER_WAKEUP`` messages are handled per readable event (a flood cannot starve the other
+sockets), and at most ``MAX_QUEUED_BYTES`` of replies wait for a peer that does not read them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,14 @@ from fph.vhost_user.handler import AdoptBackendChannel, Result, UnwatchKick, Vho
 
 log = logging.getLogger(__name__)
 
+#: Messages handled per readable event before the loop gets to the other sockets.
+MAX_MESSAGES_PER_WAKEUP = 32
+#: Replies (or back-end requests) queued for a peer that does not read them before its connection is
+#: dropped. QEMU reads each reply before its next request; 64 KiB is thousands of messages.
+MAX_QUEUED_BYTES = 64 * 1024
+#: One read drains a kick fd: 8 bytes from an eventfd, whatever a pipe holds up to this.
+_KICK_READ = 4096
+
 
 class Runstate(enum.Enum):
     IDLE = "idle"
@@ -41,6 +54,9 @@ class _Writer:
 
     def write(self, data: bytes) -> None:
         if self._pending:
+            if len(self._pending) + len(data) > MAX_QUEUED_BYTES:
+                self._on_error(f"peer does not read: {len(self._pending)} bytes already queued")
+                return
             self._pending += data
             return
         try:
@@ -74,16 +90,43 @@ class _Writer:
 
 
 def _recv(sock: socket.socket, decoder: m.FrameDecoder) -> tuple[bytes, list[int]] | None:
-    """Read at most what the current message still needs. None = would block. Raises MessageError."""
+    """Read at most what the current message still needs. None = would block. Raises MessageError.
+
+    Every fd received is made non-blocking at once: the loop must never block on a peer's fd (a call fd
+    that is a full blocking pipe stalled every VM's balloon)."""
     try:
         data, fds, flags, _ = socket.recv_fds(sock, decoder.bytes_needed, m.MAX_FDS, socket.MSG_CMSG_CLOEXEC)
     except BlockingIOError:
         return None
-    if flags & socket.MSG_CTRUNC:
+    try:
+        if flags & socket.MSG_CTRUNC:
+            raise MessageError(f"more than {m.MAX_FDS} fds attached (control data truncated)")
         for fd in fds:
-            os.close(fd)
-        raise MessageError(f"more than {m.MAX_FDS} fds attached (control data truncated)")
+            os.set_blocking(fd, False)
+    except BaseException:
+        _close_fds(fds)
+        raise
     return data, fds
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _channel_socket(fd: int) -> socket.socket:
+    """The back-end channel's socket; ``fd`` is owned from here on and closed if it is not a Unix stream
+    socket (socket() would leave a pipe's fd open behind its ENOTSOCK)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        _close_fds([fd])
+        raise ProtocolError(f"SET_BACKEND_REQ_FD: fd is not a socket: {exc.strerror}") from exc
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.close()
+        raise ProtocolError("SET_BACKEND_REQ_FD: fd is not a Unix stream socket")
+    return sock
 
 
 class BackendChannelConnection:
@@ -101,7 +144,7 @@ class BackendChannelConnection:
         self.name = name
         self._on_closed = on_closed
         self._loop = loop
-        self._sock = socket.socket(fileno=fd)
+        self._sock = _channel_socket(fd)
         self._sock.setblocking(False)
         self._need_reply = need_reply
         self._decoder = m.FrameDecoder()
@@ -131,8 +174,7 @@ class BackendChannelConnection:
                 if got is None:
                     return
                 data, fds = got
-                for fd in fds:
-                    os.close(fd)
+                _close_fds(fds)
                 if fds:
                     raise MessageError("front-end attached fds to a reply on the back-end channel")
                 if not data:
@@ -153,6 +195,8 @@ class BackendChannelConnection:
                 f"unexpected message on the back-end channel: request {h.request} "
                 f"flags {h.flags:#x} size {h.size}"
             )
+        if self.outstanding <= 0:  # also bounds a flood: every reply must answer a request of ours
+            raise MessageError("a reply on the back-end channel to no outstanding request")
         if m.decode_u64(msg.payload) == 0:
             self.acked += 1
         else:
@@ -205,21 +249,21 @@ class VhostUserConnection:
     # ------------------------------------------------------------------ reading
 
     def _on_readable(self) -> None:
+        handled = 0
         try:
-            while self.runstate is Runstate.RUNNING:
+            while self.runstate is Runstate.RUNNING and handled < MAX_MESSAGES_PER_WAKEUP:
                 try:
                     got = _recv(self._sock, self._decoder)
                 except ProtocolError:
-                    self._close_fds(self._decoder.take_fds())
+                    _close_fds(self._decoder.take_fds())
                     raise
                 if got is None:
                     return
                 data, fds = got
                 if not data:
-                    for fd in fds:
-                        os.close(fd)
+                    _close_fds(fds)
                     if self._decoder.mid_message:
-                        self._close_fds(self._decoder.take_fds())
+                        _close_fds(self._decoder.take_fds())
                         self._fail(
                             f"front-end disconnected in the middle of a message "
                             f"({self._decoder.bytes_needed} bytes missing)"
@@ -230,9 +274,10 @@ class VhostUserConnection:
                 try:
                     msg = self._decoder.feed(data, fds)
                 except ProtocolError:
-                    self._close_fds(self._decoder.take_fds())
+                    _close_fds(self._decoder.take_fds())
                     raise
                 if msg is not None:
+                    handled += 1
                     self._apply(self.handler.handle(msg))
         except ProtocolError as exc:
             self._fail(str(exc))
@@ -243,21 +288,29 @@ class VhostUserConnection:
             self._fail(f"internal error: {exc!r}")
 
     def _apply(self, result: Result) -> None:
-        for action in result.actions:
-            if isinstance(action, WatchKick):
-                self._watch_kick(action.index, action.fd)
-            elif isinstance(action, UnwatchKick):
-                self._unwatch_kick(action.index)
-            elif isinstance(action, AdoptBackendChannel):
-                self._adopt_backend_channel(action.fd)
+        actions = list(result.actions)
+        try:
+            while actions:
+                action = actions.pop(0)
+                if isinstance(action, WatchKick):
+                    self._watch_kick(action.index, action.fd)
+                elif isinstance(action, UnwatchKick):
+                    self._unwatch_kick(action.index)
+                elif isinstance(action, AdoptBackendChannel):
+                    self._adopt_backend_channel(action.fd)
+        finally:
+            # An action failed: the channel fds of those not applied are ours (kick fds are the vrings').
+            _close_fds([a.fd for a in actions if isinstance(a, AdoptBackendChannel)])
         if result.reply is not None:
             self._writer.write(result.reply)
 
     def _watch_kick(self, index: int, fd: int) -> None:
         self._unwatch_kick(index)
-        os.set_blocking(fd, False)
+        try:
+            self._loop.add_reader(fd, self._on_kick, index, fd)
+        except OSError as exc:  # epoll refuses regular files (EPERM); the vring still owns and closes the fd
+            raise ProtocolError(f"kick fd of vring {index} cannot be watched: {exc}") from exc
         self._kicks[index] = fd
-        self._loop.add_reader(fd, self._on_kick, index, fd)
 
     def _unwatch_kick(self, index: int) -> None:
         fd = self._kicks.pop(index, None)
@@ -265,12 +318,20 @@ class VhostUserConnection:
             self._loop.remove_reader(fd)
 
     def _on_kick(self, index: int, fd: int) -> None:
+        # os.read, not eventfd_read: glibc's eventfd_read reports a short read (a pipe at EOF, which stays
+        # readable forever) as -1 with a stale errno, EAGAIN included, and the loop would spin on it.
         try:
-            os.eventfd_read(fd)
+            data = os.read(fd, _KICK_READ)
         except BlockingIOError:
             return
         except OSError as exc:
             log.error("%s: kick fd of vring %d: %s", self.name, index, exc)
+            self._unwatch_kick(index)
+            return
+        if not data:
+            log.error(
+                "%s: kick fd of vring %d is at EOF (not an eventfd); no longer watched", self.name, index
+            )
             self._unwatch_kick(index)
             return
         try:
@@ -295,12 +356,6 @@ class VhostUserConnection:
             self.handler.backend.set_backend_channel(None)
 
     # ------------------------------------------------------------------ closing
-
-    @staticmethod
-    def _close_fds(fds: list[int]) -> None:
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
     def _fail(self, reason: str) -> None:
         log.error("%s: closing the vhost-user connection: %s", self.name, reason)

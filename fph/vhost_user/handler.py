@@ -108,6 +108,9 @@ class VhostUserHandler:
         except VhostUserError as exc:
             _close_all(fds)
             raise ProtocolError(f"{_name(msg.header.request)}: {exc}") from exc
+        except BaseException:
+            _close_all(fds)  # a bug, or an error from outside the tree, must not leak the message's fds
+            raise
         _close_all(fds)  # whatever the request handler did not take
         spec = m.REQUESTS[request]
         if msg.header.need_reply and not spec.replies and self._has(ProtocolFeature.REPLY_ACK):

@@ -15,6 +15,7 @@ from fph.vhost_user.errors import MessageError, UnknownRequestError
 
 HEADER = struct.Struct("<III")
 HEADER_SIZE = HEADER.size
+#: VHOST_MEMORY_BASELINE_NREGIONS: the regions of a SET_MEM_TABLE, and the most fds any message carries.
 MAX_FDS = 8
 #: Largest payload any request may carry (a full memory table is 8 + 32 * 8 bytes); 4 KiB leaves room
 #: without letting a peer make us buffer megabytes.

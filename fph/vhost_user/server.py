@@ -83,10 +83,15 @@ class VhostUserServer:
             return
         assert self._loop is not None
         listener.connections_served += 1
-        handler = VhostUserHandler(listener.backend, name=listener.name)
-        listener.connection = VhostUserConnection(
-            conn_sock, handler, self._loop, on_closed=functools.partial(self._closed, listener)
-        )
+        try:
+            handler = VhostUserHandler(listener.backend, name=listener.name)
+            listener.connection = VhostUserConnection(
+                conn_sock, handler, self._loop, on_closed=functools.partial(self._closed, listener)
+            )
+        except Exception:  # e.g. a device whose queue size no ring may have: refuse, keep no socket
+            log.exception("%s: cannot serve the new front-end connection", listener.name)
+            conn_sock.close()
+            return
         listener.connected.set()
         log.info("%s: front-end connected (connection %d)", listener.name, listener.connections_served)
 

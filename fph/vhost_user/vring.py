@@ -35,17 +35,21 @@ class Vring:
     def signal_used(self, mem: GuestMemory) -> None:
         """Interrupt the driver if it asked for one (suppression honoured)."""
         if self.call_fd is not None and self.queue.needs_notification(mem):
-            try:
-                os.eventfd_write(self.call_fd, 1)
-            except OSError as exc:
-                log.error("vring %d: call eventfd write failed: %s", self.index, exc)
+            self._notify(self.call_fd, "call")
 
     def signal_error(self) -> None:
         if self.err_fd is not None:
-            try:
-                os.eventfd_write(self.err_fd, 1)
-            except OSError as exc:
-                log.error("vring %d: err eventfd write failed: %s", self.index, exc)
+            self._notify(self.err_fd, "err")
+
+    def _notify(self, fd: int, what: str) -> None:
+        """The transport made the fd non-blocking; EAGAIN means the front-end has not read the last
+        notification yet (a full counter or pipe), so this one is already pending: drop it."""
+        try:
+            os.eventfd_write(fd, 1)
+        except BlockingIOError:
+            log.debug("vring %d: %s fd full, notification already pending", self.index, what)
+        except OSError as exc:
+            log.error("vring %d: %s eventfd write failed: %s", self.index, what, exc)
 
     def replace_fd(self, name: str, fd: int | None) -> None:
         old = getattr(self, name)

@@ -34,6 +34,10 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 #: A single access larger than this is refused outright (no guest buffer the device copies is this big).
 MAX_ACCESS = 1 << 20
+#: At most this many regions in one map: QEMU's vhost-user VHOST_USER_MAX_RAM_SLOTS. Checked before any
+#: region is mapped, whatever message described them.
+MAX_REGIONS = 32
+_U64_LIMIT = 1 << 64
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,21 @@ class RegionSpec:
     size: int
     uva: int
     mmap_offset: int
+
+    def check(self) -> None:
+        """Refuse made-up numbers before any mmap, as a GuestMemoryError: mmap itself raises OverflowError
+        (outside the error tree) for a length past ssize_t, and a wrapped sum would map the wrong range."""
+        fields = (self.gpa, self.size, self.uva, self.mmap_offset)
+        if any(not 0 <= v < _U64_LIMIT for v in fields):
+            raise GuestMemoryError(f"region {self}: a field is not a u64")
+        if self.size == 0 or (self.size | self.gpa | self.mmap_offset) % PAGE_SIZE:
+            raise GuestMemoryError(
+                f"region gpa={self.gpa:#x} size={self.size:#x} offset={self.mmap_offset:#x} "
+                "is empty or not page aligned"
+            )
+        for name, start in (("gpa", self.gpa), ("uva", self.uva), ("mmap offset", self.mmap_offset)):
+            if start + self.size > _U64_LIMIT:
+                raise GuestMemoryError(f"region {name} {start:#x} + size {self.size:#x} overflows 64 bits")
 
 
 class Region:
@@ -60,11 +79,10 @@ class Region:
 
     @classmethod
     def map_fd(cls, spec: RegionSpec, fd: int) -> Region:
-        if spec.size == 0 or spec.size % PAGE_SIZE or spec.gpa % PAGE_SIZE:
-            raise GuestMemoryError(f"region gpa={spec.gpa:#x} size={spec.size:#x} is not page aligned")
+        spec.check()
         try:
             mm = mmap.mmap(fd, spec.mmap_offset + spec.size, flags=mmap.MAP_SHARED | 0x4000)  # MAP_NORESERVE
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OverflowError) as exc:  # Overflow: a length past ssize_t
             raise GuestMemoryError(f"cannot map region gpa={spec.gpa:#x} size={spec.size:#x}: {exc}") from exc
         return cls(spec, mm)
 
@@ -81,6 +99,12 @@ class GuestMemory:
     @classmethod
     def from_fds(cls, specs: Sequence[RegionSpec], fds: Sequence[int]) -> GuestMemory:
         """Map one fd per region; the caller keeps ownership of (and closes) the fds."""
+        if len(specs) > MAX_REGIONS:
+            raise GuestMemoryError(f"{len(specs)} memory regions, at most {MAX_REGIONS}")
+        if len(specs) != len(fds):
+            raise GuestMemoryError(f"{len(fds)} fds for {len(specs)} memory regions")
+        for spec in specs:
+            spec.check()
         regions: list[Region] = []
         try:
             for spec, fd in zip(specs, fds, strict=True):
@@ -237,9 +261,12 @@ class VhostLog:
     def __init__(self, fd: int, mmap_size: int, mmap_offset: int) -> None:
         if mmap_size == 0 or mmap_size % 8:
             raise GuestMemoryError(f"log size {mmap_size} is not a positive multiple of 8")
+        # An unaligned offset would make every atomic OR a split lock; a sum past 2**64 is made up.
+        if mmap_offset < 0 or mmap_offset % 8 or mmap_offset + mmap_size > _U64_LIMIT:
+            raise GuestMemoryError(f"log offset {mmap_offset:#x} (size {mmap_size:#x}) is invalid")
         try:
             self._mm = mmap.mmap(fd, mmap_offset + mmap_size, flags=mmap.MAP_SHARED)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OverflowError) as exc:
             raise GuestMemoryError(f"cannot map dirty log ({mmap_size} bytes): {exc}") from exc
         self._anchor = ctypes.c_char.from_buffer(self._mm)
         self._base = ctypes.addressof(self._anchor) + mmap_offset

@@ -14,6 +14,7 @@ from fph.virtio.chain import DescriptorChain, walk_chain
 from fph.virtio.errors import GuestMemoryError, VirtQueueError
 from fph.virtio.memory import GuestMemory, VhostLog
 
+#: The largest split ring virtio 1.x allows (2.7.1: Queue Size is a power of 2, at most 32768).
 MAX_QUEUE_SIZE = 32768
 AVAIL_F_NO_INTERRUPT = 1
 _USED_ELEM = struct.Struct("<II")
@@ -21,6 +22,8 @@ _USED_ELEM = struct.Struct("<II")
 
 class SplitQueue:
     def __init__(self, max_size: int = 1024) -> None:
+        if not _is_queue_size(max_size):
+            raise ValueError(f"max queue size {max_size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
         self.max_size = max_size
         self.size = 0
         self.desc_table = 0
@@ -36,7 +39,7 @@ class SplitQueue:
         self._signalled_used: int | None = None
 
     def set_size(self, size: int) -> None:
-        if size == 0 or size > self.max_size or size & (size - 1):
+        if not _is_queue_size(size) or size > self.max_size:
             raise VirtQueueError(f"queue size {size} is not a power of two in 1..{self.max_size}")
         self.size = size
 
@@ -118,3 +121,7 @@ class SplitQueue:
             offset = 4 + 8 * self.size
             mem.write_u16(self.used_ring + offset, self.next_avail)
             self._log_used(offset, 2)
+
+
+def _is_queue_size(size: int) -> bool:
+    return 0 < size <= MAX_QUEUE_SIZE and not size & (size - 1)
