@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -605,7 +606,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", type=Path, default=None, help="raw results, rewritten after every run")
     ap.add_argument("--logs", type=Path, default=None, help="keep every run's serial and QEMU logs here")
+    ap.add_argument(
+        "--plot",
+        action="store_true",
+        help="at the end, PNG plots beside the --json file (bench/plots.py; needs matplotlib: '.[bench]')",
+    )
     args = ap.parse_args(argv)
+    if args.plot and args.json is None:
+        ap.error("--plot needs --json (the plots are drawn from it, beside it)")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # now, not after the suite
+        ap.error("--plot needs matplotlib: pip install -e '.[bench]'")
 
     names = args.workloads.split(",") if args.workloads else list(WORKLOADS)
     unknown = [n for n in names if n not in WORKLOADS]
@@ -671,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
             {k: {"missed": v["missed"], "targets": v["targets"]} for k, v in summary.items()}, indent=1
         )
     )
+    if args.plot:  # its own process: this script's directory is on sys.path, not the package bench
+        plots = Path(__file__).resolve().with_name("plots.py")
+        return subprocess.run([sys.executable, str(plots), str(args.json)], check=False).returncode
     return 0
 
 

@@ -140,6 +140,12 @@ def _add_daemon_parsers(sub: Any) -> None:
     p = _with_socket(mig.add_parser("report"))
     p.add_argument("vm")
     p.add_argument("--id")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        help="also draw its bytes per round and timeline to this PNG (needs matplotlib: fph[bench])",
+    )
     for p in mig.choices.values():
         p.set_defaults(func=_client("migration"))
 
