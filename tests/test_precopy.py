@@ -454,3 +454,61 @@ def test_overlap_counts_pages_sent_before_their_hint_as_waste(ram_files: tuple[R
     assert balloon.dones == 1 and pc.result.hinting == "used"
     assert differing_pages(src, dst, guest) == []
     channel.close()
+
+
+class SteadyBalloon(FakeBalloon):
+    """A guest whose hint run reports one 4 MiB block every 50 ms (80 MiB/s), then its STOP."""
+
+    answers = False
+
+    def request_hints(self, on_issue: Callable[[int], None] | None = None) -> int:
+        cmd = super().request_hints(on_issue)
+        self.state = "start"
+        threading.Thread(target=self._trickle, args=(cmd, list(self.blocks)), daemon=True).start()
+        self.blocks = []
+        self.run_bytes = 0
+        return cmd
+
+    def _trickle(self, cmd: int, blocks: list[int]) -> None:
+        for gpa in blocks:
+            time.sleep(0.05)
+            if self.state != "start":
+                return
+            self.bitmap.apply_hints(cmd, [(gpa, 4 * MiB)])
+            self.run_bytes += 4 * MiB
+        self.state = "stop"
+
+    def status(self) -> object:
+        return type("S", (), {"state": self.state, "broken": None, "blocks": self.run_bytes // (4 * MiB),
+                              "hinted_bytes": self.run_bytes})()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("bandwidth", "waits"),
+    [(None, "no"), (1 * MiB, "whole run"), (1 << 30, "half a second")],
+)
+def test_auto_waits_only_while_the_run_outpaces_the_cap(
+    ram_files: tuple[RamFile, RamFile], bandwidth: int | None, waits: str
+) -> None:
+    """``auto``: no cap, no wait; a run hinting 80 MiB/s against a 1 MiB/s cap is waited for to its end;
+    against a 1 GiB/s cap only as long as it takes to see it is slower (0.5 s), then round 0 overlaps it."""
+    src, dst = ram_files
+    guest = SoftGuest(src, LAYOUT)
+    bitmap, channel, receiver = connected(src, dst)
+    blocks = [g * MiB for g in range(0, 48, 4)] + [g * MiB for g in range(64, 80, 4)]  # 16 blocks: 0.8 s
+    balloon = SteadyBalloon(bitmap, guest, blocks)
+    cfg = PrecopyConfig(first_hint_run="auto", bandwidth=bandwidth)
+    pc = Precopy(bitmap, channel.ram, channel, guest.harvest, balloon, cfg)
+    pc.start()
+    r0 = pc.run_round()
+    pc.final_round()
+    pc.verify_and_resend()
+    channel.finish({})
+    assert receiver.wait(30).ok
+    if waits == "no":
+        assert r0.hint_wait_ms == 0
+    elif waits == "whole run":
+        assert r0.hint_wait_ms >= 700 and r0.hinted_pages == 16 * 1024, r0
+    else:
+        assert 450 <= r0.hint_wait_ms < 750, r0
+    channel.close()

@@ -6,8 +6,8 @@ wrote while the round ran: the dirty rate) and, with the every-round policy, iss
 its epoch. After the sync :meth:`Precopy.decide` asks the convergence policy (``convergence.py``) whether a
 switchover now would fit the downtime limit. Round 0 starts with every RAM page dirty and, when the guest's
 balloon can hint, requests the guest's first hint run and sends while it streams (or, with
-``first_hint_run=wait``, waits for the run to end first); free memory hinted before round 0 reaches it is
-never sent. Sending never clears a log bit, so sends may interleave with hints and harvests in any order
+``first_hint_run=wait``, waits for the run to end first; ``auto`` waits only while the run outpaces the
+bandwidth cap); free memory hinted before round 0 reaches it is never sent. Sending never clears a log bit, so sends may interleave with hints and harvests in any order
 (docs/protocol-model.md). A guest that cannot hint (no driver, FREE_PAGE_HINT not negotiated, no answer to
 the request within ``hint_start_timeout_s``) is migrated without hints and the result says why.
 
@@ -63,6 +63,7 @@ class HintPolicy(enum.Enum):
 class FirstHintRun(enum.Enum):
     """How round 0 meets the guest's first hint run (see ``PrecopyConfig.first_hint_run``)."""
 
+    AUTO = "auto"
     OVERLAP = "overlap"
     WAIT = "wait"
 
@@ -105,12 +106,15 @@ class PrecopyConfig(ConvergenceConfig):
     """Round 0 waits at most this long for the guest to finish its first hint run."""
     first_hint_idle_s: float = 1.0
     """... and stops waiting once the run has reported no new block for this long."""
-    first_hint_run: FirstHintRun = FirstHintRun.OVERLAP
+    first_hint_run: FirstHintRun = FirstHintRun.AUTO
     """``overlap``: round 0 starts sending as soon as the run is requested, and the sync that ends round 0
     STOPs it (QEMU's order): a block hinted before round 0 reaches it is not sent, one hinted after is
     reported as waste. ``wait``: round 0 first waits for the guest to end its run (bounded by
     ``first_hint_wait_s``): fewer bytes when the guest hints fast, a longer round 0 when it does not
-    (under TCG with ``init_on_alloc=1`` the driver zeroes every block it hints, ~0.2 GB/s)."""
+    (under TCG with ``init_on_alloc=1`` the driver zeroes every block it hints, ~0.2 GB/s). ``auto``: with
+    a bandwidth cap, round 0 waits while the run reports free memory faster than the cap could send it
+    (every second of that wait saves more than a second of sending), then overlaps the rest; without a
+    cap (the link is not the bottleneck), overlap."""
     hint_start_timeout_s: float = 2.0
     """A guest that has not started the requested hint run by then is migrated without hints."""
     take_budget_bytes: int = 64 << 20
@@ -266,11 +270,15 @@ class Precopy:
         rs = RoundStats(round=self.round)
         t0 = time.monotonic()
         before = self.bitmap.stats.as_dict()
-        if self.round == 0 and cfg.first_hint_run is FirstHintRun.WAIT:
+        first = cfg.first_hint_run
+        if self.round == 0 and first is FirstHintRun.WAIT:
             rs.harvest_ms += self._round0_hints(rs)
-        overlap = self.round == 0 and cfg.first_hint_run is FirstHintRun.OVERLAP
+        overlap = self.round == 0 and first is not FirstHintRun.WAIT
         if overlap:
             self._request_first_run()
+            if first is FirstHintRun.AUTO and cfg.bandwidth and self.hints is not None:
+                waited = self._wait_first_hint_run(cfg.first_hint_wait_s, faster_than_bps=cfg.bandwidth)
+                rs.hint_wait_ms = waited * 1e3
         rs.dirty_at_start = self.bitmap.count_dirty()
         if self.round == 0:
             t_ready = time.monotonic()
@@ -389,14 +397,16 @@ class Precopy:
         self.bitmap.close_epoch()
         self.hints = None
 
-    def _wait_first_hint_run(self, limit_s: float) -> float:
+    def _wait_first_hint_run(self, limit_s: float, faster_than_bps: float | None = None) -> float:
         """Wait until the guest ends its hint run with its STOP (the device leaves REQUESTED/START for
         STOP on its own): free memory hinted before it is sent is never sent. Gives up after ``limit_s``,
-        or once a started run has reported no new block for ``first_hint_idle_s`` (a slow guest). A guest
+        or once a started run has reported no new block for ``first_hint_idle_s`` (a slow guest), or, with
+        ``faster_than_bps``, once the run has reported less than that over the last half second. A guest
         still in REQUESTED after ``hint_start_timeout_s`` does not answer: hinting is unavailable."""
         assert self.hints is not None
         t0 = last_progress = time.monotonic()
         blocks = -1
+        window: list[tuple[float, int]] = []  # (time, hinted bytes of the run) over the last 0.5 s
         while time.monotonic() - t0 < limit_s:
             st = self.hints.status()
             state = getattr(st.state, "value", st.state)
@@ -412,6 +422,13 @@ class Precopy:
                 blocks, last_progress = got, now
             elif blocks > 0 and now - last_progress > self.config.first_hint_idle_s:
                 break
+            if faster_than_bps is not None and state != "requested":
+                window.append((now, int(getattr(st, "hinted_bytes", 0))))
+                while len(window) > 2 and now - window[1][0] >= 0.5:
+                    window.pop(0)
+                span = now - window[0][0]
+                if span >= 0.5 and (window[-1][1] - window[0][1]) / span < faster_than_bps:
+                    break  # sending now costs less time than waiting for what is left of the run
             time.sleep(0.005)
         return time.monotonic() - t0
 
