@@ -309,7 +309,7 @@ def run_one(
             fmig: FphMigration | None = None
             try:
                 if isinstance(pair, FphPair):
-                    first = FirstHintRun.WAIT if mode == "fph-wait" else FirstHintRun.OVERLAP
+                    first = FirstHintRun.WAIT if mode == "fph-wait" else FphConfig.first_hint_run  # default
                     fcfg = FphConfig(bandwidth=cap, downtime_limit_ms=DOWNTIME_LIMIT_MS, first_hint_run=first)
                     fmig = pair.migration(fcfg, receiver_process=True)
                     report = asyncio.run(fmig.run())
