@@ -10,7 +10,7 @@
 
 matplotlib (``pip install -e '.[bench]'``) is imported inside the functions: importing the bench modules stays
 fast and a suite that does not plot never needs it. The per-run plot is fph's own
-(``fph.daemon.client.plot_migration``, what ``fph migration report VM --plot`` draws), fed from the run.
+(``fph.report_plot.plot_migration``, what ``fph migration report VM --plot`` draws), fed from the run.
 Nothing is drawn that the JSON does not hold: a run or figure without its data is skipped with a message.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fph.daemon.client import MigrationPlot
+    from fph.report_plot import MigrationPlot
 
 MIB = 1 << 20
 MODE_ORDER = ("fph", "fph-wait", "native", "none")
@@ -253,7 +253,7 @@ def plot_rate(doc: Mapping[str, Any], path: Path, source: str) -> Path:
 
 def run_plot(run: Mapping[str, Any], source: str) -> MigrationPlot:
     """A bench run as the input of fph's per-migration plot (the daemon report's fields, from the run's)."""
-    from fph.daemon.client import MigrationPlot
+    from fph.report_plot import MigrationPlot
 
     name = f"{run['workload']} {run['mode']} #{run['run']}"
     if not run.get("fph_rounds"):
@@ -283,7 +283,7 @@ def run_plot(run: Mapping[str, Any], source: str) -> MigrationPlot:
 
 
 def plot_run(run: Mapping[str, Any], path: Path, source: str) -> Path:
-    from fph.daemon.client import plot_migration
+    from fph.report_plot import plot_migration
 
     return plot_migration(run_plot(run, source), path)
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from bench import plots
-from fph.daemon.client import PlotError, plot_migration, report_plot
+from fph.report_plot import PlotError, plot_migration, report_plot
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "bench" / "results" / "policy_bench-quick.json"

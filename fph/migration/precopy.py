@@ -7,9 +7,10 @@ its epoch. After the sync :meth:`Precopy.decide` asks the convergence policy (``
 switchover now would fit the downtime limit. Round 0 starts with every RAM page dirty and, when the guest's
 balloon can hint, requests the guest's first hint run and sends while it streams (or, with
 ``first_hint_run=wait``, waits for the run to end first; ``auto`` waits only while the run outpaces the
-bandwidth cap); free memory hinted before round 0 reaches it is never sent. Sending never clears a log bit, so sends may interleave with hints and harvests in any order
-(docs/protocol-model.md). A guest that cannot hint (no driver, FREE_PAGE_HINT not negotiated, no answer to
-the request within ``hint_start_timeout_s``) is migrated without hints and the result says why.
+bandwidth cap); free memory hinted before round 0 reaches it is never sent. Sending never clears a log
+bit, so sends may interleave with hints and harvests in any order (docs/protocol-model.md). A guest that
+cannot hint (no driver, FREE_PAGE_HINT not negotiated, no answer to the request within
+``hint_start_timeout_s``) is migrated without hints and the result says why.
 
 Pages are sent as data, as zero markers, as fill markers (a page repeating one 8-byte value, e.g. a
 poisoned free page), or not at all when they are zero and the destination is known to hold zeros. Every
