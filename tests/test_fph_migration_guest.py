@@ -80,7 +80,9 @@ def test_fph_migration_with_shrinker_pressure_is_byte_exact(pair: FphPair, polic
             started.append(time.monotonic())
             time.sleep(1.5)  # let it eat into the hinted blocks while the next rounds run
 
-    mig = pair.migration(FphConfig(max_rounds=8, hint_policy=policy), hooks=(pressure, compare))
+    # the whole first run (wait): the most blocks hinted, so the pressure reuses as many as it can
+    cfg = FphConfig(max_rounds=8, hint_policy=policy, first_hint_run="wait")
+    mig = pair.migration(cfg, hooks=(pressure, compare))
     report = asyncio.run(mig.run())
     assert started, "the pressure hook never ran"
     assert compare.diff == [], f"{len(compare.diff or [])} pages differ, first {(compare.diff or [])[:8]}"

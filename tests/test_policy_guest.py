@@ -69,6 +69,7 @@ def test_a_poisoned_guest_costs_fill_markers_not_data(poisoned: FphPair) -> None
     report = asyncio.run(pair.migration(FphConfig(), hooks=(compare,)).run())
     fill_pages = sum(r["pages_fill"] for r in report.rounds)
     assert fill_pages * 4096 > 400 * MiB, fill_pages  # the poisoned free memory went as markers
+    assert report.fph["hinting"].startswith("skipped: the guest poisons"), report.fph["hinting"]
     assert report.fph["bytes_on_wire"] < allocated + 64 * MiB, (report.fph["bytes_on_wire"], allocated)
     assert compare.diff == []
     check = pair.check()

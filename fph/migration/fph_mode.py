@@ -289,14 +289,16 @@ class FphMigration:
         await asyncio.to_thread(_warm_kernels)  # nothing compiles or loads later, inside the stop window
         bitmap = DirtyBitmap(self.layout)
         unavailable = await self._hinting_unavailable()
-        if self.balloon is not None and unavailable is None:
+        skipped = None if unavailable is not None else await self._hinting_skipped()
+        if self.balloon is not None and unavailable is None and skipped is None:
             self.balloon.control.set_sink(bitmap)
         self.writelog.start()
         self.device_log.start()
         ready = None if receiver is None else lambda: receiver.wait_prepared(cfg.receiver_prepare_timeout_s)
         pc = self.precopy = Precopy(
-            bitmap, src_ram, channel, self._harvest, self._hints(), cfg, ready, hints_unavailable=unavailable
-        )
+            bitmap, src_ram, channel, self._harvest, self._hints(), cfg, ready,
+            hints_unavailable=unavailable, hints_skipped=skipped,
+        )  # fmt: skip
         t_setup = time.monotonic()
 
         # ---- rounds, guest running, until the policy says a switchover now fits the downtime limit
@@ -451,6 +453,19 @@ class FphMigration:
                 "(QEMU cannot re-attach a back-end to a running vhost-user device)"
             )
 
+    async def _hinting_skipped(self) -> str | None:
+        """Why hinting would not pay for this guest (see ``PrecopyConfig.hint_poisoned_guests``), or None."""
+        view = getattr(self.balloon.control, "view_async", None) if self.balloon is not None else None
+        if view is None or self.config.hint_poisoned_guests:
+            return None
+        v = await view()
+        if v.poison_val:
+            return (
+                f"the guest poisons its free pages (value {v.poison_val:#x}): each is a FILL marker on the "
+                "wire, cheaper than a hint run and the re-poisoning of every block the guest gets back"
+            )
+        return None
+
     async def _hinting_unavailable(self) -> str | None:
         """Why this guest cannot hint (it is then migrated without hints), or None if it can."""
         if self.balloon is None:
@@ -510,8 +525,7 @@ class FphMigration:
                     "type": "socket",
                     "data": {
                         "addr": {"type": "unix", "data": {"path": socket_path}},
-                        "server": False,
-                        "reconnect-ms": 1000,
+                        "server": False,  # no reconnect-ms: a reconnect aborts QEMU 11.1 (vhost_dev_start)
                     },
                 },
             },
@@ -528,10 +542,11 @@ class FphMigration:
         )
 
     async def _wait_chardev_connected(self, conn: QMPConnection, label: str, timeout: float = 5.0) -> None:
-        """With reconnect-ms, chardev-add returns before the socket is connected (QEMU connects from its
-        main loop), and vhost-user-test-device-pci does not wait: a device_add in that window fails with
-        "vhost_backend_init failed: Protocol error" (measured through the daemon, 2 of 4 runs under load).
-        QEMU names a socket chardev "disconnected:..." until it is connected."""
+        """The chardev must be connected before device_add: with reconnect-ms (which fph no longer uses)
+        chardev-add returned before the connect, and vhost-user-test-device-pci does not wait, so a
+        device_add in that window failed with "vhost_backend_init failed: Protocol error" (2 of 4 runs
+        through the daemon, under load). QEMU names a socket chardev "disconnected:..." until it is
+        connected."""
 
         async def filename() -> str:
             chardevs = await conn.execute("query-chardev")

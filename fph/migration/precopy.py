@@ -125,6 +125,11 @@ class PrecopyConfig(ConvergenceConfig):
     of the memory released) are sent once, in round 0. ``every-round``: a fresh hint run per round, the
     blocks held until they are given back, with DONE, a round before switchover (QEMU keeps them until the
     balloon goes)."""
+    hint_poisoned_guests: bool = False
+    """A guest that poisons its free pages (``page_poison=1``: the driver reports a non-zero poison value)
+    is migrated without hints by default: every free page is one repeated 8-byte value, a FILL marker on
+    the wire, while a hint run makes the guest poison every block again when it gets it back (measured:
+    2.5x native's total time on a 1 GiB guest, for the same bytes)."""
     release_settle_s: float = 0.1
     """After DONE, how long to let the guest free its blocks before the sync that precedes round 0."""
 
@@ -190,10 +195,11 @@ class Precopy:
         destination_ready: Callable[[], object] | None = None,
         *,
         hints_unavailable: str | None = None,
+        hints_skipped: str | None = None,
         costs: FixedCosts | None = None,
     ) -> None:
-        """``hints``: the balloon, or None; ``hints_unavailable``: why the caller knows it cannot hint
-        (then ``hints`` is not used)."""
+        """``hints``: the balloon, or None; ``hints_unavailable``: why the caller knows it cannot hint,
+        ``hints_skipped``: why hinting would not pay (then ``hints`` is not used either)."""
         self.bitmap = bitmap
         self.destination_ready = destination_ready
         """Blocks until the destination can take pages at full speed (its RAM file prepared)."""
@@ -201,11 +207,13 @@ class Precopy:
         self.channel = channel
         self.harvest = harvest
         self.config = config or PrecopyConfig()
-        self.hints = hints if hints_unavailable is None else None
+        self.hints = hints if hints_unavailable is None and hints_skipped is None else None
         self.result = PrecopyResult()
         if hints is None and hints_unavailable is None:
             hints_unavailable = "no balloon device"
         self.result.hinting = "used" if self.hints is not None else f"unavailable: {hints_unavailable}"
+        if hints_skipped is not None and hints_unavailable is None:
+            self.result.hinting = f"skipped: {hints_skipped}"
         self.convergence = Convergence(self.config, costs or FixedCosts(), bandwidth=self.config.bandwidth)
         self.sent_hash = np.zeros(bitmap.nbits, dtype=np.uint64)
         self.on_wire = np.zeros(bitmap.nbits, dtype=np.uint8)

@@ -1,0 +1,168 @@
+"""``kill -9`` of a real ``fph serve`` in the middle of an fph migration's round 0, then a restart on the
+same state directory: the restarted daemon rolls the migration back within 10 s (source running with its
+memory, x-ignore-shared off, destination QEMU gone), reports "aborted: back-end restarted", and reports
+the source VM degraded (its balloon's connection dropped with the dead process; QEMU 11.1 cannot
+re-attach it, and fph never unplugs it). QEMU must survive all of it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from fph.api.v1 import fph_pb2 as pb
+from fph.api.v1 import fph_pb2_grpc as pbg
+from fph.waiting import poll_until
+from fph_lab.provision import Lab
+from fph_lab.vm import VM, VMConfig
+
+pytestmark = [pytest.mark.guest, pytest.mark.fault, pytest.mark.timeout(600)]
+MiB = 1 << 20
+MEM_MIB = 1024
+
+
+class Served:
+    """``fph serve`` as its own process (killed by PID), with stubs on its socket."""
+
+    def __init__(self, state: Path) -> None:
+        self.sock = state / "fph.sock"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fph.cli", "serve", "--socket", str(self.sock), "--state-dir", str(state),
+             "--log-format", "text"],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert poll_until(lambda: self._accepts() or self.proc.poll() is not None, 60, 0.05)
+        assert self.proc.poll() is None, self.proc.communicate()[1]
+        self.channel = grpc.insecure_channel(f"unix:{self.sock}")
+        self.vms = pbg.VmServiceStub(self.channel)
+        self.migrations = pbg.MigrationServiceStub(self.channel)
+
+    def _accepts(self) -> bool:
+        """The socket accepts (a dead predecessor's socket file exists but refuses)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(self.sock))
+            except OSError:
+                return False
+            return True
+
+    def kill(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.channel.close()
+
+    def stop(self) -> str:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.communicate(timeout=30)[1]
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.communicate()[1]
+
+
+@pytest.fixture
+def state(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    d = Path(tempfile.mkdtemp(prefix="fph-restart-", dir=base))
+    monkeypatch.setenv("FPH_RUN_DIR", str(d / "vms"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def register(daemon: Served, vm: VM, *, write_log: bool) -> Any:
+    s = pb.VmSpec(
+        name=vm.name, qmp_socket=str(vm.qmp_socket), ram_file=str(vm.run_dir / "ram"),
+        balloon_socket=str(vm.run_dir / "balloon.sock"), memory_bytes=MEM_MIB * MiB,
+        write_log=str(vm.run_dir / "wlog.bin") if write_log else "",
+    )  # fmt: skip
+    return daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=s))
+
+
+def test_a_daemon_killed_in_round_0_is_rolled_back_by_its_successor(lab: Lab, state: Path) -> None:
+    vms: list[VM] = []
+    daemons: list[Served] = []
+    try:
+        first = Served(state)
+        daemons.append(first)
+        src = VM(lab, VMConfig(mem_mib=MEM_MIB), name="src")
+        vms.append(src)
+        rec = register(first, src, write_log=True)
+        src.config = VMConfig(
+            mem_mib=MEM_MIB, balloon="fph", vhost_user_socket=rec.spec.balloon_socket, ram_backend="file",
+            plugins=(rec.plugin_arg,),
+        )  # fmt: skip
+        src.start()
+        dst = VM(
+            lab, VMConfig(mem_mib=MEM_MIB, balloon="none", ram_backend="file", incoming=True), name="dst"
+        )
+        vms.append(dst)
+        register(first, dst, write_log=False)
+        dst.start()
+        src.wait_ready(180)
+        src.guest.fill(300)  # data that round 0 must send: at 16 MiB/s it takes many seconds
+        src.guest.start_hold(32, 1)
+        target = first.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dst"))
+        request = pb.MigrateRequest(
+            vm="src",
+            mode=pb.MODE_FPH,
+            destination=target,
+            bandwidth_bytes_per_second=16 * MiB,
+            progress_interval_ms=100,
+        )
+        in_round_0 = threading.Event()
+
+        def follow() -> None:
+            try:
+                for ev in first.migrations.Migrate(request):
+                    if (
+                        ev.fph_phase == "rounds"
+                        and ev.memory_iteration == 0
+                        and ev.memory_processed > 8 * MiB
+                    ):
+                        in_round_0.set()
+            except grpc.RpcError:
+                pass  # the daemon is killed under the stream
+
+        threading.Thread(target=follow, daemon=True).start()
+        assert in_round_0.wait(120), "round 0 never showed progress"
+        first.kill()
+        assert src.alive() and dst.alive(), "QEMU died with fph"
+
+        t_restart = time.monotonic()
+        second = Served(state)
+        daemons.append(second)
+        report = second.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
+        assert time.monotonic() - t_restart < 10.0
+        assert report.error == "aborted: back-end restarted", report
+        assert "source x-ignore-shared off" in report.cleanup, report.cleanup  # (round 0: it never stopped)
+        assert src.alive() and src.status() == "running"
+        caps = {c["capability"]: c["state"] for c in src.qmp("query-migrate-capabilities")}
+        assert caps["x-ignore-shared"] is False
+        assert poll_until(lambda: not dst.alive(), 10, 0.1), "the destination QEMU was not told to quit"
+        vm_src = second.vms.GetVm(pb.GetVmRequest(name="src"))
+        assert "cannot re-attach" in vm_src.degraded and vm_src.state == pb.VM_STATE_REGISTERED
+        hb0 = src.guest.last_heartbeat()
+        time.sleep(2.5)
+        hb1 = src.guest.last_heartbeat()
+        assert hb0 is not None and hb1 is not None and hb1.seq > hb0.seq and hb1.ok, (hb0, hb1)
+        assert hb1.csum == hb0.csum, "the guest's checksummed region changed"
+        assert src.alive(), "QEMU died after the rollback"
+    finally:
+        for d in daemons:
+            d.stop()
+        for vm in vms:
+            vm.stop()
