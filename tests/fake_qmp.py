@@ -47,7 +47,10 @@ class FakeQMP:
 
     def _client(self, conn: socket.socket) -> None:
         conn.settimeout(None)
-        conn.sendall(json.dumps(GREETING).encode() + b"\r\n")
+        try:
+            conn.sendall(json.dumps(GREETING).encode() + b"\r\n")
+        except OSError:
+            return  # a client that only probed the socket and left (as QEMU, serve the next one)
         buf = ""
         decoder = json.JSONDecoder()
         while not self._stop.is_set():

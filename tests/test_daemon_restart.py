@@ -124,7 +124,7 @@ def test_an_interrupted_migration_is_rolled_back(
         report = d.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
         assert report.error == "aborted: back-end restarted" and report.migration_id == "mig-1"
         if destination_status == "inmigrate":  # not finished: the source gets its guest back
-            assert {"migrate_cancel", "migrate-set-capabilities", "cont"} <= set(src.commands)
+            assert {"migrate_cancel", "migrate-set-capabilities", "cont"} <= set(src.commands), report.cleanup
             assert "quit" in dst.commands
             assert any("source resumed" in c for c in report.cleanup), report.cleanup
         else:  # finished before the crash: the guest runs on the destination; the source stays stopped
