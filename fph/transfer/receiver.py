@@ -30,8 +30,10 @@ from fph.ram_layout import RamLayout
 from fph.transfer.channel import ChannelError, recv_exact
 from fph.transfer.pacer import WindowMeter
 from fph.transfer.ram_file import RamFile, RamFileError
+from fph.transfer.security import DataPlaneSecurity
 from fph.transfer.wire import (
     HEADER_SIZE,
+    AuthError,
     Kind,
     ReceiverProtocol,
     RxState,
@@ -42,6 +44,10 @@ from fph.transfer.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+AUTH_TIMEOUT_S = 10.0
+"""A connecting peer has this long for TLS and its HELLO; a silent one cannot hold the destination."""
+MAX_REFUSED_PEERS = 64
 
 
 @dataclass
@@ -69,13 +75,23 @@ class RamReceiver:
         timeout: float = 60.0,
         prepare: bool = True,
         accept_timeout: float | None = None,
+        security: DataPlaneSecurity | None = None,
+        hold_for_resume: bool = False,
     ) -> None:
         """``timeout``: for the stream once a source connected; ``accept_timeout`` (default: ``timeout``):
-        how long to wait for the source at all (a receiver prepared ahead of the migration waits longer)."""
+        how long to wait for the source at all (a receiver prepared ahead of the migration waits longer).
+        ``security``: TLS and the credential a source must present (None: any local source).
+        ``hold_for_resume``: after the ACK, keep the connection for :meth:`send_resumed` (the destination
+        daemon tells the source what became of the destination QEMU)."""
         if not ram.writable:
             raise ChannelError("the receiver needs the destination RAM file mapped writable")
         self.ram = ram
-        self.protocol = ReceiverProtocol(ram.layout)
+        self.security = security
+        self._tls = None if security is None or security.tls is None else security.tls.server_context()
+        self.hold_for_resume = hold_for_resume
+        self.protocol = ReceiverProtocol(ram.layout, None if security is None else security.credential)
+        self.refused: list[str] = []
+        """Peers refused before any page (no TLS certificate of the CA, no credential): who and why."""
         self.holds_data = np.zeros(ram.layout.span_pages, dtype=np.uint8)
         self.timeout = timeout
         self._listener = socket.create_server((host, port))
@@ -106,10 +122,7 @@ class RamReceiver:
                     self.prepare_s = self.ram.prepare_destination()
             finally:
                 self._prepared.set()
-            conn, _peer = self._listener.accept()
-            self._conn = conn
-            conn.settimeout(self.timeout)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            conn = self._accept_source()
             self._loop(conn)
         except (OSError, WireError, ChannelError) as exc:
             error = f"{type(exc).__name__}: {exc}"
@@ -123,10 +136,54 @@ class RamReceiver:
                 error = f"stream ended in state {p.state.value}" + (
                     f": {p.abort_reason}" if p.abort_reason else ""
                 )
-            self.result = ReceiverResult(ok, error, asdict(p.counters), p.finish_body, time.monotonic() - t0)
-            if self._conn is not None:
+            counters = {**asdict(p.counters), "refused_peers": len(self.refused)}
+            self.result = ReceiverResult(ok, error, counters, p.finish_body, time.monotonic() - t0)
+            if self._conn is not None and not (ok and self.hold_for_resume):
                 self._conn.close()
             self._done.set()
+
+    def _accept_source(self) -> socket.socket:
+        """The first peer that completes TLS (if required) and sends a HELLO with this migration's
+        credential. Anyone else is refused, logged and closed, and the receiver waits on: a stray or hostile
+        connection must not cost the real migration its destination."""
+        deadline = time.monotonic() + (self._listener.gettimeout() or self.timeout)
+        while True:
+            self._listener.settimeout(max(0.001, deadline - time.monotonic()))
+            raw, peer = self._listener.accept()
+            raw.settimeout(min(self.timeout, AUTH_TIMEOUT_S))
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            conn: socket.socket = raw
+            try:
+                if self._tls is not None:
+                    conn = self._tls.wrap_socket(raw, server_side=True)
+                self._conn = conn
+                self._read_hello(conn)
+            except (OSError, AuthError, ChannelError) as exc:  # a source that got in but sent a bad
+                # HELLO (another layout) is this migration's failure, not a stranger: that propagates
+                reason = f"{peer[0]}:{peer[1]}: {type(exc).__name__}: {exc}"
+                log.warning("receiver on %s refused a peer before any page: %s", self.address, reason)
+                self.refused.append(reason)
+                self._conn = None
+                conn.close()
+                self.protocol = ReceiverProtocol(self.ram.layout, self.protocol.credential)
+                if len(self.refused) >= MAX_REFUSED_PEERS:
+                    raise ChannelError(f"{len(self.refused)} peers refused; the last: {reason}") from None
+                continue
+            conn.settimeout(self.timeout)
+            return conn
+
+    def _read_hello(self, conn: socket.socket) -> None:
+        """The first frame, which must be HELLO with the credential (the protocol checks both)."""
+        header = bytearray(HEADER_SIZE)
+        recv_exact(conn, memoryview(header), self.meter.add)
+        try:
+            frame = parse_header(header)
+            self.protocol.on_header(frame)
+        except WireError as exc:  # not an fph source at all
+            raise AuthError(f"not an fph data stream: {exc}") from None
+        payload = bytearray(frame.payload_len)
+        recv_exact(conn, memoryview(payload), self.meter.add)
+        self.protocol.on_payload(frame, payload)
 
     def _loop(self, conn: socket.socket) -> None:
         header = bytearray(HEADER_SIZE)
@@ -164,12 +221,27 @@ class RamReceiver:
                 {"ok": True, "counters": asdict(p.counters), "pages_holding_data": int(self.holds_data.sum())}
             )
 
-    def _reply(self, body: dict[str, Any]) -> None:
+    def _reply(self, body: dict[str, Any], kind: Kind = Kind.ACK) -> None:
         if self._conn is None:
             return
-        frame, payload = json_frame(Kind.ACK, body)
+        frame, payload = json_frame(kind, body)
         with contextlib.suppress(OSError):
             self._conn.sendall(frame.pack() + payload)
+
+    def send_resumed(self, body: dict[str, Any]) -> None:
+        """After a successful stream (``hold_for_resume``): tell the source what the destination did once
+        QEMU's device state arrived (``{"resumed": true, ...}`` or why not), then close the connection."""
+        if not self._done.is_set():
+            raise ChannelError("send_resumed() before the stream finished")
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            frame, payload = json_frame(Kind.RESUMED, body)
+            with contextlib.suppress(OSError):
+                conn.sendall(frame.pack() + payload)
+        finally:
+            conn.close()
 
     def wait_prepared(self, timeout: float | None = None) -> float:
         """Block until the destination RAM file is allocated and mapped; returns the seconds it took.
@@ -197,6 +269,9 @@ class RamReceiver:
                 self._conn.shutdown(socket.SHUT_RDWR)
         if self._thread.is_alive():
             self._thread.join(5)
+        if self._done.is_set() and self._conn is not None:  # held for send_resumed, which never came
+            conn, self._conn = self._conn, None
+            conn.close()
 
 
 MiB = 1 << 20

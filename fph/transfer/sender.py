@@ -8,6 +8,7 @@ import contextlib
 import logging
 import select
 import socket
+import ssl
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from fph.ram_layout import PAGE_SIZE
 from fph.transfer.channel import ChannelError, ChannelState, WireCounters, recv_exact
 from fph.transfer.pacer import TokenBucket, WindowMeter, slice_bytes
 from fph.transfer.ram_file import RamFile
+from fph.transfer.security import DataPlaneSecurity, SecurityError
 from fph.transfer.wire import (
     HEADER_SIZE,
     MAX_FRAME_PAGES,
@@ -39,9 +41,18 @@ class RamSender:
     """Source end: connect, HELLO, PAGES/ZEROS per round, FINISH, then wait for the destination's ACK."""
 
     def __init__(
-        self, address: tuple[str, int], ram: RamFile, *, bandwidth: int | None = None, timeout: float = 30.0
+        self,
+        address: tuple[str, int],
+        ram: RamFile,
+        *,
+        bandwidth: int | None = None,
+        timeout: float = 30.0,
+        security: DataPlaneSecurity | None = None,
     ) -> None:
+        """``security``: TLS and the credential the destination's daemon handed out (None: a local
+        receiver that asks for neither)."""
         self.address = address
+        self.security = security
         self.ram = ram
         self.timeout = timeout
         self.state = ChannelState.IDLE
@@ -52,6 +63,7 @@ class RamSender:
         self.meter = WindowMeter()
         """Bytes as they left through the socket: the cap is judged on its 100 ms windows."""
         self._sock: socket.socket | None = None
+        self._tls = False
 
     def connect(self) -> None:
         if self.state is not ChannelState.IDLE:
@@ -63,9 +75,22 @@ class RamSender:
             raise ChannelError(f"cannot reach the destination receiver at {self.address}: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sec = self.security
+        if sec is not None and sec.tls is not None:
+            try:
+                sock = sec.tls.client_context().wrap_socket(sock)
+            except (OSError, SecurityError) as exc:
+                sock.close()
+                self.state = ChannelState.FAILED
+                raise ChannelError(
+                    f"TLS with the destination receiver at {self.address} failed: {exc}"
+                ) from None
         self._sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
         self.state = ChannelState.CONNECTED
-        self._send(*json_frame(Kind.HELLO, hello_body(self.ram.layout)))
+        self._send(
+            *json_frame(Kind.HELLO, hello_body(self.ram.layout, None if sec is None else sec.credential))
+        )
 
     def _send(self, frame: Frame, payload: bytes | memoryview = b"") -> None:
         if self.state is not ChannelState.CONNECTED or self._sock is None:
@@ -88,6 +113,12 @@ class RamSender:
     def _send_unpaced(self, header: bytes, payload: bytes | memoryview) -> None:
         assert self._sock is not None
         total = len(header) + len(payload)
+        if self._tls:  # TLS has no scatter send: one record each
+            self._sock.sendall(header)
+            if payload:
+                self._sock.sendall(payload)
+            self.meter.add(total)
+            return
         sent = self._sock.sendmsg([header, payload] if payload else [header])
         if sent < len(header):  # a partial scatter send: finish it
             self._sock.sendall(header[sent:])
@@ -148,24 +179,24 @@ class RamSender:
             readable, _, _ = select.select([self._sock], [], [], 0)
             if not readable:
                 return
-            peek = self._sock.recv(1, socket.MSG_PEEK)
-        except OSError as exc:
+            # The receiver only ever writes a reply (no TLS session tickets either): read it, or the close.
+            ack = self._read_ack()
+        except (OSError, WireError) as exc:
             self.state = ChannelState.FAILED
             raise ChannelError(f"data connection to {self.address} failed: {exc}") from None
-        if peek == b"":
+        except ChannelError:
             self.state = ChannelState.FAILED
-            raise ChannelError(f"the destination receiver at {self.address} closed the connection")
-        ack = self._read_ack()
+            raise ChannelError(f"the destination receiver at {self.address} closed the connection") from None
         self.state = ChannelState.FAILED
         raise ChannelError(f"the destination receiver stopped the migration: {ack.get('error', ack)}")
 
-    def _read_ack(self) -> dict[str, Any]:
+    def _read_ack(self, kind: Kind = Kind.ACK) -> dict[str, Any]:
         assert self._sock is not None
         header = bytearray(HEADER_SIZE)
         recv_exact(self._sock, memoryview(header))
         frame = parse_header(header)
-        if frame.kind is not Kind.ACK or frame.payload_len > 1 << 20:
-            raise ChannelError(f"destination replied with {frame.kind.name}, expected ACK")
+        if frame.kind is not kind or frame.payload_len > 1 << 20:
+            raise ChannelError(f"destination replied with {frame.kind.name}, expected {kind.name}")
         payload = bytearray(frame.payload_len)
         recv_exact(self._sock, memoryview(payload))
         return decode_json(frame, payload)
@@ -185,6 +216,17 @@ class RamSender:
             raise ChannelError(f"the destination receiver rejected the migration: {ack.get('error')}")
         self.state = ChannelState.FINISHED
         return ack
+
+    def wait_resumed(self, timeout: float) -> dict[str, Any]:
+        """After :meth:`finish` and QEMU's device state: the destination daemon's word on its QEMU (a
+        receiver with ``hold_for_resume``), e.g. ``{"resumed": true, "status": "running"}``."""
+        if self.state is not ChannelState.FINISHED or self._sock is None:
+            raise ChannelError(f"wait_resumed() in state {self.state.value}")
+        self._sock.settimeout(timeout)
+        try:
+            return self._read_ack(Kind.RESUMED)
+        except (OSError, WireError) as exc:
+            raise ChannelError(f"no word from the destination after its device state: {exc}") from None
 
     def abort(self, reason: str) -> None:
         """Tell the destination to give up (best effort), then close."""

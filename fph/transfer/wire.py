@@ -13,7 +13,10 @@ any single-word change of a page for certain.
 Kinds: HELLO (JSON: page size and the RAM layout), PAGES (``npages`` whole pages of data), ZEROS
 (``npages`` zero pages, no payload), FILL (``npages`` pages each filled with one repeated 8-byte value, the
 payload: a guest's poisoned free pages cost a marker, like zero pages), ROUND_END (JSON counters), FINISH
-(JSON totals), ABORT (UTF-8 reason), and ACK, the receiver's only frame (JSON). Pages are guest-physical
+(JSON totals), ABORT (UTF-8 reason); from the destination: ACK (JSON: every page is in its RAM, or the
+error) and RESUMED (JSON: what the destination's daemon did after QEMU's device state arrived).
+HELLO carries the migration's one-time credential (``security``): a HELLO without it, or any other
+first frame, is refused before any page lands. Pages are guest-physical
 page numbers: both sides translate them through the same ``RamLayout`` to offsets of their own RAM file.
 
 No sockets here: :class:`ReceiverProtocol` takes headers and payloads and says where the payload goes,
@@ -34,6 +37,7 @@ import xxhash
 
 from fph.ram_layout import PAGE_SHIFT, PAGE_SIZE, LayoutError, RamLayout, RamRange
 from fph.transfer.pagehash import page_hashes
+from fph.transfer.security import credential_matches
 
 MAGIC = b"FPHd"
 VERSION = 1
@@ -53,6 +57,7 @@ class Kind(enum.IntEnum):
     ABORT = 6
     ACK = 7
     FILL = 8
+    RESUMED = 9
 
 
 FILL_PAYLOAD = struct.Struct("<Q")
@@ -60,6 +65,10 @@ FILL_PAYLOAD = struct.Struct("<Q")
 
 class WireError(RuntimeError):
     """The data stream broke a rule; the migration must abort (nothing is applied past this frame)."""
+
+
+class AuthError(WireError):
+    """The peer did not present this migration's credential: it is refused before any page lands."""
 
 
 class ChecksumError(WireError):
@@ -139,8 +148,11 @@ def fill_value(payload: bytes | bytearray | memoryview) -> int:
     return int(value)
 
 
-def hello_body(layout: RamLayout) -> dict[str, Any]:
-    return {"page_size": PAGE_SIZE, "ranges": [[r.gpa, r.size, r.offset] for r in layout]}
+def hello_body(layout: RamLayout, credential: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"page_size": PAGE_SIZE, "ranges": [[r.gpa, r.size, r.offset] for r in layout]}
+    if credential is not None:
+        body["credential"] = credential
+    return body
 
 
 def layout_from_hello(body: dict[str, Any]) -> RamLayout:
@@ -196,8 +208,10 @@ class ReceiverProtocol:
     WireError and moves to FAILED for good.
     """
 
-    def __init__(self, layout: RamLayout) -> None:
+    def __init__(self, layout: RamLayout, credential: str | None = None) -> None:
+        """``credential``: what HELLO must carry (None: any source is accepted, the in-process case)."""
         self.layout = layout
+        self.credential = credential
         self.state = RxState.WAIT_HELLO
         self.counters = RxCounters()
         self.round = 0
@@ -212,10 +226,10 @@ class ReceiverProtocol:
         if self.state in (RxState.FINISHED, RxState.FAILED):
             raise self._fail(f"{frame.kind.name} frame after the stream {self.state.value}")
         self.counters.frames += 1
-        if self.state is RxState.WAIT_HELLO and frame.kind not in (Kind.HELLO, Kind.ABORT):
-            raise self._fail(f"first frame must be HELLO, got {frame.kind.name}")
-        if frame.kind is Kind.ACK:
-            raise self._fail("ACK frames flow from the destination, not to it")
+        if self.state is RxState.WAIT_HELLO and frame.kind is not Kind.HELLO:
+            raise self._fail(f"first frame must be HELLO, got {frame.kind.name}", AuthError)
+        if frame.kind in (Kind.ACK, Kind.RESUMED):
+            raise self._fail(f"{frame.kind.name} frames flow from the destination, not to it")
         if frame.kind in (Kind.PAGES, Kind.ZEROS, Kind.FILL):
             if frame.round < self.round:
                 raise self._fail(f"{frame.kind.name} frame of round {frame.round} after round {self.round}")
@@ -255,7 +269,12 @@ class ReceiverProtocol:
         if frame.kind is Kind.HELLO:
             if self.state is not RxState.WAIT_HELLO:
                 raise self._fail("second HELLO in one stream")
-            src = layout_from_hello(decode_json(frame, payload))
+            body = decode_json(frame, payload)
+            if self.credential is not None and not credential_matches(
+                self.credential, body.get("credential")
+            ):
+                raise self._fail("the source did not present this migration's credential", AuthError)
+            src = layout_from_hello(body)
             if src.ranges != self.layout.ranges:
                 raise self._fail(f"source RAM layout {src!r} differs from the destination's {self.layout!r}")
             self.state = RxState.RECEIVING
