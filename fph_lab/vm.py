@@ -60,6 +60,9 @@ class VMConfig:
     # QEMU exits when the process that started it dies (even by SIGKILL): no orphans after a killed test.
     # Linux ties this to the starting *thread*: start VMs from a thread that outlives them.
     exit_with_parent: bool = True
+    # Run QEMU in this network namespace (e.g. fph_lab.netlab's TwoHostLink.src_ns): argv prefixed with
+    # `ip netns exec NS`, which execs QEMU, so the PID start() records and stop() signals stays QEMU's.
+    netns: str | None = None
 
     def destination(self, **changes: Any) -> VMConfig:
         """The same VM as a migration destination (``-incoming defer``), with optional changes."""
@@ -230,7 +233,8 @@ class VM:
         if c.incoming:
             args += ["-incoming", "defer"]
         args += list(c.extra_args)
-        return self.lab.qemu.command(*args)
+        argv = self.lab.qemu.command(*args)
+        return ["ip", "netns", "exec", c.netns, *argv] if c.netns else argv
 
     # -- life cycle
 

@@ -1,0 +1,324 @@
+"""fph_lab.netlab: two network namespaces joined by a tbf-shaped veth pair. The ``twohost`` tests set up real
+namespaces (root, ip, tc); the rest are pure. Rates are printed (``pytest -s``) and in failure messages."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fph_lab import netlab
+from fph_lab.netlab import LinkConfig, NetLabError, TwoHostLink, leftover_namespaces
+from fph_lab.provision import Lab, QemuInstall
+from fph_lab.vm import VM, VMConfig
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
+    reason="needs root and iproute2 (ip, tc): network namespaces, veth and tc need CAP_NET_ADMIN",
+)
+
+MiB = 1 << 20
+PORT = 5201
+
+# Serves each connection on a thread of its own (a transfer stalled by a cut link must not block the next):
+# reads it to EOF and answers with the byte count (8 bytes).
+RECEIVER = f"""
+import socket, sys, threading
+def serve(c):
+    n = 0
+    while b := c.recv(1 << 20):
+        n += len(b)
+    c.sendall(n.to_bytes(8, "big"))
+    c.close()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], {PORT}))
+s.listen(8)
+print("READY", flush=True)
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
+# Sends argv[2] bytes to argv[1] with socket timeout argv[3], once connected and (argv[4] == "go") a line
+# was read on stdin; prints JSON: ok, received, elapsed (start of sending to the receiver's count read:
+# every byte arrived), error.
+SENDER = f"""
+import json, socket, sys, time
+size, timeout = int(sys.argv[2]), float(sys.argv[3])
+out = {{"ok": False, "received": 0, "elapsed": None, "error": None}}
+buf = memoryview(bytes(1 << 20))
+try:
+    c = socket.create_connection((sys.argv[1], {PORT}), timeout=timeout)
+    print("CONNECTED", flush=True)
+    if sys.argv[4:] == ["go"]:
+        sys.stdin.readline()
+    t0 = time.monotonic()
+    left = size
+    while left:
+        left -= c.send(buf[: min(left, len(buf))])
+    c.shutdown(socket.SHUT_WR)
+    out["received"] = int.from_bytes(c.recv(8), "big")
+    out["elapsed"] = time.monotonic() - t0
+    out["ok"] = out["received"] == size
+except OSError as e:
+    out["error"] = f"{{type(e).__name__}}: {{e}}"
+print(json.dumps(out), flush=True)
+"""
+
+
+def _python(script: str, *args: str) -> list[str]:
+    return [sys.executable, "-I", "-c", script, *args]
+
+
+def _start_receiver(link: TwoHostLink) -> subprocess.Popen[str]:
+    rx = link.popen(link.dst_ns, _python(RECEIVER, link.dst_ip), stdout=subprocess.PIPE, text=True)
+    assert rx.stdout is not None
+    assert rx.stdout.readline().strip() == "READY"
+    return rx
+
+
+def _send(link: TwoHostLink, size: int, timeout: float) -> dict[str, object]:
+    tx = link.popen(
+        link.src_ns, _python(SENDER, link.dst_ip, str(size), str(timeout)), stdout=subprocess.PIPE, text=True
+    )
+    out, _ = tx.communicate(timeout=30)
+    return dict(json.loads(out.splitlines()[-1]))
+
+
+def _transfer(link: TwoHostLink, size: int, window_s: float = 0.2) -> dict[str, float]:
+    """One ``size``-byte transfer src -> dst. Rates: the payload over the sender's time (goodput), the source
+    veth's tx counter over the same time (wire), and that counter in fixed ``window_s`` windows (a burst
+    above the cap shows there, not in the mean)."""
+    argv = _python(SENDER, link.dst_ip, str(size), "30", "go")
+    tx = link.popen(link.src_ns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert tx.stdin is not None and tx.stdout is not None
+    assert tx.stdout.readline().strip() == "CONNECTED"
+    samples = [(time.monotonic(), link.wire_bytes("src"))]
+    tx.stdin.write("go\n")
+    tx.stdin.flush()
+    while tx.poll() is None:
+        time.sleep(window_s)
+        samples.append((time.monotonic(), link.wire_bytes("src")))
+    result = json.loads(tx.communicate(timeout=30)[0].splitlines()[-1])
+    assert result["ok"], result
+    wire = samples[-1][1] - samples[0][1]
+    # Windows wholly inside the transfer (the last one ends after the sender is done: partly idle).
+    windows = [(b - a) * 8 / (tb - ta) for (ta, a), (tb, b) in itertools.pairwise(samples[:-1])]
+    return {
+        "elapsed_s": result["elapsed"],
+        "wire_bytes": wire,
+        "goodput_bits_per_s": size * 8 / result["elapsed"],
+        "wire_bits_per_s": wire * 8 / result["elapsed"],
+        "max_window_bits_per_s": max(windows, default=0.0),
+    }
+
+
+def _mbit(d: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v / 1e6:.1f}M" if "bits" in k else f"{k}={v:.3f}" for k, v in d.items())
+
+
+def _ours() -> set[str]:
+    return {n for n in leftover_namespaces() if n.rsplit("-", 2)[-2] == str(os.getpid())}
+
+
+STUBBORN = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(60)"
+)
+
+# -- pure
+
+
+def test_link_config_defaults_and_validation() -> None:
+    c = LinkConfig()
+    assert (c.rate_bits_per_s, c.burst_bytes, c.latency_ms, c.shape_both_directions) == (
+        1_000_000_000, 256 * 1024, 50, True,
+    )  # fmt: skip
+    assert (c.src_ip, c.dst_ip, c.prefix_len) == ("10.9.0.1", "10.9.0.2", 24)
+    with pytest.raises(ValueError, match="rate_bits_per_s"):
+        LinkConfig(rate_bits_per_s=0)
+    with pytest.raises(ValueError, match="subnet"):
+        LinkConfig(dst_ip="10.9.1.2")
+    with pytest.raises(ValueError):
+        LinkConfig(src_ip="10.9.0.300")
+
+
+def test_not_root_or_no_iproute2_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = _ours()
+    monkeypatch.setattr(netlab.os, "geteuid", lambda: 1000)
+    with pytest.raises(NetLabError, match="needs root"):
+        TwoHostLink()
+    monkeypatch.setattr(netlab.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netlab.shutil, "which", lambda tool: None if tool == "tc" else "/usr/sbin/ip")
+    with pytest.raises(NetLabError, match=r"tc not found.*install iproute2"):
+        TwoHostLink()
+    assert _ours() == before
+
+
+@pytest.fixture
+def fake_lab(tmp_path: Path) -> Lab:
+    """A lab whose "QEMU" is a Python that sleeps (argv_prefix runs it; the rest of the argv is ignored)."""
+    q = QemuInstall(
+        kind="chroot",
+        version="11.1.2",
+        package_version="1:11.1.2+ds-3",
+        binary="qemu-system-x86_64",
+        argv_prefix=(sys.executable, "-I", "-c", "import time; time.sleep(60)"),
+        data_dirs=("/c/share",),
+    )
+    return Lab(
+        root=str(tmp_path), qemu=q, kernel="/k/vmlinuz", kernel_version="6.1.0-56-amd64",
+        kernel_package="linux-image-6.1.0-56-amd64", initramfs="/k/initramfs.cpio.gz", guest_programs={},
+        guest_sources="/src",
+    )  # fmt: skip
+
+
+def test_vm_netns_prefixes_the_qemu_argv(
+    fake_lab: Lab, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FPH_RUN_DIR", str(tmp_path / "run"))
+    plain = VM(fake_lab, VMConfig(balloon="none"), name="t")
+    inside = VM(fake_lab, VMConfig(balloon="none", netns="fph-src-1-0"), name="t")
+    assert plain.command()[0] == sys.executable
+    argv = inside.command()
+    assert argv[:4] == ["ip", "netns", "exec", "fph-src-1-0"]
+    # The rest is the same QEMU command line (only the run directory differs between the two VMs).
+    assert argv[4:] == [a.replace(str(plain.run_dir), str(inside.run_dir)) for a in plain.command()]
+    for vm in (plain, inside):
+        vm.stop()
+
+
+# -- two hosts (root)
+
+
+@pytest.mark.twohost
+@needs_root
+def test_shaped_link_holds_the_cap_and_unshaped_is_faster() -> None:
+    cap = 200_000_000
+    with TwoHostLink(LinkConfig(rate_bits_per_s=cap)) as link:
+        _start_receiver(link)
+        shaped = _transfer(link, 40 * MiB)
+    with TwoHostLink(LinkConfig(rate_bits_per_s=None)) as link:
+        _start_receiver(link)
+        unshaped = _transfer(link, 40 * MiB)
+    print(f"\nshaped at {cap / 1e6:.0f} Mbit/s: {_mbit(shaped)}\nunshaped: {_mbit(unshaped)}")
+    msg = f"shaped: {_mbit(shaped)}; unshaped: {_mbit(unshaped)}"
+    assert shaped["wire_bytes"] >= 40 * MiB, msg
+    for key in ("wire_bits_per_s", "goodput_bits_per_s"):
+        assert 0.9 * cap <= shaped[key] <= 1.1 * cap, f"{key} off the cap by more than 10 %: {msg}"
+    assert shaped["max_window_bits_per_s"] <= 1.1 * cap, f"a 200 ms window above the cap: {msg}"
+    assert unshaped["goodput_bits_per_s"] > 2 * shaped["goodput_bits_per_s"], msg
+
+
+@pytest.mark.twohost
+@needs_root
+def test_link_down_fails_connects_and_transfers_and_up_restores() -> None:
+    with TwoHostLink(LinkConfig(rate_bits_per_s=200_000_000)) as link:
+        _start_receiver(link)
+        assert _send(link, MiB, 2.0)["ok"]
+        link.set_link(False)
+        down = _send(link, MiB, 1.0)
+        assert not down["ok"] and down["error"], down
+        link.set_link(True)
+        assert _send(link, MiB, 2.0)["ok"]
+        # An established transfer (40 MiB at 200 Mbit/s: ~1.7 s) stalls when the link goes down mid-way.
+        tx = link.popen(
+            link.src_ns, _python(SENDER, link.dst_ip, str(40 * MiB), "1.0"), stdout=subprocess.PIPE, text=True
+        )
+        assert tx.stdout is not None and tx.stdout.readline().strip() == "CONNECTED"
+        time.sleep(0.3)
+        link.set_link(False)
+        cut = json.loads(tx.communicate(timeout=10)[0].splitlines()[-1])
+        assert not cut["ok"] and "timed out" in str(cut["error"]), cut
+        link.set_link(True)
+        assert _send(link, MiB, 2.0)["ok"]
+        print(f"\nlink down: {down['error']}; transfer cut mid-way: {cut['error']}")
+
+
+@pytest.mark.twohost
+@needs_root
+def test_teardown_after_an_exception_ends_processes_and_namespaces() -> None:
+    with pytest.raises(RuntimeError, match="body failed"), TwoHostLink() as link:
+        names = {link.src_ns, link.dst_ns}
+        assert names <= set(leftover_namespaces())
+        procs = [link.popen(ns, ["sleep", "60"]) for ns in (link.src_ns, link.dst_ns)]
+        # A SIGTERM-ignoring child is SIGKILLed after the timeout.
+        stubborn = link.popen(link.src_ns, _python(STUBBORN), stdout=subprocess.PIPE)
+        assert stubborn.stdout is not None and stubborn.stdout.readline()
+        pids = link.pids
+        # ip netns exec execs the program: the PID recorded is the program's own (what close() signals).
+        assert Path(f"/proc/{procs[0].pid}/comm").read_text().strip() == "sleep"
+        raise RuntimeError("body failed")
+    assert not names & set(leftover_namespaces())
+    assert [p.returncode for p in procs] == [-15, -15] and stubborn.returncode == -9
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists(), pid
+    link.close()  # idempotent
+    with pytest.raises(NetLabError, match="closed"):
+        link.popen(link.src_ns, ["true"])
+
+
+@pytest.mark.twohost
+@needs_root
+def test_a_setup_step_failing_half_way_undoes_the_earlier_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = _ours()
+    made: list[str] = []
+
+    def fail(self: TwoHostLink, side: str, rate: int) -> None:
+        made.extend(n for n in (self.src_ns, self.dst_ns) if n in leftover_namespaces())
+        raise NetLabError("tc: injected failure")
+
+    monkeypatch.setattr(TwoHostLink, "_shape", fail)
+    with pytest.raises(NetLabError, match="injected"):
+        TwoHostLink()
+    assert len(made) == 2  # both namespaces (and the veth) existed when shaping failed
+    assert _ours() == before
+
+
+@pytest.mark.twohost
+@needs_root
+def test_a_link_never_closed_is_removed_at_exit() -> None:
+    script = (
+        "from fph_lab.netlab import TwoHostLink\n"
+        "link = TwoHostLink()\n"
+        "p = link.popen(link.dst_ns, ['sleep', '60'])\n"
+        "print(link.src_ns, link.dst_ns, p.pid, flush=True)\n"
+        "raise RuntimeError('test died')\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).parents[1],
+    )
+    assert res.returncode == 1 and "test died" in res.stderr, res.stderr
+    src, dst, pid = res.stdout.split()
+    assert not {src, dst} & set(leftover_namespaces())
+    assert not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.twohost
+@needs_root
+def test_vm_in_a_namespace_runs_there_and_stop_ends_it(
+    fake_lab: Lab, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """VM.stop() signals ``self.proc.pid``: with the netns prefix that is still the "QEMU" itself."""
+    monkeypatch.setenv("FPH_RUN_DIR", str(tmp_path / "run"))
+    with TwoHostLink(LinkConfig(rate_bits_per_s=None)) as link:
+        vm = VM(fake_lab, VMConfig(balloon="none", netns=link.src_ns), name="t")
+        vm.proc = subprocess.Popen(vm.command(), env=fake_lab.qemu.environ())
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{vm.proc.pid}/exe").resolve() != Path(sys.executable).resolve():
+            assert time.monotonic() < deadline, "ip netns exec did not exec the program"
+            time.sleep(0.02)
+        ns_inode = os.stat(f"{netlab.NETNS_DIR}/{link.src_ns}").st_ino
+        assert os.stat(f"/proc/{vm.proc.pid}/ns/net").st_ino == ns_inode
+        assert vm.stop(timeout=0.5) == -15
+        assert not Path(f"/proc/{vm.proc.pid}").exists()
