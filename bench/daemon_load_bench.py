@@ -133,7 +133,7 @@ def one_run(lab: Lab, sock: str, state: Path, idx: int, streams: int, interval_m
         src.guest.fill(700)
         src.guest.start_hold(32, 1)
         time.sleep(2)
-        target = mig_api.AcceptIncoming(pb.AcceptIncomingRequest(vm=dst.name))
+        target = mig_api.PrepareIncoming(pb.PrepareIncomingRequest(vm=dst.name, mode=pb.MODE_FPH))
         load = Streams(sock, src.name, streams, interval_ms) if streams else None
         if load is not None:
             load.start()

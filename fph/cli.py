@@ -52,6 +52,8 @@ def _serve(args: argparse.Namespace) -> int:
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "tls_client_ca": args.tls_client_ca,
+        "data_address": args.data_address,
+        "data_tls": args.data_tls,
     }
     try:
         cfg = DaemonConfig.load(args.config, overrides)
@@ -85,6 +87,14 @@ def _add_daemon_parsers(sub: Any) -> None:
     s.add_argument("--tls-cert")
     s.add_argument("--tls-key")
     s.add_argument("--tls-client-ca", help="CA that signs client certificates (mutual TLS)")
+    s.add_argument(
+        "--data-address", help="IP incoming migrations listen on (default 127.0.0.1; another host's: TLS)"
+    )
+    s.add_argument(
+        "--data-tls",
+        choices=("auto", "on", "off"),
+        help="mutual TLS on the data plane (auto: with the TLS files)",
+    )
     s.add_argument("--log-format", choices=("json", "text"))
     s.add_argument("--log-level")
     s.set_defaults(func=_serve)
@@ -125,17 +135,17 @@ def _add_daemon_parsers(sub: Any) -> None:
     for p in hint.choices.values():
         p.set_defaults(func=_client("hint"))
 
-    mig = sub.add_parser("migration", help="prepare, accept, cancel, report").add_subparsers(
+    mig = sub.add_parser("migration", help="prepare, incoming, cancel, report").add_subparsers(
         dest="migration_command", required=True
     )
     p = _with_socket(mig.add_parser("prepare", help="readiness checks and an estimate"))
     p.add_argument("vm")
     p.add_argument("--mode", choices=MODES, default="fph")
-    p.add_argument("--dest-vm")
-    p.add_argument("--dest-socket")
-    _with_socket(mig.add_parser("accept", help="reserve an incoming VM (destination daemon)")).add_argument(
-        "vm"
+    p = _with_socket(
+        mig.add_parser("incoming", help="prepare an incoming VM as a target (destination daemon)")
     )
+    p.add_argument("vm")
+    p.add_argument("--mode", choices=MODES, default="fph", help="the mode the source will migrate with")
     _with_socket(mig.add_parser("cancel")).add_argument("vm")
     p = _with_socket(mig.add_parser("report"))
     p.add_argument("vm")

@@ -142,7 +142,7 @@ def run(lab: Lab, state: Path, mem_mib: int = 1024) -> bool:
         t.say("\n# 4. what the daemon sees")
         t.fph("status")
         t.say("\n# 5. readiness, then the migration with live progress")
-        t.fph("migration", "prepare", "src", "--dest-vm", "dst")
+        t.fph("migration", "prepare", "src", "--mode", "fph")
         t.fph("migrate", "--vm", "src", "--dest-vm", "dst", "--mode", "fph")
         check = check_destination(dst, src.guest.last_heartbeat() or heartbeat, src=src)
         t.say(f"\n# destination guest check: {'ok' if check.ok else '; '.join(check.problems)}")

@@ -241,7 +241,7 @@ def test_duplicates_and_unknown_vms(daemon: RunningDaemon, state: Path) -> None:
         lambda: daemon.hints.GetGuestStats(pb.GetGuestStatsRequest(vm="nope")),
         lambda: daemon.hints.SetBalloonTarget(pb.SetBalloonTargetRequest(vm="nope")),
         lambda: daemon.migrations.PrepareMigration(pb.PrepareMigrationRequest(vm="nope", mode=pb.MODE_FPH)),
-        lambda: daemon.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="nope")),
+        lambda: daemon.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="nope", mode=pb.MODE_FPH)),
         lambda: daemon.migrations.Migrate(pb.MigrateRequest(vm="nope", mode=pb.MODE_FPH)),
         lambda: daemon.migrations.CancelMigration(pb.CancelMigrationRequest(vm="nope")),
         lambda: daemon.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="nope")),
@@ -400,7 +400,13 @@ def qemus(state: Path) -> Iterator[dict[str, FakeQMP]]:
         ),
         "dst": FakeQMP(
             state / "dst" / "qmp.sock",
-            {"query-memdev": memdev, "query-status": {"status": "inmigrate"}, "migrate-set-capabilities": {}},
+            {
+                "query-memdev": memdev,
+                "query-status": {"status": "inmigrate"},
+                "migrate-set-capabilities": {},
+                "migrate-incoming": {},
+                "query-migrate": {"socket-address": [{"type": "inet", "host": "127.0.0.1", "port": "4444"}]},
+            },
         ),
     }
     yield q
@@ -414,18 +420,24 @@ def register_pair(d: RunningDaemon, state: Path, *, write_log: bool = False) -> 
             f.truncate(GiB)
     d.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "src", balloon=False, write_log=write_log)))
     d.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "dst", balloon=False)))
-    return d.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dst"))
+    return d.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="dst", mode=pb.MODE_FPH))
 
 
 def test_accept_prepare_and_a_failing_migration_is_aborted(
     daemon: RunningDaemon, state: Path, qemus: dict[str, FakeQMP]
 ) -> None:
     target = register_pair(daemon, state)
-    assert target.vm == "dst" and target.migration_uri == f"unix:{state}/dst/mig.sock"
+    assert target.vm == "dst" and target.migration_uri == "tcp:127.0.0.1:4444"
+    assert target.data_address.startswith("127.0.0.1:") and len(target.credential) == 64 and not target.tls
+    assert "migrate-incoming" in qemus["dst"].commands
     assert daemon.vms.GetVm(pb.GetVmRequest(name="dst")).state == pb.VM_STATE_INCOMING
-    code, msg = code_of(lambda: daemon.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dst")))
+    code, msg = code_of(
+        lambda: daemon.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="dst", mode=pb.MODE_FPH))
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION  # already reserved
-    code, msg = code_of(lambda: daemon.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="src")))
+    code, msg = code_of(
+        lambda: daemon.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="src", mode=pb.MODE_FPH))
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "'running'" in msg
 
     prep = daemon.migrations.PrepareMigration(
@@ -437,14 +449,24 @@ def test_accept_prepare_and_a_failing_migration_is_aborted(
     assert not checks["write_log"].ok and "needs one" in checks["write_log"].detail
     assert not checks["free_page_hint"].ok
     assert prep.memory_total == GiB and prep.estimated_bytes == GiB
+    code, msg = code_of(
+        lambda: daemon.migrations.PrepareMigration(
+            pb.PrepareMigrationRequest(vm="src", mode=pb.MODE_NATIVE, destination=target)
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "prepared for MODE_FPH" in msg, msg
+    target = pb.IncomingTarget(**{**_fields(target), "mode": pb.MODE_NATIVE})  # as if prepared for native
     prep = daemon.migrations.PrepareMigration(
         pb.PrepareMigrationRequest(vm="src", mode=pb.MODE_NATIVE, destination=target)
     )
     assert prep.ready, prep.checks
 
     # fph mode without a write log: refused before anything starts
+    fph_target = pb.IncomingTarget(**{**_fields(target), "mode": pb.MODE_FPH})
     code, msg = code_of(
-        lambda: daemon.migrations.Migrate(pb.MigrateRequest(vm="src", mode=pb.MODE_FPH, destination=target))
+        lambda: daemon.migrations.Migrate(
+            pb.MigrateRequest(vm="src", mode=pb.MODE_FPH, destination=fph_target)
+        )
     )
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "write_log" in msg
     # native: the source QEMU refuses a capability -> the migration fails, the stream ends ABORTED
@@ -476,7 +498,7 @@ def test_accept_prepare_and_a_failing_migration_is_aborted(
 
 
 def test_migrate_bad_inputs(daemon: RunningDaemon, state: Path, qemus: dict[str, FakeQMP]) -> None:
-    target = register_pair(daemon, state)
+    target = pb.IncomingTarget(**{**_fields(register_pair(daemon, state)), "mode": pb.MODE_NATIVE})
     base = {"vm": "src", "mode": pb.MODE_NATIVE, "destination": target}
 
     def migrate(**kw: Any) -> tuple[grpc.StatusCode, str]:
@@ -490,30 +512,44 @@ def test_migrate_bad_inputs(daemon: RunningDaemon, state: Path, qemus: dict[str,
         {"max_rounds": 1001},
         {"progress_interval_ms": 10},
         {"destination": None},
-        {"destination": pb.IncomingTarget(**{**_fields(target), "qmp_socket": "/tmp/q.sock"})},
-        {"destination": pb.IncomingTarget(**{**_fields(target), "migration_uri": "tcp:1.2.3.4:5"})},
+        {"destination": pb.IncomingTarget(**{**_fields(target), "migration_uri": "tcp:host.example:5"})},
+        {"destination": pb.IncomingTarget(**{**_fields(target), "migration_uri": "tcp:1.2.3.4:0"})},
         {"destination": pb.IncomingTarget(**{**_fields(target), "migration_uri": "unix:/tmp/m.sock"})},
         {"destination": pb.IncomingTarget(**{**_fields(target), "vm": "Bad Name"})},
-        {"destination": pb.IncomingTarget(**{**_fields(target), "qmp_socket": f"{state}/src/qmp.sock"})},
+        {
+            "mode": pb.MODE_FPH,
+            "destination": pb.IncomingTarget(**{**_fields(target), "credential": "", "mode": pb.MODE_FPH}),
+        },
+        {
+            "mode": pb.MODE_FPH,
+            "destination": pb.IncomingTarget(
+                **{**_fields(target), "data_address": "x:1", "mode": pb.MODE_FPH}
+            ),
+        },
+        {
+            "mode": pb.MODE_FPH,
+            "destination": pb.IncomingTarget(**{**_fields(target), "data_address": "", "mode": pb.MODE_FPH}),
+        },
     ):
         code, msg = migrate(**kw)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (kw, code, msg)
+    # a destination that wants TLS from a daemon without TLS files
+    code, msg = migrate(destination=pb.IncomingTarget(**{**_fields(target), "tls": True}))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "tls_cert" in msg, msg
     code, msg = code_of(lambda: daemon.migrations.CancelMigration(pb.CancelMigrationRequest(vm="src")))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "nothing to cancel" in msg
     code, msg = code_of(lambda: daemon.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src")))
     assert code == grpc.StatusCode.NOT_FOUND
-    # a destination whose QEMU does not answer
     (state / "gone").mkdir()
-    gone = pb.IncomingTarget(**{**_fields(target), "qmp_socket": f"{state}/gone/qmp.sock"})
-    code, msg = migrate(destination=gone)
-    assert code == grpc.StatusCode.UNAVAILABLE and "does not answer" in msg, msg
     # a source whose QEMU does not answer
     qemus["src"].close()
     code, msg = migrate()
     assert code == grpc.StatusCode.UNAVAILABLE and "does not answer" in msg, msg
     # a registered VM whose QEMU is not a migration target
     daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "gone", balloon=False)))
-    code, msg = code_of(lambda: daemon.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="gone")))
+    code, msg = code_of(
+        lambda: daemon.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="gone", mode=pb.MODE_FPH))
+    )
     assert code == grpc.StatusCode.UNAVAILABLE
 
 

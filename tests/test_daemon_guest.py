@@ -163,7 +163,7 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
     assert 400 * MiB < stats.values["free_memory"] < GiB, stats
 
     # ---- an fph migration cancelled after its first progress figures: ABORTED, rolled back
-    target_c = d.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dstc"))
+    target_c = d.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="dstc", mode=pb.MODE_FPH))
     stream = d.migrations.Migrate(pb.MigrateRequest(vm="src", mode=pb.MODE_FPH, destination=target_c))
     seen: list[Any] = []
     with pytest.raises(grpc.RpcError) as info:
@@ -194,7 +194,7 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
     d.vms.UnregisterVm(pb.UnregisterVmRequest(name="dstc"))
 
     # ---- fph migration src -> dst
-    target = d.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dst"))
+    target = d.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="dst", mode=pb.MODE_FPH))
     prep = d.migrations.PrepareMigration(
         pb.PrepareMigrationRequest(vm="src", mode=pb.MODE_FPH, destination=target)
     )
@@ -246,7 +246,7 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
 
     # ---- mode none dst -> dst2: refused while fph's balloon is plugged, then after unplugging it
     dst2 = destination(d, lab, vms, "dst2")
-    target2 = d.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dst2"))
+    target2 = d.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="dst2", mode=pb.MODE_NONE))
     code = _code(
         lambda: list(
             d.migrations.Migrate(pb.MigrateRequest(vm="dst", mode=pb.MODE_NONE, destination=target2))
@@ -288,7 +288,7 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
     )
     time.sleep(2)  # the guest driver probes the hot-plugged device
     dst3 = destination(d, lab, vms, "dst3", NATIVE_BALLOON)
-    target3 = d.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dst3"))
+    target3 = d.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="dst3", mode=pb.MODE_NATIVE))
     events, rep, native_wall = migrate(d, "dst2", pb.MODE_NATIVE, target3)
     assert events[-1].phase == pb.PHASE_SUCCEEDED and rep.status == "completed", (events[-1], rep.error)
     assert rep.job_stats["memory_processed"] > 0 and rep.job_stats["memory_iteration"] >= 1

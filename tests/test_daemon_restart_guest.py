@@ -115,7 +115,7 @@ def test_a_daemon_killed_in_round_0_is_rolled_back_by_its_successor(lab: Lab, st
         src.wait_ready(180)
         src.guest.fill(300)  # data that round 0 must send: at 16 MiB/s it takes many seconds
         src.guest.start_hold(32, 1)
-        target = first.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm="dst"))
+        target = first.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="dst", mode=pb.MODE_FPH))
         request = pb.MigrateRequest(
             vm="src",
             mode=pb.MODE_FPH,

@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -146,31 +145,20 @@ def hint(cs: Clients, a: argparse.Namespace) -> int:
 
 
 def _target(cs: Clients, a: argparse.Namespace) -> Any:
-    return cs.get(a.dest_socket or a.socket).migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm=a.dest_vm))
+    """The destination daemon prepares its VM and says where (and with which credential) to send."""
+    dest = cs.get(a.dest_socket or a.socket)
+    return dest.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm=a.dest_vm, mode=MODE[a.mode]))
 
 
 def migration(cs: Clients, a: argparse.Namespace) -> int:
     c = cs.get(a.socket)
     m = c.migrations
     if a.migration_command == "prepare":
-        req = pb.PrepareMigrationRequest(vm=a.vm, mode=MODE[a.mode])
-        if a.dest_vm:
-            # readiness only: describe the target without reserving it
-            d = cs.get(a.dest_socket or a.socket).vms.GetVm(pb.GetVmRequest(name=a.dest_vm)).spec
-            req.destination.CopyFrom(
-                pb.IncomingTarget(
-                    vm=d.name,
-                    qmp_socket=d.qmp_socket,
-                    ram_file=d.ram_file,
-                    balloon_socket=d.balloon_socket,
-                    migration_uri=f"unix:{Path(d.qmp_socket).parent / 'mig.sock'}",
-                )
-            )
-        resp = m.PrepareMigration(req)
+        resp = m.PrepareMigration(pb.PrepareMigrationRequest(vm=a.vm, mode=MODE[a.mode]))
         show(resp)
         return 0 if resp.ready else 1
-    if a.migration_command == "accept":
-        show(c.migrations.AcceptIncoming(pb.AcceptIncomingRequest(vm=a.vm)))
+    if a.migration_command == "incoming":
+        show(c.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm=a.vm, mode=MODE[a.mode])))
     elif a.migration_command == "cancel":
         show(m.CancelMigration(pb.CancelMigrationRequest(vm=a.vm)))
     else:

@@ -22,6 +22,7 @@ from fph.migration.fph_mode import Balloon, FphConfig, FphMigration, FphMigratio
 from fph.migration_hook import HookEvent, HookPoint, MigrationReport, NativeMigration, job_stats
 from fph.qmp import MigrationCancelledError, QMPError
 from fph.ram_layout import PAGE_SIZE
+from fph.transfer.security import DataPlaneSecurity
 
 log = logging.getLogger("fph.daemon")
 
@@ -38,13 +39,16 @@ FINAL_PHASES = frozenset({SUCCEEDED, FAILED})
 
 @dataclass(frozen=True)
 class Target:
-    """The destination as AcceptIncoming described it (paths already checked)."""
+    """The destination as its daemon's PrepareIncoming described it (checked): the source drives its own
+    QEMU and sends to these addresses; the destination daemon owns everything on its host."""
 
     vm: str
-    qmp_socket: Path
-    ram_file: Path | None
-    balloon_socket: Path | None
     migration_uri: str
+    """tcp:HOST:PORT where the destination QEMU listens."""
+    data_address: tuple[str, int] | None = None
+    """The RAM receiver (fph mode)."""
+    credential: str = ""
+    tls: bool = False
     daemon_socket: str = ""
 
 
@@ -272,26 +276,19 @@ def fph_migration(
     ring_ranges: Callable[[], list[tuple[int, int]]] | None,
     target: Target,
     params: Params,
-    receiver_address: tuple[str, int] | None = None,
+    security: DataPlaneSecurity,
 ) -> FphMigration:
-    """``receiver_address``: a receiver the destination prepared at AcceptIncoming (else the migration
-    maps and prepares the destination RAM file itself, inside round 0's wait)."""
-    assert target.ram_file is not None
-    balloon = None
-    if control is not None:
-        balloon = Balloon(
-            control,
-            ring_ranges=ring_ranges,
-            destination_socket=str(target.balloon_socket) if target.balloon_socket else None,
-        )
+    """The source half: the destination daemon resumes its QEMU and plugs its balloon itself."""
+    assert target.data_address is not None
+    balloon = None if control is None else Balloon(control, ring_ranges=ring_ranges)
     return FphMigration(
         src_qmp=str(src_qmp),
-        dst_qmp=str(target.qmp_socket),
+        dst_qmp=None,
         uri=target.migration_uri,
         layout=layout,
         src_ram=src_ram,
-        dst_ram=target.ram_file if receiver_address is None else None,
-        receiver_address=receiver_address,
+        receiver_address=target.data_address,
+        security=security,
         writelog=writelog,
         balloon=balloon,
         config=FphConfig(
@@ -305,7 +302,7 @@ def fph_migration(
 def native_migration(*, src_qmp: Path, target: Target, params: Params) -> NativeMigration:
     return NativeMigration(
         str(src_qmp),
-        str(target.qmp_socket),
+        None,  # the destination daemon made its QEMU listen and sees it resume
         target.migration_uri,
         max_bandwidth=params.bandwidth,
         downtime_limit_ms=params.downtime_limit_ms,

@@ -35,6 +35,25 @@ async def _status(conn: QMPConnection) -> str:
 
 async def roll_back(m: PersistedMigration, timeout: float = QMP_TIMEOUT_S) -> Rollback:
     out = Rollback()
+    if m.destination_qmp:
+        await _roll_back_destination(m, out, timeout)
+    else:
+        out.cleanup.append("destination owned by its daemon: it tears its side down when the stream breaks")
+    try:
+        async with asyncio.timeout(timeout):
+            src = QMPConnection(m.source_qmp, "fph-recovery-src")
+            await src.connect(timeout)
+            try:
+                await _roll_back_source(src, out)
+            finally:
+                await src.close()
+    except (QMPError, OSError, TimeoutError) as exc:
+        out.cleanup.append(f"source QEMU does not answer ({type(exc).__name__}): NOT rolled back")
+    return out
+
+
+async def _roll_back_destination(m: PersistedMigration, out: Rollback, timeout: float) -> None:
+    """A destination this daemon drove itself (state files of earlier versions): ask it where it is."""
     dst_status = ""
     try:
         async with asyncio.timeout(timeout):
@@ -55,23 +74,17 @@ async def roll_back(m: PersistedMigration, timeout: float = QMP_TIMEOUT_S) -> Ro
                 await dst.close()
     except (QMPError, OSError, TimeoutError) as exc:
         out.cleanup.append(f"destination QEMU does not answer ({type(exc).__name__}): nothing to undo there")
-    try:
-        async with asyncio.timeout(timeout):
-            src = QMPConnection(m.source_qmp, "fph-recovery-src")
-            await src.connect(timeout)
-            try:
-                await _roll_back_source(src, out)
-            finally:
-                await src.close()
-    except (QMPError, OSError, TimeoutError) as exc:
-        out.cleanup.append(f"source QEMU does not answer ({type(exc).__name__}): NOT rolled back")
-    return out
 
 
 async def _roll_back_source(src: QMPConnection, out: Rollback) -> None:
     with contextlib.suppress(QMPError, ThrottleError):  # no vCPU threads visible: nothing was throttled
         pid, _tids = vcpu_threads(list(await src.execute("query-cpus-fast")))
         out.cleanup.extend(await asyncio.to_thread(release_stale_groups, pid))
+    if not out.completed:
+        # The source's own word: its device state went out complete, so the destination has the guest (its
+        # daemon resumes it). Two running copies would corrupt the guest's disks: the source stays stopped.
+        with contextlib.suppress(QMPError):
+            out.completed = (await src.execute("query-migrate")).get("status") == "completed"
     if out.completed:
         out.cleanup.append(f"source left {await _status(src)!r}: the guest runs on the destination")
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from fph.daemon.incoming import PreparedIncoming
+from fph.daemon.incoming import IncomingSession
 from fph.hint_receiver import F_FREE_PAGE_HINT, BalloonControl, CountingSink, HintStatus, ThreadedHintReceiver
 from fph.qmp import QMPConnection, QMPError
 from fph.ram_layout import RamLayout
@@ -80,6 +81,20 @@ def check_name(name: str, what: str = "vm") -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def parse_host_port(raw: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` with an IP address (v4, or v6 in brackets) and a port 1..65535."""
+    host, sep, port = raw.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(host)
+        ok = bool(sep) and port.isdigit() and 0 < int(port) < 65536
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InvalidArgument(f"{what} {raw!r}: expected IP:PORT (port 1..65535)")
+    return host, int(port)
 
 
 def check_path(
@@ -182,8 +197,8 @@ class VmRecord:
     hint_runs: int = 0
     job: MigrationJob | None = None
     registered_at: float = field(default_factory=time.time)
-    incoming: PreparedIncoming | None = None
-    """As a migration destination: its RAM file prepared and a receiver listening since AcceptIncoming."""
+    incoming: IncomingSession | None = None
+    """As a migration destination: what PrepareIncoming started (kept after it ended, for its outcome)."""
     degraded: str = ""
     """Why fph cannot serve this VM's balloon (restored after a restart while its QEMU ran), or ""."""
 
@@ -192,9 +207,9 @@ class VmRecord:
         return self.spec.name
 
     def drop_incoming(self) -> None:
-        if self.incoming is not None:
+        """Give up a destination that has not ended (thread-safe); a finished one's outcome is kept."""
+        if self.incoming is not None and not self.incoming.finished:
             self.incoming.close()
-            self.incoming = None
 
 
 async def balloon_plugged(qmp_socket: Path, device_id: str = "bal0") -> bool | None:

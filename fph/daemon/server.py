@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import fcntl
 import grp
+import ipaddress
 import json
 import logging
 import os
@@ -42,8 +43,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
+from fph.daemon.incoming import DataPlane
 from fph.daemon.service import SERVICE_NAMES, Daemon, add_services
 from fph.daemon.state_file import StateFileError
+from fph.transfer.security import SecurityError, TlsFiles
 
 log = logging.getLogger("fph.daemon")
 
@@ -66,6 +69,10 @@ class DaemonConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    data_address: str = "127.0.0.1"
+    """The IP this host's incoming migrations listen on (RAM receivers and QEMU's device-state stream)."""
+    data_tls: str = "auto"
+    """Mutual TLS on the data plane: "auto" (on when the TLS files are given), "on" or "off"."""
 
     @classmethod
     def load(cls, path: Path | None, overrides: dict[str, Any]) -> DaemonConfig:
@@ -100,6 +107,18 @@ class DaemonConfig:
         cfg.validate()
         return cfg
 
+    def data_plane(self) -> DataPlane:
+        """Where incoming migrations listen and with which TLS files (None: in the clear)."""
+        tls_on = self.data_tls == "on" or (self.data_tls == "auto" and bool(self.tls_cert))
+        tls = TlsFiles(Path(self.tls_cert), Path(self.tls_key), Path(self.tls_client_ca)) if tls_on else None
+        if tls is not None:
+            try:
+                tls.server_context()
+                tls.client_context()
+            except SecurityError as exc:
+                raise ConfigError(str(exc)) from exc
+        return DataPlane(self.data_address, tls)
+
     def socket_gid(self) -> int | None:
         """The socket's group as a gid (None: leave the daemon's); ConfigError if there is no such group."""
         if not self.socket_group:
@@ -125,6 +144,21 @@ class DaemonConfig:
                     f"TCP ({self.tcp_address}) is served only with mutual TLS: also give "
                     + ", ".join("--" + n.replace("_", "-") for n in missing)
                 )
+        try:
+            loopback = ipaddress.ip_address(self.data_address).is_loopback
+        except ValueError:
+            raise ConfigError(f"data_address {self.data_address!r} is not an IP address") from None
+        if self.data_tls not in ("auto", "on", "off"):
+            raise ConfigError(f"data_tls {self.data_tls!r}: auto, on or off")
+        tls_files = all((self.tls_cert, self.tls_key, self.tls_client_ca))
+        if self.data_tls == "on" and not tls_files:
+            raise ConfigError("data_tls on needs tls_cert, tls_key and tls_client_ca")
+        if not loopback and self.data_tls == "auto" and not tls_files:
+            raise ConfigError(
+                f"data_address {self.data_address} leaves this host: guest memory crosses the network only "
+                'under mutual TLS: give tls_cert, tls_key and tls_client_ca (or data_tls = "off" to send '
+                "it in the clear on a network you trust)"
+            )
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format {self.log_format!r}: json or text")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -173,7 +207,7 @@ class DaemonServer:
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd: int | None = _lock_state_dir(state)
         self._socket_ino: int | None = None
-        self.daemon = Daemon(state, cfg.socket)
+        self.daemon = Daemon(state, cfg.socket, cfg.data_plane())
         self.server: Any = None
         self.health: Any = None
         self.metrics_address: tuple[str, int] | None = None

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
-from fph.daemon.incoming import PreparedIncoming
+from fph.daemon.incoming import DataPlane, IncomingSession
 from fph.daemon.jobs import (
     PENDING,
     PREPARING_TARGET,
@@ -45,17 +44,16 @@ from fph.daemon.registry import (
     Unavailable,
     VmRecord,
     VmSpec,
-    check_existing,
     check_name,
-    check_path,
     open_writelog,
-    trusted_uids,
+    parse_host_port,
 )
 from fph.daemon.state_file import PersistedMigration, PersistedState, PersistedVm, StateFile
 from fph.hint_receiver import HintState
 from fph.migration.fph_mode import FphReport
 from fph.qmp import QMPConnectError, QMPConnection, QMPError
 from fph.ram_layout import PAGE_SIZE
+from fph.transfer.security import DataPlaneSecurity
 
 log = logging.getLogger("fph.daemon")
 T = TypeVar("T")
@@ -150,7 +148,9 @@ async def qmp_query(path: Path, command: str, args: dict[str, Any] | None = None
 class Daemon:
     """State shared by the three services."""
 
-    def __init__(self, state_dir: Path, socket_path: str = "") -> None:
+    def __init__(self, state_dir: Path, socket_path: str = "", plane: DataPlane | None = None) -> None:
+        self.plane = plane or DataPlane()
+        """Where this host's receivers and incoming QEMUs listen, and the data plane's TLS files."""
         self.registry = Registry(state_dir)
         self.metrics = Metrics(self.registry)
         self.socket_path = socket_path
@@ -178,7 +178,7 @@ class Daemon:
                 mode=j.params.mode,
                 source_qmp=str(self.registry.vms[j.vm].spec.qmp_socket),
                 destination_vm=j.target.vm,
-                destination_qmp=str(j.target.qmp_socket),
+                destination_qmp=self._local_destination_qmp(j),
                 started=j.start_time,
             )
             for j in self.jobs.values()
@@ -188,6 +188,15 @@ class Daemon:
             self.state_file.save(PersistedState(vms, migrations))
         except OSError as exc:
             log.error("state not saved", extra={"path": str(self.state_file.path), "error": str(exc)})
+
+    def _local_destination_qmp(self, job: MigrationJob) -> str:
+        """The destination's QMP socket if this daemon is also the destination's (one host): a restart
+        must then roll that side back too. Another host's destination is its own daemon's to tear down."""
+        rec = self.registry.vms.get(job.target.vm)
+        session = None if rec is None else rec.incoming
+        if session is not None and session.credential == job.target.credential:
+            return str(session.qmp_socket)
+        return ""
 
     async def restore(self) -> None:
         """After a restart: the VMs of the last saved state again, and every migration the previous daemon
@@ -211,7 +220,7 @@ class Daemon:
         for m in state.migrations:
             rb = await roll_back(m)
             rec = self.registry.vms.get(m.vm)
-            target = Target(m.destination_vm, Path(m.destination_qmp), None, None, "")
+            target = Target(m.destination_vm, "")
             job = MigrationJob.interrupted(m.id, m.vm, m.mode, target, m.started, rb.cleanup, ABORTED)
             self.jobs[job.id] = job
             if rec is not None:
@@ -241,6 +250,7 @@ class Daemon:
             plugin_arg=rec.plugin_arg,
             migration_id=rec.job.id if rec.job is not None else "",
             degraded=rec.degraded,
+            incoming=rec.incoming.summary() if rec.incoming is not None else "",
         )
 
     async def close(self, timeout: float = 1.5) -> None:
@@ -250,6 +260,10 @@ class Daemon:
             await job.cancel()
         if running:
             await asyncio.wait([j.task for j in running if j.task is not None], timeout=30)
+        sessions = [r.incoming for r in self.registry.vms.values() if r.incoming is not None]
+        for s in sessions:
+            s.close()
+        await asyncio.gather(*(s.wait(2.0) for s in sessions), return_exceptions=True)
         await asyncio.to_thread(self.registry.close, timeout)
         self.metrics.close()
 
@@ -464,22 +478,37 @@ class MigrationService(pbg.MigrationServiceServicer):
             raise InvalidArgument("mode is required: MODE_FPH, MODE_NATIVE or MODE_NONE")
         return MODES[mode]
 
-    def _target(self, msg: Any, *, fph: bool) -> Target:
+    def _target(self, msg: Any, mode: str) -> Target:
+        """The destination daemon's IncomingTarget, checked: addresses only, no path of the other host."""
         name = check_name(msg.vm, "destination vm")
-        qmp = check_path(self.d.state_dir, msg.qmp_socket, "destination.qmp_socket", socket=True)
-        ram = check_path(self.d.state_dir, msg.ram_file, "destination.ram_file", required=fph)
-        balloon = check_path(
-            self.d.state_dir, msg.balloon_socket, "destination.balloon_socket", required=False, socket=True
-        )
+        fph = mode == "fph"
+        if msg.mode != MODE_ENUM[mode]:
+            raise InvalidArgument(
+                f"the destination was prepared for {pb.Mode.Name(msg.mode)}, this migration is "
+                f"{pb.Mode.Name(MODE_ENUM[mode])}: call PrepareIncoming with the mode Migrate will use "
+                "(QEMU's capabilities on both ends must match)"
+            )
         uri = msg.migration_uri
-        if not uri.startswith("unix:"):
-            raise InvalidArgument(f"destination.migration_uri {uri!r}: only unix:PATH (inside the state dir)")
-        check_path(self.d.state_dir, uri[5:], "destination.migration_uri", socket=True)
-        uids = trusted_uids(self.d.state_dir)
-        check_existing(qmp, "destination.qmp_socket", stat.S_ISSOCK, "a socket", trusted_uids=uids)
-        check_existing(ram, "destination.ram_file", stat.S_ISREG, "a regular file", trusted_uids=uids)
-        assert qmp is not None
-        return Target(name, qmp, ram, balloon, uri, msg.daemon_socket)
+        if not uri.startswith("tcp:"):
+            raise InvalidArgument(
+                f"destination.migration_uri {uri!r}: expected tcp:HOST:PORT, as the destination daemon's "
+                "PrepareIncoming returns it"
+            )
+        parse_host_port(uri[4:], "destination.migration_uri")
+        data = None
+        if fph:
+            if not msg.data_address or not msg.credential:
+                raise InvalidArgument(
+                    "destination.data_address and destination.credential are required for mode fph: pass the "
+                    "IncomingTarget of the destination daemon's PrepareIncoming (with mode MODE_FPH)"
+                )
+            data = parse_host_port(msg.data_address, "destination.data_address")
+        if msg.tls and self.d.plane.tls is None:
+            raise FailedPrecondition(
+                "the destination's data plane requires mutual TLS and this daemon has no TLS files: "
+                "configure tls_cert, tls_key and tls_client_ca (with a certificate of the destination's CA)"
+            )
+        return Target(name, uri, data, msg.credential, bool(msg.tls), msg.daemon_socket)
 
     def _params(self, request: Any, mode: str) -> Params:
         bw = request.bandwidth_bytes_per_second
@@ -548,20 +577,31 @@ class MigrationService(pbg.MigrationServiceServicer):
                 )
             )
         if target is not None:
-            try:
-                st = await qmp_query(target.qmp_socket, "query-status")
-                ok = st.get("status") == "inmigrate"
-                out.append(
-                    (
-                        "destination",
-                        ok,
-                        f"destination QEMU status {st.get('status')!r}"
-                        + ("" if ok else ", expected 'inmigrate' (-incoming defer)"),
-                    )
-                )
-            except Unavailable as e:
-                out.append(("destination", False, str(e)))
+            out.append(self._destination_check(target))
         return out
+
+    def _destination_check(self, target: Target) -> tuple[str, bool, str]:
+        """Nothing is sent to the destination to check it (a probe of QEMU's incoming socket would be taken
+        for the migration stream). A destination VM of this very daemon is checked in its registry."""
+        where = f"QEMU at {target.migration_uri}" + (
+            f", RAM receiver at {target.data_address[0]}:{target.data_address[1]}"
+            if target.data_address
+            else ""
+        )
+        local = self.d.registry.vms.get(target.vm)
+        session = None if local is None else local.incoming
+        if session is not None and session.credential == target.credential:
+            ok = not session.finished
+            return (
+                "destination",
+                ok,
+                f"{where}: {session.summary()}" + ("" if ok else "; prepare it again (PrepareIncoming)"),
+            )
+        return (
+            "destination",
+            True,
+            f"{where} (prepared by the destination daemon{' with TLS' if target.tls else ''})",
+        )
 
     async def _estimate(self, rec: VmRecord, mode: str) -> tuple[int, str]:
         total = rec.spec.memory_bytes
@@ -580,9 +620,7 @@ class MigrationService(pbg.MigrationServiceServicer):
     async def PrepareMigration(self, request: Any, context: Any) -> Any:
         rec = self.d.registry.get(request.vm)
         mode = self._mode(request.mode)
-        target = (
-            self._target(request.destination, fph=mode == "fph") if request.HasField("destination") else None
-        )
+        target = self._target(request.destination, mode) if request.HasField("destination") else None
         if rec.job is not None and not rec.job.finished:
             raise FailedPrecondition(f"VM {rec.name!r} is already migrating ({rec.job.id})")
         checks = await self._checks(rec, mode, target)
@@ -596,8 +634,9 @@ class MigrationService(pbg.MigrationServiceServicer):
         )
 
     @unary
-    async def AcceptIncoming(self, request: Any, context: Any) -> Any:
+    async def PrepareIncoming(self, request: Any, context: Any) -> Any:
         rec = self.d.registry.get(request.vm)
+        mode = self._mode(request.mode)
         if rec.state != "registered" or (rec.job is not None and not rec.job.finished):
             raise FailedPrecondition(
                 f"VM {rec.name!r} is {rec.state}: only an idle registered VM can be a target"
@@ -608,25 +647,46 @@ class MigrationService(pbg.MigrationServiceServicer):
                 f"VM {rec.name!r}: QEMU status {st.get('status')!r}; a target runs with -incoming defer "
                 "and has not received a migration yet"
             )
+        if mode == "fph" and rec.control is not None and self.d.registry.connected(rec):
+            raise FailedPrecondition(
+                f"VM {rec.name!r} already has a QEMU on its balloon socket: an fph target is started "
+                "without the balloon (this daemon plugs a fresh one once the guest runs here)"
+            )
         # The destination RAM file is mapped and pre-faulted now, while the orchestrator is still on its way
         # to Migrate: round 0 then never waits for it.
         await asyncio.to_thread(rec.drop_incoming)
+
+        def ended(s: IncomingSession) -> None:
+            if rec.incoming is s and rec.state == "incoming":
+                rec.state = "registered"
+                self.d.persist()
+
         try:
-            rec.incoming = await asyncio.to_thread(PreparedIncoming.start, rec.spec.ram_file, rec.layout)
-        except Exception as e:
-            raise FailedPrecondition(
-                f"VM {rec.name!r}: cannot prepare its RAM file {rec.spec.ram_file}: {e}"
-            ) from e
+            session = await IncomingSession.prepare(
+                vm=rec.name,
+                mode=mode,
+                qmp_socket=rec.spec.qmp_socket,
+                ram_file=rec.spec.ram_file,
+                layout=rec.layout,
+                balloon_socket=str(rec.spec.balloon_socket or ""),
+                plane=self.d.plane,
+                on_end=ended,
+            )
+        except (QMPError, OSError, RuntimeError) as e:
+            raise FailedPrecondition(f"VM {rec.name!r}: cannot prepare it as a destination: {e}") from e
+        rec.incoming = session
         rec.state = "incoming"
-        mig_sock = rec.spec.qmp_socket.parent / "mig.sock"
-        log.info("incoming accepted", extra={"vm": rec.name})
         return pb.IncomingTarget(
             daemon_socket=self.d.socket_path,
             vm=rec.name,
             qmp_socket=str(rec.spec.qmp_socket),
             ram_file=str(rec.spec.ram_file),
             balloon_socket=str(rec.spec.balloon_socket or ""),
-            migration_uri=f"unix:{mig_sock}",
+            migration_uri=session.migration_uri,
+            data_address=session.data_address,
+            credential=session.credential,
+            tls=session.tls,
+            mode=request.mode,
         )
 
     async def _start(self, request: Any) -> MigrationJob:
@@ -634,12 +694,10 @@ class MigrationService(pbg.MigrationServiceServicer):
         mode = self._mode(request.mode)
         if not request.HasField("destination"):
             raise InvalidArgument(
-                "destination is required: the IncomingTarget from the destination's AcceptIncoming"
+                "destination is required: the IncomingTarget from the destination daemon's PrepareIncoming"
             )
-        target = self._target(request.destination, fph=mode == "fph")
+        target = self._target(request.destination, mode)
         params = self._params(request, mode)
-        if target.qmp_socket == rec.spec.qmp_socket:
-            raise InvalidArgument("the destination is the source VM itself")
         if rec.job is not None and not rec.job.finished:
             raise FailedPrecondition(f"VM {rec.name!r} is already migrating ({rec.job.id})")
         if rec.state != "registered":
@@ -657,12 +715,9 @@ class MigrationService(pbg.MigrationServiceServicer):
             assert rec.spec.write_log is not None
             wl = await asyncio.to_thread(open_writelog, rec.spec.write_log, rec.layout)
             reg = self.d.registry
-            dst_rec = reg.vms.get(target.vm)
-            prepared = None
-            if dst_rec is not None and dst_rec.spec.qmp_socket == target.qmp_socket:
-                prepared = dst_rec.incoming
+            security = DataPlaneSecurity(target.credential, self.d.plane.tls if target.tls else None)
             migration: Any = fph_migration(
-                receiver_address=None if prepared is None else prepared.address,
+                security=security,
                 src_qmp=rec.spec.qmp_socket,
                 src_ram=rec.spec.ram_file,
                 layout=rec.layout,
@@ -686,10 +741,6 @@ class MigrationService(pbg.MigrationServiceServicer):
             if rec.control is not None:
                 rec.control.set_sink(rec.sink)  # the migration made its bitmap the sink
             rec.state = "migrated" if j.report is not None else "registered"
-            dst = self.d.registry.vms.get(target.vm)
-            if dst is not None and dst.spec.qmp_socket == target.qmp_socket and dst.state == "incoming":
-                dst.state = "registered" if j.report is not None else dst.state
-                dst.drop_incoming()  # its receiver served (or failed) this migration
             self.d.metrics.ended(j)
             self.d.persist()
             log.info(

@@ -36,6 +36,14 @@ from fph import dirty_bitmap
 from fph.balloon.spec import F_FREE_PAGE_HINT
 from fph.dirty_bitmap import DirtyBitmap
 from fph.migration.convergence import ConvergenceError, Decision, Verdict
+from fph.migration.destination import (
+    BALLOON_DEVICE_ARGS,
+    FPH_INCOMING_CAPABILITIES,
+    DestinationError,
+    capabilities_arg,
+    plug_balloon,
+    resume_incoming,
+)
 from fph.migration.hooks import HookDispatcher, HookEvent, HookListener, HookPoint
 from fph.migration.job_stats import FINAL_STATUSES, JobStatsView, figures_final, job_stats
 from fph.migration.precopy import HintControl, HintPolicy, Precopy, PrecopyConfig, RoundStats
@@ -43,16 +51,15 @@ from fph.migration.throttle import ThrottleError, VcpuThrottle, vcpu_threads
 from fph.qmp import QMPConnection, QMPError
 from fph.ram_layout import PAGE_SIZE, RamLayout
 from fph.transfer import pagehash
+from fph.transfer.channel import ChannelError
 from fph.transfer.ram_file import RamFile
 from fph.transfer.receiver import RamReceiver, ReceiverResult
+from fph.transfer.security import DataPlaneSecurity
 from fph.transfer.sender import RamSender
-from fph.waiting import poll_until_async
 from fph.writelog.base import WriteLog
 from fph.writelog.device import DeviceWriteLog
 
 log = logging.getLogger(__name__)
-
-BALLOON_DEVICE_ARGS = {"virtio-id": 5, "num_vqs": 4, "config_size": 16, "vq_size": 1024}
 
 
 class Phase(enum.Enum):
@@ -166,6 +173,9 @@ class _Progress:
     balloon_removed: bool = False
     src_stopped: bool = False
     dst_running: bool = False
+    dst_unknown: bool = False
+    """The device state went to a destination owned by another daemon that never said how it ended: the
+    source must not resume (both could run), an operator decides."""
 
 
 class FphMigration:
@@ -173,6 +183,10 @@ class FphMigration:
 
     The destination QEMU runs with ``-incoming defer`` and the same devices as the source minus the
     balloon (the balloon is unmigratable: it is unplugged before switchover and re-plugged after).
+
+    ``dst_qmp``: the destination QEMU, driven from here (one host). None: the destination's own daemon
+    prepared it (PrepareIncoming: QEMU listening on ``uri``, a receiver at ``receiver_address`` asking for
+    ``security``) and resumes it and plugs its balloon itself, and says so over the data channel.
     """
 
     mode = "fph"
@@ -181,7 +195,7 @@ class FphMigration:
         self,
         *,
         src_qmp: str,
-        dst_qmp: str,
+        dst_qmp: str | None,
         uri: str,
         layout: RamLayout,
         src_ram: Path,
@@ -191,8 +205,12 @@ class FphMigration:
         balloon: Balloon | None = None,
         config: FphConfig | None = None,
         hooks: Iterable[HookListener] = (),
+        security: DataPlaneSecurity | None = None,
     ) -> None:
         self.src_qmp, self.dst_qmp, self.uri = src_qmp, dst_qmp, uri
+        self.security = security
+        if dst_qmp is None and receiver_address is None:
+            raise ValueError("a destination owned by its daemon (dst_qmp None) needs its receiver_address")
         self.layout = layout
         if (dst_ram is None) == (receiver_address is None):
             raise ValueError(
@@ -243,12 +261,13 @@ class FphMigration:
 
     async def run(self) -> FphReport:
         src = QMPConnection(self.src_qmp, "fph-engine-src")
-        dst = QMPConnection(self.dst_qmp, "fph-engine-dst")
+        dst = None if self.dst_qmp is None else QMPConnection(self.dst_qmp, "fph-engine-dst")
         await src.connect()
         res = self._res
         progress = _Progress()
         try:
-            await dst.connect()
+            if dst is not None:
+                await dst.connect()
             return await self._run(src, dst, progress, res)
         except BaseException as exc:
             cleanup = await self._abort(src, dst, progress, res.sender, res.receiver, exc)
@@ -260,10 +279,11 @@ class FphMigration:
         finally:
             res.close()
             await src.close()
-            await dst.close()
+            if dst is not None:
+                await dst.close()
 
     async def _run(
-        self, src: QMPConnection, dst: QMPConnection, progress: _Progress, res: _Resources
+        self, src: QMPConnection, dst: QMPConnection | None, progress: _Progress, res: _Resources
     ) -> FphReport:
         cfg = self.config
         t_start = time.monotonic()
@@ -278,13 +298,13 @@ class FphMigration:
         else:
             assert self.receiver_address is not None
             address = self.receiver_address  # a receiver on the destination host (fph.transfer.receiver)
-        caps = [{"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]
-        for conn in (src, dst):
-            await conn.execute("migrate-set-capabilities", {"capabilities": caps})
+        await src.execute("migrate-set-capabilities", capabilities_arg(FPH_INCOMING_CAPABILITIES))
         await src.execute("migrate-set-parameters", {"downtime-limit": int(cfg.downtime_limit_ms)})
-        await dst.execute("migrate-incoming", {"uri": self.uri})
+        if dst is not None:  # else its daemon made it listen at PrepareIncoming
+            await dst.execute("migrate-set-capabilities", capabilities_arg(FPH_INCOMING_CAPABILITIES))
+            await dst.execute("migrate-incoming", {"uri": self.uri})
         src_ram = res.src_ram = RamFile(self.src_ram_path, self.layout, writable=False)
-        channel = res.sender = RamSender(address, src_ram, bandwidth=cfg.bandwidth)
+        channel = res.sender = RamSender(address, src_ram, bandwidth=cfg.bandwidth, security=self.security)
         await asyncio.to_thread(channel.connect)
         await asyncio.to_thread(_warm_kernels)  # nothing compiles or loads later, inside the stop window
         bitmap = DirtyBitmap(self.layout)
@@ -376,14 +396,19 @@ class FphMigration:
         stop_window.mark("qemu_device_state")
         await self._hook(HookPoint.COMPLETE)
         self.phase = Phase.RESUME
-        await self._resume_destination(dst)
+        destination_word: dict[str, Any] | None = None
+        if dst is not None:
+            await resume_incoming(dst, self.config.migrate_timeout_s)
+        else:
+            destination_word = await self._destination_word(channel, progress)
         t_resumed = stop_window.mark("cont")
         progress.dst_running = True
         res.release_throttle()
         replug_ms = None
-        if self.balloon is not None and self.balloon.destination_socket:
+        b = self.balloon
+        if dst is not None and b is not None and b.destination_socket:
             t = time.monotonic()
-            await self._plug(dst, self.balloon, self.balloon.destination_socket)
+            await plug_balloon(dst, b.device_id, b.chardev_id, b.destination_socket)
             replug_ms = (time.monotonic() - t) * 1e3
         await self._hook(HookPoint.CLEANUP)
         self.phase = Phase.DONE
@@ -414,8 +439,24 @@ class FphMigration:
                 "final_round_ms": round(final_ms, 1),
                 "replug_ms": None if replug_ms is None else round(replug_ms, 1),
                 "destination_prepare_s": None if receiver is None else round(receiver.prepare_s, 3),
+                "destination_daemon": destination_word,
+                "data_plane_tls": bool(self.security and self.security.tls),
             },
         )
+
+    async def _destination_word(self, channel: RamSender, progress: _Progress) -> dict[str, Any]:
+        """The destination daemon's RESUMED frame: it resumed its QEMU (and says what else it did), or it
+        could not and has torn its QEMU down (the source may resume), or silence (nobody can tell)."""
+        try:
+            word = await asyncio.to_thread(channel.wait_resumed, self.config.migrate_timeout_s)
+        except ChannelError as exc:
+            progress.dst_unknown = True
+            raise DestinationError(
+                f"the destination daemon did not say whether its QEMU runs: {exc}"
+            ) from exc
+        if not word.get("resumed"):
+            raise DestinationError(f"the destination daemon could not resume its QEMU: {word.get('error')}")
+        return word
 
     def _hints(self) -> HintControl | None:
         return self.balloon.control if self.balloon is not None else None
@@ -514,74 +555,6 @@ class FphMigration:
         finally:
             conn.remove_listener(listener)
 
-    async def _plug(self, conn: QMPConnection, balloon: Balloon, socket_path: str) -> None:
-        with contextlib.suppress(QMPError):  # a chardev of that id may be left from an earlier plug
-            await conn.execute("chardev-remove", {"id": balloon.chardev_id})
-        await conn.execute(
-            "chardev-add",
-            {
-                "id": balloon.chardev_id,
-                "backend": {
-                    "type": "socket",
-                    "data": {
-                        "addr": {"type": "unix", "data": {"path": socket_path}},
-                        "server": False,  # no reconnect-ms: a reconnect aborts QEMU 11.1 (vhost_dev_start)
-                    },
-                },
-            },
-        )
-        await self._wait_chardev_connected(conn, balloon.chardev_id)
-        await conn.execute(
-            "device_add",
-            {
-                "driver": "vhost-user-test-device-pci",
-                "id": balloon.device_id,
-                "chardev": balloon.chardev_id,
-                **BALLOON_DEVICE_ARGS,
-            },
-        )
-
-    async def _wait_chardev_connected(self, conn: QMPConnection, label: str, timeout: float = 5.0) -> None:
-        """The chardev must be connected before device_add: with reconnect-ms (which fph no longer uses)
-        chardev-add returned before the connect, and vhost-user-test-device-pci does not wait, so a
-        device_add in that window failed with "vhost_backend_init failed: Protocol error" (2 of 4 runs
-        through the daemon, under load). QEMU names a socket chardev "disconnected:..." until it is
-        connected."""
-
-        async def filename() -> str:
-            chardevs = await conn.execute("query-chardev")
-            return next((str(c.get("filename", "")) for c in chardevs if c.get("label") == label), "")
-
-        def connected(name: str) -> bool:
-            return bool(name) and not name.startswith("disconnected:")
-
-        name = await poll_until_async(filename, timeout, 0.01, until=connected)
-        if not connected(name):
-            raise TimeoutError(f"chardev {label} not connected after {timeout} s ({name or 'absent'})")
-
-    async def _resume_destination(self, dst: QMPConnection) -> None:
-        """``cont`` once the destination has loaded the device state, then check that it runs.
-
-        The source was stopped before its device state was sent, so the destination takes "paused" from
-        the stream when it finishes loading; a ``cont`` that arrives while it still loads is lost (QEMU
-        only notes it as autostart, which a paused source overrides). The source reporting "completed"
-        does not mean the destination has finished loading."""
-        deadline = time.monotonic() + self.config.migrate_timeout_s
-        while True:
-            status = str((await dst.execute("query-status")).get("status"))
-            if status != "inmigrate":
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"the destination still loads the device state after {self.config.migrate_timeout_s} s"
-                )
-            await asyncio.sleep(0.001)
-        if status != "running":
-            await dst.execute("cont")
-        status = str((await dst.execute("query-status")).get("status"))
-        if status != "running":
-            raise RuntimeError(f"the destination is {status!r} after cont, not running")
-
     async def _migrate_device_state(self, src: QMPConnection) -> dict[str, Any]:
         listener = src.listener(("MIGRATION",))
         try:
@@ -616,7 +589,7 @@ class FphMigration:
     async def _abort(
         self,
         src: QMPConnection,
-        dst: QMPConnection,
+        dst: QMPConnection | None,
         progress: _Progress,
         channel: RamSender | None,
         receiver: RamReceiver | None,
@@ -640,13 +613,22 @@ class FphMigration:
             receiver.stop()
         if progress.dst_running:
             return done  # the guest runs on the destination: nothing to undo on the source
+        if progress.dst_unknown:
+            done.append(
+                "source left stopped: its device state reached a destination whose daemon never said whether "
+                "it runs; resume the source (cont) only once the destination QEMU is known to be gone"
+            )
+            return done
         with contextlib.suppress(Exception):
             await src.execute("migrate_cancel")
-        try:
-            await dst.execute("quit")
-            done.append("destination QEMU quit")
-        except QMPError:  # already gone (killed, or it failed first)
-            done.append("destination QEMU already gone")
+        if dst is None:
+            done.append("destination left to its daemon (it tears its QEMU down when the stream fails)")
+        else:
+            try:
+                await dst.execute("quit")
+                done.append("destination QEMU quit")
+            except QMPError:  # already gone (killed, or it failed first)
+                done.append("destination QEMU already gone")
         for problem in self._res.release_throttle():
             done.append(f"vCPU throttle release FAILED: {problem}")
         if progress.src_stopped:

@@ -35,7 +35,8 @@ class NativeMigration:
     raises :class:`fph.qmp.MigrationError` (QEMU's ``error-desc``) when the migration fails,
     :class:`fph.qmp.MigrationCancelledError` after :meth:`cancel`, :class:`fph.qmp.MigrationTimeoutError`
     (after cancelling) on timeout, :class:`fph.qmp.QMPCommandError` when QEMU refuses a command.
-    The destination must run with ``-incoming defer``.
+    The destination must run with ``-incoming defer``. ``dst_qmp`` None: the destination's own daemon
+    made it listen on ``uri`` (PrepareIncoming) and sees it resume; this side drives the source only.
     """
 
     mode = "native"
@@ -43,7 +44,7 @@ class NativeMigration:
     def __init__(
         self,
         src_qmp: str,
-        dst_qmp: str,
+        dst_qmp: str | None,
         uri: str,
         *,
         max_bandwidth: int | None = None,
@@ -64,16 +65,18 @@ class NativeMigration:
     async def run(self, timeout: float = 600.0) -> MigrationReport:
         """Run the migration to its end and return the report (see the class docstring for errors)."""
         src = QMPConnection(self.src_qmp, "fph-migration-src")
-        dst = QMPConnection(self.dst_qmp, "fph-migration-dst")
+        dst = None if self.dst_qmp is None else QMPConnection(self.dst_qmp, "fph-migration-dst")
         await src.connect()
         try:
-            await dst.connect()
+            if dst is not None:
+                await dst.connect()
             self._src = src
             return await self._run(src, dst, timeout)
         finally:
             self._src = None
             await src.close()
-            await dst.close()
+            if dst is not None:
+                await dst.close()
 
     async def query(self) -> dict[str, Any] | None:
         """QEMU's ``query-migrate`` on this migration's own monitor connection (a QEMU monitor serves one
@@ -88,13 +91,14 @@ class NativeMigration:
         if self._src is not None:
             await self._src.execute("migrate_cancel")
 
-    async def _run(self, src: QMPConnection, dst: QMPConnection, timeout: float) -> MigrationReport:
+    async def _run(self, src: QMPConnection, dst: QMPConnection | None, timeout: float) -> MigrationReport:
         caps = [{"capability": k, "state": v} for k, v in self.capabilities.items()]
         params = {"downtime-limit": self.downtime_limit_ms, "max-bandwidth": self.max_bandwidth}
-        for conn in (src, dst):
-            await conn.execute("migrate-set-capabilities", {"capabilities": caps})
+        await src.execute("migrate-set-capabilities", {"capabilities": caps})
         await src.execute("migrate-set-parameters", params)
-        await dst.execute("migrate-incoming", {"uri": self.uri})
+        if dst is not None:
+            await dst.execute("migrate-set-capabilities", {"capabilities": caps})
+            await dst.execute("migrate-incoming", {"uri": self.uri})
         listener = src.listener(("MIGRATION", "MIGRATION_PASS"))
         events: list[dict[str, Any]] = []
         last_sync = 0
@@ -135,7 +139,8 @@ class NativeMigration:
             raise MigrationCancelledError(status, info.get("error-desc"), info)
         if status != "completed":
             raise MigrationError(status, info.get("error-desc"), info)
-        await self._wait_destination_running(dst, max(5.0, deadline - time.monotonic()))
+        if dst is not None:
+            await self._wait_destination_running(dst, max(5.0, deadline - time.monotonic()))
         return MigrationReport(
             mode=self.mode,
             status=status,

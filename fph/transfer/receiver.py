@@ -108,6 +108,7 @@ class RamReceiver:
         self.prepare = prepare
         self.prepare_s = 0.0
         self._prepared = threading.Event()
+        self._stopping = False
 
     def start(self) -> tuple[str, int]:
         self._thread.start()
@@ -126,7 +127,11 @@ class RamReceiver:
             self._loop(conn)
         except (OSError, WireError, ChannelError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-            log.error("receiver on %s: %s", self.address, error)
+            if self._stopping:
+                error = f"stopped ({error})"
+                log.info("receiver on %s stopped", self.address)
+            else:
+                log.error("receiver on %s: %s", self.address, error)
             self._reply({"ok": False, "error": error})
         finally:
             self._listener.close()
@@ -261,6 +266,7 @@ class RamReceiver:
     def stop(self) -> None:
         """Tear down: close the sockets (the serving thread ends with an error if it was mid-stream). The
         listener is shut down first: closing it alone does not wake a thread blocked in accept()."""
+        self._stopping = True
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()

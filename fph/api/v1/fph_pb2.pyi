@@ -65,7 +65,7 @@ class VmSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., qmp_socket: _Optional[str] = ..., ram_file: _Optional[str] = ..., balloon_socket: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., write_log: _Optional[str] = ...) -> None: ...
 
 class Vm(_message.Message):
-    __slots__ = ("spec", "state", "balloon_connected", "free_page_hint_negotiated", "plugin_arg", "migration_id", "degraded")
+    __slots__ = ("spec", "state", "balloon_connected", "free_page_hint_negotiated", "plugin_arg", "migration_id", "degraded", "incoming")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BALLOON_CONNECTED_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class Vm(_message.Message):
     PLUGIN_ARG_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    INCOMING_FIELD_NUMBER: _ClassVar[int]
     spec: VmSpec
     state: VmState
     balloon_connected: bool
@@ -80,7 +81,8 @@ class Vm(_message.Message):
     plugin_arg: str
     migration_id: str
     degraded: str
-    def __init__(self, spec: _Optional[_Union[VmSpec, _Mapping]] = ..., state: _Optional[_Union[VmState, str]] = ..., balloon_connected: _Optional[bool] = ..., free_page_hint_negotiated: _Optional[bool] = ..., plugin_arg: _Optional[str] = ..., migration_id: _Optional[str] = ..., degraded: _Optional[str] = ...) -> None: ...
+    incoming: str
+    def __init__(self, spec: _Optional[_Union[VmSpec, _Mapping]] = ..., state: _Optional[_Union[VmState, str]] = ..., balloon_connected: _Optional[bool] = ..., free_page_hint_negotiated: _Optional[bool] = ..., plugin_arg: _Optional[str] = ..., migration_id: _Optional[str] = ..., degraded: _Optional[str] = ..., incoming: _Optional[str] = ...) -> None: ...
 
 class RegisterVmRequest(_message.Message):
     __slots__ = ("spec",)
@@ -247,27 +249,37 @@ class PrepareMigrationResponse(_message.Message):
     estimate_basis: str
     def __init__(self, ready: _Optional[bool] = ..., checks: _Optional[_Iterable[_Union[Check, _Mapping]]] = ..., memory_total: _Optional[int] = ..., estimated_bytes: _Optional[int] = ..., estimate_basis: _Optional[str] = ...) -> None: ...
 
-class AcceptIncomingRequest(_message.Message):
-    __slots__ = ("vm",)
+class PrepareIncomingRequest(_message.Message):
+    __slots__ = ("vm", "mode")
     VM_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     vm: str
-    def __init__(self, vm: _Optional[str] = ...) -> None: ...
+    mode: Mode
+    def __init__(self, vm: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class IncomingTarget(_message.Message):
-    __slots__ = ("daemon_socket", "vm", "qmp_socket", "ram_file", "balloon_socket", "migration_uri")
+    __slots__ = ("daemon_socket", "vm", "qmp_socket", "ram_file", "balloon_socket", "migration_uri", "data_address", "credential", "tls", "mode")
     DAEMON_SOCKET_FIELD_NUMBER: _ClassVar[int]
     VM_FIELD_NUMBER: _ClassVar[int]
     QMP_SOCKET_FIELD_NUMBER: _ClassVar[int]
     RAM_FILE_FIELD_NUMBER: _ClassVar[int]
     BALLOON_SOCKET_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_URI_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     daemon_socket: str
     vm: str
     qmp_socket: str
     ram_file: str
     balloon_socket: str
     migration_uri: str
-    def __init__(self, daemon_socket: _Optional[str] = ..., vm: _Optional[str] = ..., qmp_socket: _Optional[str] = ..., ram_file: _Optional[str] = ..., balloon_socket: _Optional[str] = ..., migration_uri: _Optional[str] = ...) -> None: ...
+    data_address: str
+    credential: str
+    tls: bool
+    mode: Mode
+    def __init__(self, daemon_socket: _Optional[str] = ..., vm: _Optional[str] = ..., qmp_socket: _Optional[str] = ..., ram_file: _Optional[str] = ..., balloon_socket: _Optional[str] = ..., migration_uri: _Optional[str] = ..., data_address: _Optional[str] = ..., credential: _Optional[str] = ..., tls: _Optional[bool] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
     __slots__ = ("vm", "mode", "destination", "bandwidth_bytes_per_second", "downtime_limit_ms", "max_rounds", "progress_interval_ms")

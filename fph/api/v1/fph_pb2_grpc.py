@@ -543,9 +543,9 @@ class MigrationServiceStub:
                 request_serializer=fph_dot_api_dot_v1_dot_fph__pb2.PrepareMigrationRequest.SerializeToString,
                 response_deserializer=fph_dot_api_dot_v1_dot_fph__pb2.PrepareMigrationResponse.FromString,
                 _registered_method=True)
-        self.AcceptIncoming = channel.unary_unary(
-                '/fph.api.v1.MigrationService/AcceptIncoming',
-                request_serializer=fph_dot_api_dot_v1_dot_fph__pb2.AcceptIncomingRequest.SerializeToString,
+        self.PrepareIncoming = channel.unary_unary(
+                '/fph.api.v1.MigrationService/PrepareIncoming',
+                request_serializer=fph_dot_api_dot_v1_dot_fph__pb2.PrepareIncomingRequest.SerializeToString,
                 response_deserializer=fph_dot_api_dot_v1_dot_fph__pb2.IncomingTarget.FromString,
                 _registered_method=True)
         self.Migrate = channel.unary_stream(
@@ -577,8 +577,12 @@ class MigrationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def AcceptIncoming(self, request, context):
-        """Destination daemon: reserve a registered, incoming (-incoming defer) VM as the target.
+    def PrepareIncoming(self, request, context):
+        """Destination daemon: make a registered, incoming (-incoming defer) VM the target of one migration.
+        This daemon owns the incoming side from here: QEMU listens on the data network, (fph mode) the RAM
+        file is prepared behind a receiver that admits only the holder of the returned credential, and once
+        the guest's state has arrived this daemon resumes QEMU and plugs a fresh balloon. Pass the returned
+        IncomingTarget to the source daemon's Migrate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -612,9 +616,9 @@ def add_MigrationServiceServicer_to_server(servicer, server):
                     request_deserializer=fph_dot_api_dot_v1_dot_fph__pb2.PrepareMigrationRequest.FromString,
                     response_serializer=fph_dot_api_dot_v1_dot_fph__pb2.PrepareMigrationResponse.SerializeToString,
             ),
-            'AcceptIncoming': grpc.unary_unary_rpc_method_handler(
-                    servicer.AcceptIncoming,
-                    request_deserializer=fph_dot_api_dot_v1_dot_fph__pb2.AcceptIncomingRequest.FromString,
+            'PrepareIncoming': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareIncoming,
+                    request_deserializer=fph_dot_api_dot_v1_dot_fph__pb2.PrepareIncomingRequest.FromString,
                     response_serializer=fph_dot_api_dot_v1_dot_fph__pb2.IncomingTarget.SerializeToString,
             ),
             'Migrate': grpc.unary_stream_rpc_method_handler(
@@ -673,7 +677,7 @@ class MigrationService:
             _registered_method=True)
 
     @staticmethod
-    def AcceptIncoming(request,
+    def PrepareIncoming(request,
             target,
             options=(),
             channel_credentials=None,
@@ -686,8 +690,8 @@ class MigrationService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fph.api.v1.MigrationService/AcceptIncoming',
-            fph_dot_api_dot_v1_dot_fph__pb2.AcceptIncomingRequest.SerializeToString,
+            '/fph.api.v1.MigrationService/PrepareIncoming',
+            fph_dot_api_dot_v1_dot_fph__pb2.PrepareIncomingRequest.SerializeToString,
             fph_dot_api_dot_v1_dot_fph__pb2.IncomingTarget.FromString,
             options,
             channel_credentials,
