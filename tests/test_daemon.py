@@ -405,6 +405,7 @@ def qemus(state: Path) -> Iterator[dict[str, FakeQMP]]:
                 "query-status": {"status": "inmigrate"},
                 "migrate-set-capabilities": {},
                 "migrate-incoming": {},
+                "quit": {},
                 "query-migrate": {"socket-address": [{"type": "inet", "host": "127.0.0.1", "port": "4444"}]},
             },
         ),
@@ -495,6 +496,40 @@ def test_accept_prepare_and_a_failing_migration_is_aborted(
     assert code == grpc.StatusCode.NOT_FOUND
     # the source is usable again after the failure
     assert daemon.vms.GetVm(pb.GetVmRequest(name="src")).state == pb.VM_STATE_REGISTERED
+
+
+def test_an_incoming_stream_that_fails_tears_the_destination_down(
+    daemon: RunningDaemon, state: Path, qemus: dict[str, FakeQMP]
+) -> None:
+    """The destination daemon owns its side: a stranger is refused and changes nothing; the source's
+    ABORT fails the incoming migration, its QEMU is told to quit and GetVm says why."""
+    from fph.ram_layout import RamLayout
+    from fph.transfer.ram_file import RamFile
+    from fph.transfer.security import DataPlaneSecurity
+    from fph.transfer.sender import RamSender
+
+    target = register_pair(daemon, state)
+    host, _, port = target.data_address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=5) as stranger:
+        stranger.sendall(b"GET / HTTP/1.0\r\n\r\n" * 4)
+        with contextlib.suppress(ConnectionResetError):
+            assert stranger.recv(1) == b""  # refused
+    assert daemon.vms.GetVm(pb.GetVmRequest(name="dst")).incoming == "prepared"
+    ram = RamFile(state / "src" / "ram", RamLayout.pc(GiB), writable=False)
+    try:
+        sender = RamSender((host, int(port)), ram, security=DataPlaneSecurity(target.credential))
+        sender.connect()
+        sender.abort("the source gave up")
+    finally:
+        ram.close()
+
+    def ended() -> str:
+        return str(daemon.vms.GetVm(pb.GetVmRequest(name="dst")).incoming)
+
+    outcome = poll_until(ended, 10, 0.05, until=lambda s: s.startswith("failed"))
+    assert outcome.startswith("failed") and "the source gave up" in outcome, outcome
+    assert "quit" in qemus["dst"].commands
+    assert daemon.vms.GetVm(pb.GetVmRequest(name="dst")).state == pb.VM_STATE_REGISTERED
 
 
 def test_migrate_bad_inputs(daemon: RunningDaemon, state: Path, qemus: dict[str, FakeQMP]) -> None:

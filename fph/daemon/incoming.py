@@ -220,20 +220,27 @@ class IncomingSession:
             self._note(f"balloon re-plug FAILED: {exc} (the guest runs without fph's balloon)")
 
     async def _fail(self, exc: BaseException) -> None:
-        self.state = IncomingState.FAILED
+        """Tear this side down first, then tell the source: it resumes its own guest only once this QEMU
+        cannot run it any more (a QEMU that runs the guest after all is left running, and the source is
+        told so: two running copies would corrupt the guest's disks)."""
         self.error = f"{type(exc).__name__}: {exc}"
         log.error("incoming migration failed: %s", self.error, extra={"vm": self.vm})
+        running = await self._tear_down()
         if self.receiver is not None:
-            with contextlib.suppress(Exception):  # the source learns before it would resume
-                self.receiver.send_resumed({"resumed": False, "error": self.error})
+            with contextlib.suppress(Exception):
+                self.receiver.send_resumed({"resumed": running, "error": self.error})
+        self.state = IncomingState.FAILED
+
+    async def _tear_down(self) -> bool:
+        """``quit`` this QEMU unless it runs the guest; True if it does."""
         try:
             conn = QMPConnection(str(self.qmp_socket), "fph-daemon-incoming")
             await conn.connect(timeout=5.0)
             try:
                 status = str((await conn.execute("query-status")).get("status"))
-                if status == "running":  # never: a running guest is not torn down by fph
+                if status == "running":
                     self._note("QEMU runs the guest after all: left running")
-                    return
+                    return True
                 await conn.execute("quit")
             finally:
                 with contextlib.suppress(Exception):
@@ -241,6 +248,7 @@ class IncomingSession:
             self._note("QEMU told to quit (the source keeps the guest)")
         except (QMPError, OSError) as e:
             self._note(f"QEMU already gone ({type(e).__name__})")
+        return False
 
     def _release(self) -> None:
         if self.receiver is not None:

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -30,7 +31,7 @@ from fph.ram_layout import RamLayout
 from fph.transfer.channel import ChannelError, recv_exact
 from fph.transfer.pacer import WindowMeter
 from fph.transfer.ram_file import RamFile, RamFileError
-from fph.transfer.security import DataPlaneSecurity
+from fph.transfer.security import DataPlaneSecurity, SecurityError, TlsFiles
 from fph.transfer.wire import (
     HEADER_SIZE,
     AuthError,
@@ -290,7 +291,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--machine", choices=("pc", "q35"), default="pc")
     ap.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the whole stream")
+    ap.add_argument("--credential-file", type=Path, help="the one-time credential the source must present")
+    ap.add_argument(
+        "--tls-cert", type=Path, help="this host's certificate (mutual TLS; with --tls-key/--tls-ca)"
+    )
+    ap.add_argument("--tls-key", type=Path)
+    ap.add_argument("--tls-ca", type=Path, help="the CA every source's certificate must chain to")
     args = ap.parse_args(argv)
+    tls_args = (args.tls_cert, args.tls_key, args.tls_ca)
+    if any(tls_args) and not all(tls_args):
+        print("fph receiver: --tls-cert, --tls-key and --tls-ca go together", file=sys.stderr)
+        return 2
+    security = None
+    if args.credential_file is not None or all(tls_args):
+        try:
+            cred = args.credential_file.read_text().strip() if args.credential_file else ""
+        except OSError as exc:
+            print(f"fph receiver: {exc}", file=sys.stderr)
+            return 2
+        tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca) if all(tls_args) else None
+        security = DataPlaneSecurity(cred, tls)
     host, _, port = args.listen.rpartition(":")
     layout = (RamLayout.pc if args.machine == "pc" else RamLayout.q35)(args.mem_mib * MiB)
     try:
@@ -298,7 +318,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RamFileError as exc:
         print(f"fph receiver: {exc}", file=sys.stderr)
         return 2
-    receiver = RamReceiver(ram, host or "127.0.0.1", int(port or 0), timeout=args.timeout)
+    try:
+        receiver = RamReceiver(
+            ram, host or "127.0.0.1", int(port or 0), timeout=args.timeout, security=security
+        )
+    except SecurityError as exc:
+        ram.close()
+        print(f"fph receiver: {exc}", file=sys.stderr)
+        return 2
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         receiver.stop()
