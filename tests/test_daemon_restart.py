@@ -4,6 +4,7 @@ rolled back over QMP (fake QEMU monitors) with the report "aborted: back-end res
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -134,3 +135,50 @@ def test_an_interrupted_migration_is_rolled_back(
     finally:
         src.close()
         dst.close()
+
+
+@pytest.mark.parametrize("destination_status", ["inmigrate", "running"])
+def test_an_incoming_vm_of_the_dead_daemon_is_torn_down_unless_it_runs(
+    make_daemon: Callable[[], RunningDaemon], state: Path, destination_status: str
+) -> None:
+    """Its receiver died with the daemon (the source's stream broke and it rolled back): a QEMU still
+    waiting is told to quit; one that already runs the guest is left running."""
+    dst_vm = dataclasses.replace(vm(state, "dst", balloon=False), state="incoming")
+    dst = FakeQMP(Path(dst_vm.qmp_socket), {"query-status": {"status": destination_status}, "quit": {}})
+    try:
+        StateFile(state).save(PersistedState([dst_vm]))
+        d = make_daemon()
+        got = d.vms.GetVm(pb.GetVmRequest(name="dst"))
+        assert got.state == pb.VM_STATE_REGISTERED
+        if destination_status == "inmigrate":
+            assert got.incoming == "failed: aborted: back-end restarted" and "quit" in dst.commands
+        else:
+            assert got.incoming.startswith("resumed") and "quit" not in dst.commands
+    finally:
+        dst.close()
+
+
+@pytest.mark.parametrize("source_migration", ["active", "completed"])
+def test_an_interrupted_migration_to_another_host_trusts_the_source_qemu(
+    make_daemon: Callable[[], RunningDaemon], state: Path, source_migration: str
+) -> None:
+    """The destination belongs to another host's daemon (no destination QMP saved): the source's own
+    migration status decides. Completed: the guest went; the source stays stopped. Else it resumes."""
+    src_vm = vm(state, "src")
+    replies: dict[str, Any] = {"query-cpus-fast": [], "migrate_cancel": {}, "migrate-set-capabilities": {}}
+    replies.update({"query-status": {"status": "paused"}, "cont": {}, "qom-list": []})
+    src = FakeQMP(Path(src_vm.qmp_socket), {**replies, "query-migrate": {"status": source_migration}})
+    try:
+        m = PersistedMigration("mig-2", "src", "fph", src_vm.qmp_socket, "dst", "", 1.0)
+        StateFile(state).save(PersistedState([src_vm], [m]))
+        d = make_daemon()
+        report = d.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
+        assert report.error == "aborted: back-end restarted"
+        assert any("owned by its daemon" in c for c in report.cleanup), report.cleanup
+        if source_migration == "completed":
+            assert "cont" not in src.commands
+            assert d.vms.GetVm(pb.GetVmRequest(name="src")).state == pb.VM_STATE_MIGRATED
+        else:
+            assert "cont" in src.commands and any("source resumed" in c for c in report.cleanup)
+    finally:
+        src.close()

@@ -279,3 +279,14 @@ class IncomingSession:
         if self._task is not None:
             await asyncio.wait_for(asyncio.shield(self._task), timeout)
         return self.state
+
+
+async def abandon_incoming(vm: str, qmp_socket: Path) -> IncomingSession:
+    """After a restart: a destination the dead daemon had prepared lost its receiver with it, and its
+    source has rolled back (the data connection broke). A QEMU still waiting is told to quit; one that
+    already runs the guest (the migration had completed) is left running."""
+    s = IncomingSession(vm, "", qmp_socket, "", "", False, error="aborted: back-end restarted")
+    s._closed.set()
+    running = await s._tear_down()
+    s.state = IncomingState.RESUMED if running else IncomingState.FAILED
+    return s

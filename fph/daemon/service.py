@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
-from fph.daemon.incoming import DataPlane, IncomingSession
+from fph.daemon.incoming import DataPlane, IncomingSession, abandon_incoming
 from fph.daemon.jobs import (
     PENDING,
     PREPARING_TARGET,
@@ -213,6 +213,8 @@ class Daemon:
             )
             state_now = "migrated" if v.state == "migrated" else "registered"  # nothing else survives
             restored = await self.registry.restore(spec, state_now)
+            if v.state == "incoming":
+                restored.incoming = await abandon_incoming(spec.name, spec.qmp_socket)
             log.info(
                 "vm restored",
                 extra={"vm": restored.name, "state": restored.state, "degraded": restored.degraded},
@@ -676,6 +678,7 @@ class MigrationService(pbg.MigrationServiceServicer):
             raise FailedPrecondition(f"VM {rec.name!r}: cannot prepare it as a destination: {e}") from e
         rec.incoming = session
         rec.state = "incoming"
+        self.d.persist()  # a restarted daemon tears down what this one prepared (abandon_incoming)
         return pb.IncomingTarget(
             daemon_socket=self.d.socket_path,
             vm=rec.name,
