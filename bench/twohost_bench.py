@@ -1,0 +1,212 @@
+"""fph vs QEMU-native hinting vs no hinting between two "hosts" over a shaped link, through two daemons.
+
+Two network namespaces joined by a veth pair shaped with tbf (1 Gbit/s by default), one ``fph serve`` per
+namespace with mutual TLS on the data plane (``fph_lab.twohost.TwoHostRig``). Every migration is what an
+orchestrator does: PrepareIncoming on the destination daemon, Migrate on the source daemon. Modes run
+interleaved per workload and run; every destination is verified (the guest's checksummed region and
+heartbeat). Bytes are the report's; ``wire_bytes`` is the source veth's tx counter over the migration (RAM,
+device state and protocol overhead together: the figure that met the link).
+
+    python bench/twohost_bench.py --runs 3 --json bench/results/twohost_bench.json
+    python bench/twohost_bench.py --quick --json /tmp/x.json          # 1 GiB, 1 run per mode
+
+Workloads: ``memhog-exit`` (1 GiB guest, ~700 MiB written and freed) and ``memhog-exit-4g`` (4 GiB guest,
+3 GiB written and freed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fph.api.v1 import fph_pb2 as pb
+from fph_lab.check import check_destination
+from fph_lab.netlab import LinkConfig
+from fph_lab.provision import Lab, provision
+from fph_lab.twohost import TwoHostRig
+from fph_lab.vm import VM
+from fph_lab.workload import HOLD_MIB, wait_allocation_settles
+
+MiB = 1 << 20
+MODES = {"fph": pb.MODE_FPH, "native": pb.MODE_NATIVE, "none": pb.MODE_NONE}
+BRIEF = ("mode", "workload", "run", "bytes", "wire_bytes", "total_s", "downtime_ms", "goodput_bps",
+         "destination_ok", "error")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    mem_mib: int
+    memhog_mib: int
+
+
+WORKLOADS = {w.name: w for w in (Workload("memhog-exit", 1024, 700), Workload("memhog-exit-4g", 4096, 3072))}
+
+
+def boot(rig: TwoHostRig, mode: str, name: str, mem_mib: int) -> tuple[VM, VM]:
+    if mode == "fph":
+        src = rig.source_vm(name, mem_mib=mem_mib)
+        dst = rig.destination_vm(f"{name}-d", mem_mib=mem_mib)
+    else:
+        hint = mode == "native"
+        src = rig.native_vm(name, mem_mib=mem_mib, free_page_hint=hint)
+        dst = rig.native_vm(f"{name}-d", side="dst", incoming=True, mem_mib=mem_mib, free_page_hint=hint)
+    src.wait_ready(300)
+    return src, dst
+
+
+def send_goodput(report: Any, mode: str) -> float | None:
+    """fph: page bytes over the time spent sending them (rounds that sent for 100 ms or more); QEMU: its own
+    ``mbps`` of the last iteration is not comparable, so the average over the migration's active time."""
+    if mode == "fph":
+        rounds = json.loads(report.json).get("rounds") or []
+        sel = [r for r in rounds if float(r.get("send_ms") or 0) >= 100]
+        ms = sum(float(r["send_ms"]) for r in sel)
+        return sum(int(r.get("bytes_on_wire", 0)) for r in sel) / (ms / 1e3) if ms else None
+    js = report.job_stats
+    active_ms = js.get("time_elapsed", 0) - js.get("setup_time", 0)
+    return js.get("memory_processed", 0) / (active_ms / 1e3) if active_ms > 0 else None
+
+
+def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int) -> dict[str, Any]:
+    assert rig.link is not None
+    out: dict[str, Any] = {
+        "mode": mode, "workload": w.name, "mem_mib": w.mem_mib, "run": index,
+        "link_rate_bps": rig.link.config.rate_bits_per_s or 0, "tls": rig.tls,
+        "bytes": None, "lower_bound_bytes": None, "wire_bytes": None, "total_s": None, "downtime_ms": None,
+        "goodput_bps": None, "destination_ok": False, "error": None,
+    }  # fmt: skip
+    name = f"{mode}-{w.name}-{index}".replace("memhog-exit", "mh")
+    phase = "boot"
+    vms: list[VM] = []
+    try:
+        src, dst = boot(rig, mode, name, w.mem_mib)
+        vms += [src, dst]
+        phase = "workload"
+        src.guest.start_hold(HOLD_MIB, 1)
+        src.guest.memhog(w.memhog_mib, 0, timeout=600)
+        time.sleep(2.0)
+        out["lower_bound_bytes"] = wait_allocation_settles(src.guest, limit_s=60)
+        hb = src.guest.last_heartbeat()
+        phase = "prepare incoming"
+        target = rig.dst.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm=dst.name, mode=MODES[mode]))
+        out["loadavg_1m"] = os.getloadavg()[0]
+        phase = "migration"
+        wire0 = rig.link.wire_bytes("src")
+        t0 = time.monotonic()
+        req = pb.MigrateRequest(vm=src.name, mode=MODES[mode], destination=target, progress_interval_ms=500)
+        events = list(rig.src.migrations.Migrate(req, timeout=1800))
+        out["migrate_wall_s"] = round(time.monotonic() - t0, 2)
+        out["wire_bytes"] = rig.link.wire_bytes("src") - wire0
+        rep = rig.src.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm=src.name))
+        js = dict(rep.job_stats)
+        out.update(
+            bytes=js.get("memory_processed"),
+            total_s=round(js.get("time_elapsed", 0) / 1e3, 3),
+            downtime_ms=js.get("downtime"),
+            rounds=js.get("memory_iteration"),
+            phase=pb.Phase.Name(events[-1].phase) if events else None,
+            job_stats=js,
+        )
+        out["goodput_bps"] = send_goodput(rep, mode)
+        if mode == "fph":
+            full = json.loads(rep.json)
+            f = full.get("fph") or {}
+            out["hinting"] = f.get("hinting")
+            out["data_plane_tls"] = f.get("data_plane_tls")
+            out["destination_daemon"] = f.get("destination_daemon")
+            out["fph_rounds"] = full.get("rounds")
+        phase = "destination check"
+        assert hb is not None
+        check = check_destination(dst, src.guest.last_heartbeat() or hb, src=src)
+        out["destination_ok"] = check.ok
+        out["destination_problems"] = check.problems
+        out["destination_incoming"] = rig.dst.get_vm(dst.name).incoming
+    except (grpc.RpcError, Exception) as e:
+        detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
+        out["error"] = f"{phase}: {type(e).__name__}: {detail}"
+    finally:
+        for vm in vms:
+            vm.stop()
+        for host, vm_name in ((rig.src, name), (rig.dst, f"{name}-d")):
+            with contextlib.suppress(grpc.RpcError):  # a VM that never registered
+                host.vms.UnregisterVm(pb.UnregisterVmRequest(name=vm_name))
+    return out
+
+
+def _median(xs: list[Any]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for w in sorted({r["workload"] for r in runs}):
+        by = {
+            m: [r for r in runs if r["workload"] == w and r["mode"] == m and r["destination_ok"]]
+            for m in MODES
+        }
+        row: dict[str, Any] = {"workload": w}
+        for m, rs in by.items():
+            for k in ("bytes", "wire_bytes", "total_s", "downtime_ms", "goodput_bps", "lower_bound_bytes"):
+                row[f"{m}_{k}_median"] = _median([r[k] for r in rs])
+            row[f"{m}_ok_runs"] = len(rs)
+        for k in ("bytes", "total_s"):
+            f, n = row.get(f"fph_{k}_median"), row.get(f"native_{k}_median")
+            row[f"fph_over_native_{k}"] = round(f / n, 3) if f and n else None
+        good, rate = row.get("fph_goodput_bps_median"), runs[0]["link_rate_bps"] / 8
+        row["fph_goodput_over_link"] = round(good / rate, 3) if good and rate else None
+        out.append(row)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workloads", default="memhog-exit,memhog-exit-4g")
+    ap.add_argument("--modes", default="fph,native,none")
+    ap.add_argument("--rate-bits", type=int, default=1_000_000_000, help="link rate (0: unshaped)")
+    ap.add_argument("--no-tls", action="store_true", help="the data plane in the clear")
+    ap.add_argument("--quick", action="store_true", help="1 GiB guests, 1 run per mode")
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args()
+    workloads = ["memhog-exit"] if args.quick else args.workloads.split(",")
+    runs_n = 1 if args.quick else args.runs
+    modes = args.modes.split(",")
+    unknown = [w for w in workloads if w not in WORKLOADS] + [m for m in modes if m not in MODES]
+    if unknown:
+        ap.error(f"unknown workloads or modes: {unknown}")
+    lab: Lab = provision(log=lambda _m: None)
+    runs: list[dict[str, Any]] = []
+    link = LinkConfig(rate_bits_per_s=args.rate_bits or None)
+    with TwoHostRig(
+        lab, link, tls=not args.no_tls, log_dir=args.json.parent / (args.json.stem + "-logs")
+    ) as rig:
+        for wname in workloads:
+            for i in range(runs_n):
+                order = modes[i % len(modes) :] + modes[: i % len(modes)]  # rotate: no mode always first
+                for mode in order:
+                    row = run_one(rig, WORKLOADS[wname], mode, i)
+                    runs.append(row)
+                    brief = {k: row[k] for k in BRIEF}
+                    print(json.dumps(brief), flush=True)
+                    args.json.write_text(json.dumps({"runs": runs}, indent=1, default=str))
+    summary = summarize(runs)
+    args.json.write_text(json.dumps({"runs": runs, "summary": summary}, indent=1, default=str))
+    for s in summary:
+        print(json.dumps(s))
+    return 0 if all(r["destination_ok"] for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
