@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ from typing import Any
 import grpc
 
 from fph.api.v1 import fph_pb2 as pb
+from fph.waiting import poll_until
 from fph_lab.check import check_destination
 from fph_lab.netlab import LinkConfig
 from fph_lab.provision import Lab, provision
@@ -39,8 +41,8 @@ from fph_lab.workload import HOLD_MIB, wait_allocation_settles
 
 MiB = 1 << 20
 MODES = {"fph": pb.MODE_FPH, "native": pb.MODE_NATIVE, "none": pb.MODE_NONE}
-BRIEF = ("mode", "workload", "run", "bytes", "wire_bytes", "total_s", "downtime_ms", "goodput_bps",
-         "destination_ok", "error")  # fmt: skip
+BRIEF = ("mode", "workload", "run", "bytes", "wire_bytes", "total_s", "resumed_wall_s", "downtime_ms",
+         "goodput_bps", "destination_ok", "error")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -78,11 +80,11 @@ def send_goodput(report: Any, mode: str) -> float | None:
     return js.get("memory_processed", 0) / (active_ms / 1e3) if active_ms > 0 else None
 
 
-def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int) -> dict[str, Any]:
+def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int) -> dict[str, Any]:
     assert rig.link is not None
     out: dict[str, Any] = {
         "mode": mode, "workload": w.name, "mem_mib": w.mem_mib, "run": index,
-        "link_rate_bps": rig.link.config.rate_bits_per_s or 0, "tls": rig.tls,
+        "link_rate_bps": rig.link.config.rate_bits_per_s or 0, "tls": rig.tls, "bandwidth_cap_bps": bandwidth,
         "bytes": None, "lower_bound_bytes": None, "wire_bytes": None, "total_s": None, "downtime_ms": None,
         "goodput_bps": None, "destination_ok": False, "error": None,
     }  # fmt: skip
@@ -104,9 +106,19 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int) -> dict[str, An
         phase = "migration"
         wire0 = rig.link.wire_bytes("src")
         t0 = time.monotonic()
-        req = pb.MigrateRequest(vm=src.name, mode=MODES[mode], destination=target, progress_interval_ms=500)
+        req = pb.MigrateRequest(
+            vm=src.name, mode=MODES[mode], destination=target, progress_interval_ms=500,
+            bandwidth_bytes_per_second=bandwidth,
+        )  # fmt: skip
         events = list(rig.src.migrations.Migrate(req, timeout=1800))
         out["migrate_wall_s"] = round(time.monotonic() - t0, 2)
+        # The source says SUCCEEDED once its side is done (in native/none mode before the destination has
+        # read the whole stream): the move is done when the destination daemon says its QEMU runs.
+        incoming = poll_until(
+            lambda: rig.dst.get_vm(dst.name).incoming, 120, 0.02, until=lambda s: not s.startswith("prepared")
+        )
+        out["resumed_wall_s"] = round(time.monotonic() - t0, 2)
+        out["destination_incoming"] = incoming
         out["wire_bytes"] = rig.link.wire_bytes("src") - wire0
         rep = rig.src.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm=src.name))
         js = dict(rep.job_stats)
@@ -125,13 +137,14 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int) -> dict[str, An
             out["hinting"] = f.get("hinting")
             out["data_plane_tls"] = f.get("data_plane_tls")
             out["destination_daemon"] = f.get("destination_daemon")
+            out["downtime_breakdown_ms"] = f.get("downtime_breakdown_ms")
+            out["fph"] = {k: v for k, v in f.items() if k != "decisions"}
             out["fph_rounds"] = full.get("rounds")
         phase = "destination check"
         assert hb is not None
         check = check_destination(dst, src.guest.last_heartbeat() or hb, src=src)
         out["destination_ok"] = check.ok
         out["destination_problems"] = check.problems
-        out["destination_incoming"] = rig.dst.get_vm(dst.name).incoming
     except (grpc.RpcError, Exception) as e:
         detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
         out["error"] = f"{phase}: {type(e).__name__}: {detail}"
@@ -142,6 +155,10 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int) -> dict[str, An
             with contextlib.suppress(grpc.RpcError):  # a VM that never registered
                 host.vms.UnregisterVm(pb.UnregisterVmRequest(name=vm_name))
     return out
+
+
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _median(xs: list[Any]) -> float | None:
@@ -158,10 +175,11 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         row: dict[str, Any] = {"workload": w}
         for m, rs in by.items():
-            for k in ("bytes", "wire_bytes", "total_s", "downtime_ms", "goodput_bps", "lower_bound_bytes"):
+            for k in ("bytes", "wire_bytes", "total_s", "resumed_wall_s", "downtime_ms", "goodput_bps",
+                      "lower_bound_bytes"):  # fmt: skip
                 row[f"{m}_{k}_median"] = _median([r[k] for r in rs])
             row[f"{m}_ok_runs"] = len(rs)
-        for k in ("bytes", "total_s"):
+        for k in ("bytes", "total_s", "resumed_wall_s"):
             f, n = row.get(f"fph_{k}_median"), row.get(f"native_{k}_median")
             row[f"fph_over_native_{k}"] = round(f / n, 3) if f and n else None
         good, rate = row.get("fph_goodput_bps_median"), runs[0]["link_rate_bps"] / 8
@@ -177,6 +195,13 @@ def main() -> int:
     ap.add_argument("--modes", default="fph,native,none")
     ap.add_argument("--rate-bits", type=int, default=1_000_000_000, help="link rate (0: unshaped)")
     ap.add_argument("--no-tls", action="store_true", help="the data plane in the clear")
+    ap.add_argument(
+        "--bandwidth",
+        type=int,
+        default=-1,
+        help="bytes/s given to Migrate, for every mode (default: the link's rate, as an operator who knows "
+        "the link sets QEMU's max-bandwidth; 0: unlimited)",
+    )
     ap.add_argument("--quick", action="store_true", help="1 GiB guests, 1 run per mode")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
@@ -187,8 +212,10 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown workloads or modes: {unknown}")
     lab: Lab = provision(log=lambda _m: None)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # the rig's teardown runs (namespaces, QEMUs, daemons)
     runs: list[dict[str, Any]] = []
     link = LinkConfig(rate_bits_per_s=args.rate_bits or None)
+    bandwidth = args.bandwidth if args.bandwidth >= 0 else args.rate_bits // 8
     with TwoHostRig(
         lab, link, tls=not args.no_tls, log_dir=args.json.parent / (args.json.stem + "-logs")
     ) as rig:
@@ -196,7 +223,7 @@ def main() -> int:
             for i in range(runs_n):
                 order = modes[i % len(modes) :] + modes[: i % len(modes)]  # rotate: no mode always first
                 for mode in order:
-                    row = run_one(rig, WORKLOADS[wname], mode, i)
+                    row = run_one(rig, WORKLOADS[wname], mode, i, bandwidth)
                     runs.append(row)
                     brief = {k: row[k] for k in BRIEF}
                     print(json.dumps(brief), flush=True)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -216,6 +217,33 @@ def test_fph_migration_across_the_link_with_tls(rig: TwoHostRig) -> None:
         f"hinted {rep.fph['hinted_bytes'] / MiB:.0f} MiB, rounds {js['memory_iteration']}, "
         f"downtime {js['downtime']} ms, total {time.monotonic() - t0:.1f} s"
     )
+
+
+def test_the_orchestrator_example_moves_a_guest(rig: TwoHostRig) -> None:
+    """examples/orchestrator.py, as the README shows it: its calls in order, and a verified destination."""
+    src = boot_fph_source(rig, "osrc")
+    dst = rig.destination_vm("odst")
+    src.guest.start_hold(32, 1)
+    src.guest.fill(300)
+    script = Path(__file__).resolve().parent.parent / "examples" / "orchestrator.py"
+    argv = [sys.executable, str(script), "--src", f"unix:{rig.src.socket}", "--dst", f"unix:{rig.dst.socket}",
+            "--vm", "osrc", "--dest-vm", "odst", "--mode", "fph"]  # fmt: skip
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-2000:], rig.tails())
+    calls = [ln for ln in r.stdout.splitlines() if ln.startswith("> ")]
+    assert [c.split("(")[0] for c in calls] == [
+        "> source PrepareMigration",
+        "> destination PrepareIncoming",
+        "> source Migrate",
+        "> source GetMigrationReport",
+        "> destination GetVm",
+    ], calls
+    assert "PHASE_SUCCEEDED" in r.stdout and "<one-time secret>" in r.stdout
+    assert rig.dst.get_vm("odst").incoming.startswith("resumed")
+    hb = src.guest.last_heartbeat()
+    assert hb is not None
+    check = check_destination(dst, hb, src=src)
+    assert check.ok, (check.problems, rig.tails())
 
 
 def test_native_migration_across_the_link(rig: TwoHostRig) -> None:
