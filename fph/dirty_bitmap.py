@@ -682,6 +682,16 @@ class DirtyBitmap:
             _plan_send(self.known_zero_at_destination, first_page, zero_flags, out)
         return out
 
+    def sample_dirty(self, k: int, seed: int = 0) -> npt.NDArray[np.int64]:
+        """Up to ``k`` dirty pages drawn uniformly (all of them if fewer), sorted; the bitmap is unchanged.
+        Read-only: the convergence policy looks at what the next round will send, nothing more."""
+        with self._lock:
+            bits = np.unpackbits(self.dirty.view(np.uint8), bitorder="little", count=self.nbits)
+        pages = np.flatnonzero(bits)
+        if pages.size > k:
+            pages = np.sort(np.random.default_rng(seed).choice(pages, k, replace=False))
+        return pages.astype(np.int64)
+
     def is_dirty(self, page: int) -> bool:
         return bool(self.dirty[page >> 6] >> np.uint64(page & 63) & np.uint64(1))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -48,7 +49,27 @@ def test_prediction_counts_pending_and_what_the_guest_dirties_until_stop() -> No
     c = Convergence(ConvergenceConfig(), costs, bandwidth=100 * MiB)
     m = measure(10, 100, pending_mib=10, interval=0.5)  # 10 MiB/s dirty; 0.5 s since the harvest
     # left = 10 MiB + 10 MiB/s * (0.5 + 0.1) s = 16 MiB, at 100 MiB/s = 160 ms
-    assert c.predict_ms(m, 10 * PAGES_PER_MIB, 100 * PAGES_PER_MIB) == pytest.approx(160, rel=1e-3)
+    assert c.predict_ms(m, 10 * PAGES_PER_MIB, 100 * PAGES_PER_MIB, 100 * MiB) == pytest.approx(160, rel=1e-3)
+
+
+def test_pages_left_that_hold_data_are_predicted_at_the_wire_rate_not_the_marker_rate() -> None:
+    """The measured miss: a round of zero pages runs at millions of pages/s, then the data pages left were
+    predicted at that rate. The sampled mix of the pages left decides their cost."""
+    costs = FixedCosts(unplug_ms=0, final_harvest_ms=0, recheck_ms=0, device_state_ms=0)
+    c = Convergence(ConvergenceConfig(downtime_limit_ms=300), costs, bandwidth=100 * MiB)
+    zero_round = RoundMeasure(
+        dirtied_pages=15_000, dirty_interval_s=0.45, bytes_sent=4 * MiB, send_s=0.45,
+        pending_pages=15_000, since_harvest_s=0.0, pages_sent=944_000,
+    )  # fmt: skip
+    page_pps = 944_000 / 0.45
+    blind = c.predict_ms(zero_round, 0, page_pps, 100 * MiB)
+    assert blind < 10  # the old prediction: 15k pages at the zero-page rate
+    data = dataclasses.replace(zero_round, pending_data_fraction=1.0)
+    # 15k data pages = 58.6 MiB at 100 MiB/s: 586 ms, over the limit: iterate, not switch over
+    assert c.predict_ms(data, 0, page_pps, 100 * MiB) == pytest.approx(586, rel=0.01)
+    assert c.after_round(data, elapsed_s=1).verdict is Verdict.ITERATE
+    markers = dataclasses.replace(zero_round, pending_data_fraction=0.0)
+    assert c.predict_ms(markers, 0, page_pps, 100 * MiB) == pytest.approx(blind)
 
 
 def simulate(

@@ -348,3 +348,17 @@ def test_sweep_clears_exactly_like_range_by_range(
     assert _clear_ranges(w1, h1, arr) == _clear_ranges_sweep(w2, h2, arr, edges, cover, wlo, whi)
     assert np.array_equal(w1, w2) and np.array_equal(h1, h2)
     assert not edges.any() and not cover.any()
+
+
+def test_sample_dirty_draws_only_dirty_pages_and_leaves_the_bitmap_alone() -> None:
+    layout = RamLayout.flat(64 * 1024 * PAGE)
+    bm = DirtyBitmap(layout)
+    assert bm.sample_dirty(16).size == 0
+    bm.mark_all()
+    bm.take_dirty_runs(40_000 * PAGE)  # what is left: pages 40,000 ..
+    before, count = bm.dirty.copy(), bm.count_dirty()
+    few = bm.sample_dirty(1024, seed=3)
+    assert few.size == 1024 and (few >= 40_000).all() and np.all(np.diff(few) > 0)
+    assert all(bm.is_dirty(int(p)) for p in few[:50])
+    assert np.array_equal(bm.dirty, before) and bm.count_dirty() == count
+    assert bm.sample_dirty(10**6).size == count  # fewer than asked: all of them

@@ -92,6 +92,9 @@ class RoundMeasure:
     pages_sent: int | None = None
     """Pages the round handled in ``send_s``: data, zero and fill markers, zero pages skipped (None: all
     of them were data, ``bytes_sent / PAGE_SIZE``)."""
+    pending_data_fraction: float | None = None
+    """Of the pages left, the share that holds data (not zero, not one repeated word), from a sample: they
+    cost wire bytes, the rest only markers. None: unknown, the last round's page rate is used."""
 
 
 @dataclass
@@ -162,11 +165,21 @@ class Convergence:
             self._page_pps = pages / m.send_s
         return self._page_pps or wire_bps / PAGE_SIZE
 
-    def predict_ms(self, m: RoundMeasure, dirty_pps: float, page_pps: float) -> float:
-        """Downtime of a switchover now: what is dirty, plus what the guest dirties until it stops."""
+    def predict_ms(self, m: RoundMeasure, dirty_pps: float, page_pps: float, wire_bps: float) -> float:
+        """Downtime of a switchover now: what is dirty, plus what the guest dirties until it stops.
+
+        A page that holds data costs its bytes on the wire; a zero or fill page a marker (the last round's
+        page rate). The last round's mix says nothing about the pages left (measured: a round of 944k zero
+        pages ran at 2.1 M pages/s, then 15k data pages were predicted at that rate: 49 ms predicted, 533
+        ms actual), so the mix of the pages left is sampled (``pending_data_fraction``)."""
         until_stop_s = m.since_harvest_s + self.costs.unplug_ms / 1e3
         left_pages = m.pending_pages + dirty_pps * until_stop_s
-        return left_pages / page_pps * 1e3 + self.costs.downtime_ms()
+        frac = m.pending_data_fraction
+        if frac is None:
+            return left_pages / page_pps * 1e3 + self.costs.downtime_ms()
+        data_pps = wire_bps / PAGE_SIZE
+        marker_pps = max(page_pps, data_pps)
+        return left_pages * (frac / data_pps + (1 - frac) / marker_pps) * 1e3 + self.costs.downtime_ms()
 
     def after_round(self, m: RoundMeasure, elapsed_s: float) -> Decision:
         cfg = self.config
@@ -175,7 +188,7 @@ class Convergence:
         dirty_bps = dirty_pps * PAGE_SIZE
         wire_bps = self.wire_rate(m)
         page_pps = self.page_rate(m, wire_bps)
-        predicted = self.predict_ms(m, dirty_pps, page_pps)
+        predicted = self.predict_ms(m, dirty_pps, page_pps, wire_bps)
         self._history.append(m.pending_pages + m.dirtied_pages)
         self._pending.append(m.pending_pages)
 

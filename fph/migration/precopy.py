@@ -456,6 +456,7 @@ class Precopy:
             bytes_sent=last.bytes_on_wire,
             send_s=last.send_ms / 1e3,
             pending_pages=self.bitmap.count_dirty(),
+            pending_data_fraction=self._pending_data_fraction(),
             since_harvest_s=time.monotonic() - self._last_harvest,
             pages_sent=last.pages_data + last.pages_zero_sent + last.pages_zero_skipped + last.pages_fill,
         )
@@ -464,6 +465,17 @@ class Precopy:
         self.result.converged = d.verdict is Verdict.SWITCH_OVER
         log.info("after round %d: %s (%s)", self.round - 1, d.verdict.value, d.reason)
         return d
+
+    def _pending_data_fraction(self, sample: int = 1024) -> float:
+        """The share of the dirty pages that hold data, from up to ``sample`` of them read now (4 MiB)."""
+        pages = self.bitmap.sample_dirty(sample, seed=self.round)
+        if pages.size == 0:
+            return 1.0
+        words = np.empty((pages.size, PAGE_SIZE // 8), dtype=np.uint64)
+        for i, p in enumerate(pages.tolist()):
+            words[i] = self.ram.pages(p, 1).view(np.uint64)
+        marker = (words == words[:, :1]).all(axis=1)  # zero, or one repeated 8-byte value
+        return float(np.count_nonzero(~marker)) / pages.size
 
     def iterate(self, should_abort: Callable[[], bool] = lambda: False) -> Decision:
         """Rounds until the policy says switch over or fail (then the caller fails, source running)."""
