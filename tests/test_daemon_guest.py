@@ -113,6 +113,19 @@ def migrate(d: RunningDaemon, src: str, mode: int, target: Any) -> tuple[list[An
     return events, report, wall
 
 
+def resumed(d: RunningDaemon, name: str, timeout: float = 60.0) -> str:
+    """Wait for the destination daemon's incoming outcome, as an orchestrator does (README): the source's
+    SUCCEEDED in none/native mode means QEMU sent everything, not that the destination runs yet."""
+    got = poll_until(
+        lambda: d.vms.GetVm(pb.GetVmRequest(name=name)).incoming,
+        timeout,
+        0.1,
+        until=lambda s: s.startswith(("resumed", "failed")),
+    )
+    assert got.startswith("resumed"), got
+    return got
+
+
 def test_daemon_drives_hinting_and_fph_none_native_migrations(
     lab: Lab, state: Path, daemon: RunningDaemon, vms: list[VM]
 ) -> None:
@@ -219,6 +232,7 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
     assert rep.job_stats["downtime"] > 0 and rep.end_time > rep.start_time
     hb = src.guest.last_heartbeat()
     assert hb is not None
+    resumed(d, "dst")
     check = check_destination(dst, hb, src=src)
     assert check.ok, check.problems
     assert d.vms.GetVm(pb.GetVmRequest(name="src")).state == pb.VM_STATE_MIGRATED
@@ -270,6 +284,7 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
     assert js["memory_processed"] > 64 * MiB and pages >= 200_000, dict(js)
     hb = dst.guest.last_heartbeat()
     assert hb is not None
+    resumed(d, "dst2")
     check = check_destination(dst2, hb, src=dst)
     assert check.ok, check.problems
 
@@ -294,6 +309,7 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
     assert rep.job_stats["memory_processed"] > 0 and rep.job_stats["memory_iteration"] >= 1
     hb = dst2.guest.last_heartbeat()
     assert hb is not None
+    resumed(d, "dst3")
     check = check_destination(dst3, hb, src=dst2)
     assert check.ok, check.problems
     print(
