@@ -193,11 +193,35 @@ class TwoHostRig:
     def host(self, side: Side) -> HostDaemon:
         return self._hosts[side]
 
-    def _start_daemon(self, side: Side) -> HostDaemon:
+    def kill_daemon(self, side: Side) -> int | None:
+        """``kill -9`` of ``side``'s daemon (by its PID), as a crash would end it; its exit status."""
+        host = self._hosts[side]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(host.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            host.channel.close()
+        try:
+            return host.proc.wait(5.0)
+        except subprocess.TimeoutExpired as e:
+            raise TwoHostError(f"fph serve ({side}, pid {host.pid}) still runs 5 s after SIGKILL") from e
+
+    def restart_daemon(self, side: Side) -> HostDaemon:
+        """Start ``side``'s daemon again on the same state directory, socket and flags (after
+        :meth:`kill_daemon`, or after it died) and wait until it serves; its log goes on in the same file."""
+        old = self._hosts[side]
+        if old.alive():
+            raise TwoHostError(f"fph serve ({side}, pid {old.pid}) still runs: kill it first")
+        host = self._start_daemon(side, restart=True)
+        self._hosts[side] = host
+        self._wait_serving(host)
+        return host
+
+    def _start_daemon(self, side: Side, *, restart: bool = False) -> HostDaemon:
         assert self.link is not None
         state = self.dir / side
-        state.mkdir(mode=0o700)
-        (state / "vms").mkdir(mode=0o700)
+        if not restart:
+            state.mkdir(mode=0o700)
+            (state / "vms").mkdir(mode=0o700)
         sock = state / "fph.sock"
         ip = self.link.src_ip if side == "src" else self.link.dst_ip
         argv = [
@@ -224,7 +248,7 @@ class TwoHostRig:
             argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
         log = self.log_dir / f"fph-serve-{side}.log"
         ns = self.link.ns(side)
-        with open(log, "wb") as f:
+        with open(log, "ab" if restart else "wb") as f:
             proc = self.link.popen(
                 ns, argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                 start_new_session=True,

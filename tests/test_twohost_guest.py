@@ -11,6 +11,11 @@ the destination daemon, Migrate on the source daemon with the IncomingTarget it 
 3. the link goes down during round 0: the migration fails with ABORTED within a bounded time, the source
    guest runs on and is registered again, the destination daemon reports the incoming side failed; with the
    link back up a fresh destination takes the guest.
+4. the destination daemon is killed (kill -9) during round 0: the source fails at once and rolls back (its
+   QEMU's migration capabilities as before, balloon back); the restarted daemon tells the abandoned
+   destination QEMU to quit; a retry succeeds.
+5. the destination QEMU is killed during round 0: its daemon sees the exit and cuts the RAM stream, so the
+   source fails in the rounds (not at switchover) and rolls back; a retry succeeds.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +59,8 @@ LINK = LinkConfig(rate_bits_per_s=1_000_000_000)
 #: timeout (30 s) and the receiver's (60 s) fit in it with room to spare.
 LINK_DOWN_BOUND_S = 90.0
 CAPPED_BPS = 32 * MiB
+#: From the destination daemon's or QEMU's death to the source's ABORTED.
+FAULT_BOUND_S = 30.0
 
 # A host on the data network that is not the source: connects to the RAM receiver in plain TCP, sends
 # garbage, and reports whether the receiver hung up on it (EOF or reset) within the timeout.
@@ -279,17 +287,11 @@ def test_native_migration_across_the_link(rig: TwoHostRig) -> None:
     )
 
 
-def test_link_down_during_round_0_fails_cleanly_then_migrates(rig: TwoHostRig) -> None:
-    assert rig.link is not None
-    t0 = time.monotonic()
-    src = boot_fph_source(rig, "src3")
-    dst = rig.destination_vm("dst3")
-    src.guest.start_hold(32, 1)
-    target = prepare_incoming(rig, "dst3", pb.MODE_FPH)
-
-    # capped, so round 0 lasts seconds; the cable is pulled once pages are on their way
+def fault_in_round_0(rig: TwoHostRig, vm: str, target: Any, fault: Callable[[], None]) -> tuple[Any, float]:
+    """Migrate ``vm`` capped (round 0 lasts seconds), run ``fault`` once pages are on their way, and expect
+    the stream to end ABORTED: the error and the seconds from the fault to it."""
     req = pb.MigrateRequest(
-        vm="src3",
+        vm=vm,
         mode=pb.MODE_FPH,
         destination=target,
         bandwidth_bytes_per_second=CAPPED_BPS,
@@ -297,58 +299,152 @@ def test_link_down_during_round_0_fails_cleanly_then_migrates(rig: TwoHostRig) -
     )
     stream = rig.src.migrations.Migrate(req, timeout=240)  # a backstop far beyond the bound asserted
     seen: list[Any] = []
-    t_cut: float | None = None
+    t_fault: float | None = None
     with pytest.raises(grpc.RpcError) as info:
         for ev in stream:
             seen.append(ev)
-            if t_cut is None and ev.phase == pb.PHASE_RUNNING and ev.memory_processed > 0:
-                rig.link.set_link(False)
-                t_cut = time.monotonic()
-    t_failed = time.monotonic()
-    assert t_cut is not None, f"no progress with memory_processed > 0 before the end: {seen[-3:]}"
-    cut_at = next(e for e in seen if e.memory_processed > 0)
-    assert cut_at.memory_processed < cut_at.memory_total / 2, cut_at  # cut in round 0, not after it
+            if t_fault is None and ev.phase == pb.PHASE_RUNNING and ev.memory_processed > 0:
+                fault()
+                t_fault = time.monotonic()
+    took = time.monotonic() - (t_fault or 0.0)
+    assert t_fault is not None, f"no progress with memory_processed > 0 before the end: {seen[-3:]}"
+    at = next(e for e in seen if e.memory_processed > 0)
+    assert at.memory_processed < at.memory_total / 2, at  # in round 0, not after it
     err = info.value
     assert err.code() == grpc.StatusCode.ABORTED, (err.code(), err.details(), rig.tails())
-    took = t_failed - t_cut
-    assert took < LINK_DOWN_BOUND_S, f"ABORTED {took:.0f} s after the link went down"
-    details = err.details()
-    assert "failed" in details and rig.link.dst_ip in details, details  # says what failed, and where
     assert seen[-1].phase == pb.PHASE_FAILED, seen[-1]
-    rep = rig.src.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src3"))
+    rep = rig.src.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm=vm))
     assert rep.status == "failed" and rep.error, rep
     assert all("FAILED" not in c for c in rep.cleanup), rep.cleanup
+    return err, took
 
-    # the source guest runs on, registered again
+
+def source_restored(rig: TwoHostRig, src: VM) -> None:
+    """The source guest runs on with its memory: registered again, its balloon back, QEMU's migration
+    capabilities as before the migration (no ``x-ignore-shared`` left on)."""
     assert src.status() == "running"
-    assert rig.src.get_vm("src3").state == pb.VM_STATE_REGISTERED
+    got = rig.src.get_vm(src.name)
+    assert got.state == pb.VM_STATE_REGISTERED and got.balloon_connected, got
+    caps = {c["capability"]: c["state"] for c in src.qmp("query-migrate-capabilities")}
+    assert not caps.get("x-ignore-shared"), caps
     heartbeats_advance(src)
+
+
+def retry_to_a_fresh_destination(rig: TwoHostRig, src: VM, name: str) -> tuple[Any, float]:
+    dst_b = rig.destination_vm(name)
+    target_b = prepare_incoming(rig, name, pb.MODE_FPH)
+    _, rep_b, wall = migrate(rig, src.name, pb.MODE_FPH, target_b)
+    hb = src.guest.last_heartbeat()
+    assert hb is not None
+    check = check_destination(dst_b, hb, src=src)
+    assert check.ok, (check.problems, rig.tails())
+    assert rig.dst.get_vm(name).incoming.startswith("resumed")
+    return rep_b, wall
+
+
+def test_link_down_during_round_0_fails_cleanly_then_migrates(rig: TwoHostRig) -> None:
+    assert rig.link is not None
+    link = rig.link
+    t0 = time.monotonic()
+    src = boot_fph_source(rig, "src3")
+    dst = rig.destination_vm("dst3")
+    src.guest.start_hold(32, 1)
+    target = prepare_incoming(rig, "dst3", pb.MODE_FPH)
+
+    t_cut = [0.0]
+
+    def cut() -> None:
+        link.set_link(False)
+        t_cut[0] = time.monotonic()
+
+    err, took = fault_in_round_0(rig, "src3", target, cut)
+    assert took < LINK_DOWN_BOUND_S, f"ABORTED {took:.0f} s after the link went down"
+    details = err.details()
+    assert "failed" in details and link.dst_ip in details, details  # says what failed, and where
+    source_restored(rig, src)
 
     # the destination daemon gives up on its own (no word can reach it) and says so
     def dst_failed() -> bool:
         return rig.dst.get_vm("dst3").incoming.startswith("failed")
 
-    left = max(1.0, LINK_DOWN_BOUND_S - (time.monotonic() - t_cut))
+    left = max(1.0, LINK_DOWN_BOUND_S - (time.monotonic() - t_cut[0]))
     assert poll_until(dst_failed, left, 0.5), (
         f"destination incoming still {rig.dst.get_vm('dst3').incoming!r} "
-        f"{time.monotonic() - t_cut:.0f} s after the link went down\n{rig.dst.tail()}"
+        f"{time.monotonic() - t_cut[0]:.0f} s after the link went down\n{rig.dst.tail()}"
     )
-    t_dst_failed = time.monotonic() - t_cut
+    t_dst_failed = time.monotonic() - t_cut[0]
     dst_incoming = rig.dst.get_vm("dst3").incoming
     assert poll_until(lambda: not dst.alive(), 15, 0.2), "the failed destination's QEMU still runs"
 
     # link back: a fresh destination takes the guest
-    rig.link.set_link(True)
-    dst_b = rig.destination_vm("dst3b")
-    target_b = prepare_incoming(rig, "dst3b", pb.MODE_FPH)
-    _, rep_b, wall = migrate(rig, "src3", pb.MODE_FPH, target_b)
-    hb = src.guest.last_heartbeat()
-    assert hb is not None
-    check = check_destination(dst_b, hb, src=src)
-    assert check.ok, (check.problems, rig.tails())
-    assert rig.dst.get_vm("dst3b").incoming.startswith("resumed")
+    link.set_link(True)
+    rep_b, wall = retry_to_a_fresh_destination(rig, src, "dst3b")
     print(
         f"\nlink down: source ABORTED {took:.1f} s after the cut ({details}); destination "
         f"{dst_incoming[:160]!r} after {t_dst_failed:.1f} s; retry migrated in {wall:.1f} s "
+        f"({rep_b.job_stats['memory_processed'] / MiB:.1f} MiB); total {time.monotonic() - t0:.1f} s"
+    )
+
+
+def test_destination_daemon_killed_during_round_0(rig: TwoHostRig) -> None:
+    """kill -9 of the destination daemon mid-round: its receiver dies with it, so the source fails at once
+    and rolls back; the restarted daemon finds the half-prepared destination and tells its QEMU to quit."""
+    t0 = time.monotonic()
+    src = boot_fph_source(rig, "src4")
+    dst = rig.destination_vm("dst4")
+    src.guest.start_hold(32, 1)
+    target = prepare_incoming(rig, "dst4", pb.MODE_FPH)
+    status: list[int | None] = []
+    err, took = fault_in_round_0(rig, "src4", target, lambda: status.append(rig.kill_daemon("dst")))
+    assert status == [-9], status
+    assert took < FAULT_BOUND_S, f"ABORTED {took:.0f} s after the destination daemon died"
+    details = err.details()
+    assert rig.link is not None and rig.link.dst_ip in details, details
+    source_restored(rig, src)
+    assert dst.alive() and dst.status() == "inmigrate"  # nobody left to tell it otherwise
+
+    t_restart = time.monotonic()
+    rig.restart_daemon("dst")
+    got = poll_until(lambda: rig.dst.get_vm("dst4"), 10, 0.2, until=lambda v: v.incoming.startswith("failed"))
+    assert got.incoming.startswith("failed") and "restarted" in got.incoming, got
+    assert poll_until(lambda: not dst.alive(), 10, 0.2), "the abandoned destination's QEMU still runs"
+    restart_s = time.monotonic() - t_restart
+    rep_b, wall = retry_to_a_fresh_destination(rig, src, "dst4b")
+    print(
+        f"\ndestination daemon killed: source ABORTED {took:.1f} s after ({details[:160]}); restarted daemon "
+        f"abandoned the destination ({got.incoming!r}) within {restart_s:.1f} s; retry migrated in "
+        f"{wall:.1f} s ({rep_b.job_stats['memory_processed'] / MiB:.1f} MiB); "
+        f"total {time.monotonic() - t0:.1f} s"
+    )
+
+
+def test_destination_qemu_killed_during_round_0(rig: TwoHostRig) -> None:
+    """kill -9 of the destination QEMU mid-round: the migration fails with an error that names it, the
+    source rolls back, the destination daemon reports the incoming side failed, and a retry succeeds."""
+    t0 = time.monotonic()
+    src = boot_fph_source(rig, "src5")
+    dst = rig.destination_vm("dst5")
+    src.guest.start_hold(32, 1)
+    target = prepare_incoming(rig, "dst5", pb.MODE_FPH)
+    assert dst.proc is not None
+    qemu = dst.proc
+
+    def kill_qemu() -> None:
+        os.kill(qemu.pid, signal.SIGKILL)
+        qemu.wait(5)
+
+    err, took = fault_in_round_0(rig, "src5", target, kill_qemu)
+    # the destination daemon sees its QEMU exit (pidfd) and cuts the stream: the source stops sending now,
+    # in the rounds, instead of finding out when QEMU's device-state migration is refused
+    assert took < FAULT_BOUND_S, f"ABORTED {took:.0f} s after the destination QEMU died"
+    details = err.details()
+    assert "during rounds" in details, details
+    source_restored(rig, src)
+    got = poll_until(lambda: rig.dst.get_vm("dst5"), 30, 0.2, until=lambda v: v.incoming.startswith("failed"))
+    assert "exited while the RAM stream was open" in got.incoming, got
+    rep_b, wall = retry_to_a_fresh_destination(rig, src, "dst5b")
+    print(
+        f"\ndestination QEMU killed: source ABORTED {took:.1f} s after ({details[:200]}); destination "
+        f"{got.incoming[:160]!r}; retry migrated in {wall:.1f} s "
         f"({rep_b.job_stats['memory_processed'] / MiB:.1f} MiB); total {time.monotonic() - t0:.1f} s"
     )

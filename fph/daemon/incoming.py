@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fph.daemon.qemu_exit import ProcessExit, socket_owner_pid
 from fph.migration.destination import (
     FPH_INCOMING_CAPABILITIES,
     NATIVE_INCOMING_CAPABILITIES,
@@ -33,7 +34,7 @@ from fph.migration.destination import (
 from fph.qmp import QMPConnection, QMPError
 from fph.ram_layout import RamLayout
 from fph.transfer.ram_file import RamFile
-from fph.transfer.receiver import RamReceiver
+from fph.transfer.receiver import RamReceiver, ReceiverResult
 from fph.transfer.security import DataPlaneSecurity, TlsFiles, new_credential
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class IncomingSession:
     events: list[str] = field(default_factory=list)
     """What the watcher did, in order: for GetVm and the logs."""
     started: float = field(default_factory=time.time)
+    qemu_pid: int | None = None
+    """This QEMU's PID (from its QMP socket): its exit fails the session while pages still arrive."""
     on_end: Callable[[IncomingSession], None] | None = None
     """Called once the session has ended (resumed, failed or closed), on the daemon's loop."""
     _closed: threading.Event = field(default_factory=threading.Event)
@@ -131,6 +134,7 @@ class IncomingSession:
                 uri = await listen_incoming(conn, caps, plane.host)
             finally:
                 await conn.close()
+            qemu_pid = await asyncio.to_thread(socket_owner_pid, qmp_socket)
         except BaseException:
             if receiver is not None:
                 receiver.stop()
@@ -139,7 +143,7 @@ class IncomingSession:
             raise
         session = cls(
             vm, mode, qmp_socket, uri, credential, plane.tls is not None, ram, receiver, balloon_socket,
-            on_end=on_end,
+            qemu_pid=qemu_pid, on_end=on_end,
         )  # fmt: skip
         session._task = asyncio.create_task(session._watch(), name=f"fph-incoming-{vm}")
         log.info(
@@ -163,7 +167,7 @@ class IncomingSession:
     async def _watch(self) -> None:
         try:
             if self.receiver is not None:
-                rx = await asyncio.to_thread(self.receiver.wait, None)
+                rx = await self._receive(self.receiver)
                 if self._closed.is_set():
                     return
                 if not rx.ok:
@@ -186,6 +190,32 @@ class IncomingSession:
             self._release()
             if self.on_end is not None:
                 self.on_end(self)
+
+    async def _receive(self, receiver: RamReceiver) -> ReceiverResult:
+        """The RAM stream's outcome; if this QEMU exits first, the stream is cut at once, so the source
+        rolls back now rather than after sending every round to a destination that cannot resume."""
+        stream = asyncio.ensure_future(asyncio.to_thread(receiver.wait, None))
+        exit_watch = None
+        if self.qemu_pid is not None:
+            try:
+                exit_watch = ProcessExit(self.qemu_pid)
+            except OSError:  # already gone
+                receiver.stop()
+                raise DestinationError(f"QEMU (pid {self.qemu_pid}) exited before the RAM stream") from None
+        if exit_watch is None:
+            return await stream
+        try:
+            exited = asyncio.ensure_future(exit_watch.wait())
+            await asyncio.wait({stream, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if stream.done():
+                exited.cancel()
+                return stream.result()
+            receiver.stop()
+            with contextlib.suppress(Exception):
+                await stream
+            raise DestinationError(f"QEMU (pid {self.qemu_pid}) exited while the RAM stream was open")
+        finally:
+            exit_watch.close()
 
     async def _resume(self, timeout: float, poll_s: float) -> None:
         """Wait until QEMU has loaded the device state, then make sure it runs (cont if it came paused)."""

@@ -230,6 +230,7 @@ class FphMigration:
         self._rings: list[tuple[int, int]] = []
         self._res = _Resources()
         self._sync = 0
+        self._src_before: _MigrationSettings | None = None
 
     # -------------------------------------------------------------------------------------- helpers
 
@@ -298,6 +299,7 @@ class FphMigration:
         else:
             assert self.receiver_address is not None
             address = self.receiver_address  # a receiver on the destination host (fph.transfer.receiver)
+        self._src_before = await _migration_settings(src, FPH_INCOMING_CAPABILITIES)
         await src.execute("migrate-set-capabilities", capabilities_arg(FPH_INCOMING_CAPABILITIES))
         await src.execute("migrate-set-parameters", {"downtime-limit": int(cfg.downtime_limit_ms)})
         if dst is not None:  # else its daemon made it listen at PrepareIncoming
@@ -631,6 +633,9 @@ class FphMigration:
                 done.append("destination QEMU already gone")
         for problem in self._res.release_throttle():
             done.append(f"vCPU throttle release FAILED: {problem}")
+        before = self._src_before
+        if before is not None:  # the source migrates again later, maybe natively: x-ignore-shared must go
+            await attempt("source migration capabilities restored", lambda: before.restore(src))
         if progress.src_stopped:
             await attempt("source resumed (cont)", lambda: src.execute("cont"))
         if self.balloon is not None:
@@ -758,6 +763,28 @@ def _decision_dict(d: Decision) -> dict[str, Any]:
         "throttle_pct": d.throttle_pct,
         "reason": d.reason,
     }
+
+
+@dataclass(frozen=True)
+class _MigrationSettings:
+    """The source QEMU's migration settings fph changes, as they were before (restored on an abort)."""
+
+    capabilities: dict[str, bool]
+    downtime_limit_ms: int | None
+
+    async def restore(self, conn: QMPConnection) -> None:
+        await conn.execute("migrate-set-capabilities", capabilities_arg(self.capabilities))
+        if self.downtime_limit_ms is not None:
+            await conn.execute("migrate-set-parameters", {"downtime-limit": self.downtime_limit_ms})
+
+
+async def _migration_settings(conn: QMPConnection, changed: dict[str, bool]) -> _MigrationSettings:
+    caps = {str(c["capability"]): bool(c["state"]) for c in await conn.execute("query-migrate-capabilities")}
+    params = dict(await conn.execute("query-migrate-parameters"))
+    limit = params.get("downtime-limit")
+    return _MigrationSettings(
+        {k: caps[k] for k in changed if k in caps}, None if limit is None else int(limit)
+    )
 
 
 def _warm_kernels() -> None:
