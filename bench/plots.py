@@ -1,12 +1,16 @@
-"""Plots of a ``policy_bench.py --json`` result, as PNG files beside it or in ``--out``:
+"""Plots of a ``policy_bench.py --json`` or ``twohost_bench.py --json`` result, as PNG files beside it or in
+``--out``:
 
 ``STEM-bytes.png``   bytes on the wire per workload and mode: median bars, every run as a dot, the lower bound
-``STEM-rate.png``    the max 100 ms window wire rate per run against the cap (the JSON has one maximum per
-                     run, no per-window samples), and capped fph runs' per-round average rate
+``STEM-rate.png``    the max 100 ms window wire rate per run against the cap, and capped fph runs' per-round
+                     average rate
+``STEM-wire.png``    wire rate over time against the cap, one run per workload and mode (runs that carry
+                     ``wire_samples``: twohost_bench's source veth counter, read every 100 ms)
 ``STEM-rounds-WORKLOAD-MODE-rN.png``  one fph run (the median-bytes run of its workload and mode, or every
                      run with ``--every-run``): bytes and pages per round, the timeline, the stop window
 
     python bench/plots.py bench/results/policy_bench.json --out bench/results/plots
+    python bench/plots.py bench/results/twohost_bench.json
 
 matplotlib (``pip install -e '.[bench]'``) is imported inside the functions: importing the bench modules stays
 fast and a suite that does not plot never needs it. The per-run plot is fph's own
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import statistics
 import sys
@@ -41,7 +46,7 @@ class NothingToPlot(ValueError):
 def load(path: Path) -> dict[str, Any]:
     doc = json.loads(path.read_text())
     if not isinstance(doc, dict) or not isinstance(doc.get("runs"), list):
-        raise ValueError(f"{path}: not a policy_bench.py --json result (no 'runs' list)")
+        raise ValueError(f"{path}: not a policy_bench.py or twohost_bench.py --json result (no 'runs' list)")
     return doc
 
 
@@ -216,10 +221,14 @@ def plot_rate(doc: Mapping[str, Any], path: Path, source: str) -> Path:
     ax.set_xticks(range(len(workloads)), labels, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("MiB/s (log scale)")
+    sources = sorted({str(r["max_window_rate_source"]) for r in runs if r.get("max_window_rate_source")})
+    where = (
+        "; ".join(sources)
+        if sources
+        else "fph: at its sender's socket; native/none: query-migrate polled every 50 ms"
+    )
     ax.set_title(
-        f"Max wire rate over a sliding 100 ms window, one figure per run ({source})\n"
-        "The JSON has no per-window samples, only each run's maximum. fph: at its sender's socket; "
-        "native/none: query-migrate polled every 50 ms",
+        f"Max wire rate over a 100 ms window, one figure per run ({source})\nMeasured: {where}",
         fontsize=9,
     )
     ax.legend(fontsize=7, loc="lower left", ncols=2)
@@ -246,6 +255,63 @@ def plot_rate(doc: Mapping[str, Any], path: Path, source: str) -> Path:
             fontsize=9,
         )
         ax2.legend(fontsize=7, ncols=3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def _representative(runs: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The median-bytes run of those with a good destination, else the first (a failed run still shows)."""
+    ok = sorted(
+        (r for r in runs if r.get("destination_ok") and r.get("bytes") is not None), key=lambda r: r["bytes"]
+    )
+    if ok:
+        return ok[(len(ok) - 1) // 2]
+    return runs[0] if runs else None
+
+
+def plot_wire(doc: Mapping[str, Any], path: Path, source: str) -> Path:
+    """Per workload, the wire rate over time (100 ms windows of the veth counter) of one run per mode, with
+    the cap and 1.05 x cap: the cap held at the wire, and how long each mode kept the link busy."""
+    from matplotlib.figure import Figure
+
+    runs = [r for r in doc["runs"] if r.get("wire_samples")]
+    if not runs:
+        raise NothingToPlot(f"{source}: no run has wire_samples")
+    workloads, modes = _workloads(runs), _modes(runs)
+    fig = Figure(figsize=(11, 3.6 * len(workloads)), layout="constrained")
+    axes = fig.subplots(len(workloads), 1, squeeze=False)[:, 0]
+    for ax, w in zip(axes, workloads, strict=True):
+        for mode in modes:
+            run = _representative([r for r in runs if r["workload"] == w and r["mode"] == mode])
+            if run is None:
+                continue
+            pts = run["wire_samples"]
+            windows = [
+                (b[0], (b[1] - a[1]) / (b[0] - a[0]) / MIB) for a, b in itertools.pairwise(pts) if b[0] > a[0]
+            ]
+            ok = "" if run.get("destination_ok") else ", destination check failed"
+            ax.step(
+                [t for t, _ in windows],
+                [r for _, r in windows],
+                where="post",
+                lw=1,
+                color=MODE_COLORS.get(mode, "tab:purple"),
+                label=f"{mode} #{run['run']}: {(run.get('wire_bytes') or 0) / MIB:.0f} MiB at the wire, "
+                f"running after {run.get('resumed_wall_s')} s{ok}",
+            )
+        caps = {r.get("bandwidth_cap_bps") or 0 for r in runs if r["workload"] == w} - {0}
+        for cap in sorted(caps):
+            ax.axhline(cap / MIB, color="red", lw=1.2)
+            ax.axhline(1.05 * cap / MIB, color="red", lw=0.8, ls=":")
+        ax.plot([], [], "-", color="red", label="cap (bandwidth_cap_bps); dotted: 1.05 x cap")
+        ax.set_title(f"{w}: wire rate, 100 ms windows, from Migrate to the destination running", fontsize=9)
+        ax.set_xlabel("seconds from Migrate")
+        ax.set_ylabel("MiB/s at the wire")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(
+        f"Wire rate against the cap ({source}): {runs[0].get('max_window_rate_source', '')}", fontsize=10
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     return path
@@ -294,15 +360,11 @@ def representative_runs(runs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, 
     out = []
     for w in _workloads(runs):
         for mode in FPH_MODES:
-            rs = [r for r in runs if r["workload"] == w and r["mode"] == mode and r.get("fph_rounds")]
-            ok = sorted(
-                (r for r in rs if r.get("destination_ok") and r.get("bytes") is not None),
-                key=lambda r: r["bytes"],
+            run = _representative(
+                [r for r in runs if r["workload"] == w and r["mode"] == mode and r.get("fph_rounds")]
             )
-            if ok:
-                out.append(ok[(len(ok) - 1) // 2])
-            elif rs:
-                out.append(rs[0])
+            if run is not None:
+                out.append(run)
     return out
 
 
@@ -315,6 +377,7 @@ def plot_all(
     jobs: list[tuple[Any, Any, Path]] = [
         (plot_bytes, doc, out / f"{stem}-bytes.png"),
         (plot_rate, doc, out / f"{stem}-rate.png"),
+        (plot_wire, doc, out / f"{stem}-wire.png"),
     ]
     runs = (
         [r for r in doc["runs"] if r["mode"] in FPH_MODES] if every_run else representative_runs(doc["runs"])
@@ -330,7 +393,7 @@ def plot_all(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", type=Path, help="a policy_bench.py --json result")
+    ap.add_argument("json", type=Path, help="a policy_bench.py or twohost_bench.py --json result")
     ap.add_argument(
         "--out", type=Path, default=None, help="directory for the PNGs (default: beside the JSON)"
     )

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -37,12 +39,13 @@ from fph_lab.netlab import LinkConfig
 from fph_lab.provision import Lab, provision
 from fph_lab.twohost import TwoHostRig
 from fph_lab.vm import VM
+from fph_lab.wire_rate import WireSampler
 from fph_lab.workload import HOLD_MIB, wait_allocation_settles
 
 MiB = 1 << 20
 MODES = {"fph": pb.MODE_FPH, "native": pb.MODE_NATIVE, "none": pb.MODE_NONE}
 BRIEF = ("mode", "workload", "run", "bytes", "wire_bytes", "total_s", "resumed_wall_s", "downtime_ms",
-         "goodput_bps", "destination_ok", "error")  # fmt: skip
+         "goodput_bps", "max_window_rate_bps", "destination_ok", "error")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,13 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
         "mode": mode, "workload": w.name, "mem_mib": w.mem_mib, "run": index,
         "link_rate_bps": rig.link.config.rate_bits_per_s or 0, "tls": rig.tls, "bandwidth_cap_bps": bandwidth,
         "bytes": None, "lower_bound_bytes": None, "wire_bytes": None, "total_s": None, "downtime_ms": None,
-        "goodput_bps": None, "destination_ok": False, "error": None,
+        "goodput_bps": None, "destination_ok": False, "error": None, "max_window_rate_bps": None,
+        "predicted_downtime_ms": None,
     }  # fmt: skip
     name = f"{mode}-{w.name}-{index}".replace("memhog-exit", "mh")
     phase = "boot"
     vms: list[VM] = []
+    sampler: WireSampler | None = None
     try:
         src, dst = boot(rig, mode, name, w.mem_mib)
         vms += [src, dst]
@@ -105,6 +110,7 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
         out["loadavg_1m"] = os.getloadavg()[0]
         phase = "migration"
         wire0 = rig.link.wire_bytes("src")
+        sampler = WireSampler(rig.link, "src").start()
         t0 = time.monotonic()
         req = pb.MigrateRequest(
             vm=src.name, mode=MODES[mode], destination=target, progress_interval_ms=500,
@@ -118,8 +124,13 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
             lambda: rig.dst.get_vm(dst.name).incoming, 120, 0.02, until=lambda s: not s.startswith("prepared")
         )
         out["resumed_wall_s"] = round(time.monotonic() - t0, 2)
+        series = sampler.stop()
         out["destination_incoming"] = incoming
         out["wire_bytes"] = rig.link.wire_bytes("src") - wire0
+        out["wire_samples"] = series.relative(t0)
+        out["max_window_rate_bps"] = series.max_window_rate_bps()
+        out["max_window_rate_source"] = "source veth tx counter, 100 ms windows"
+        out["windows_over_cap"] = series.windows_over(bandwidth) if bandwidth else None
         rep = rig.src.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm=src.name))
         js = dict(rep.job_stats)
         out.update(
@@ -138,6 +149,7 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
             out["data_plane_tls"] = f.get("data_plane_tls")
             out["destination_daemon"] = f.get("destination_daemon")
             out["downtime_breakdown_ms"] = f.get("downtime_breakdown_ms")
+            out["predicted_downtime_ms"] = f.get("predicted_downtime_ms")
             out["fph"] = {k: v for k, v in f.items() if k != "decisions"}
             out["fph_rounds"] = full.get("rounds")
         phase = "destination check"
@@ -149,6 +161,8 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
         detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
         out["error"] = f"{phase}: {type(e).__name__}: {detail}"
     finally:
+        if sampler is not None:
+            sampler.close()
         for vm in vms:
             vm.stop()
         for host, vm_name in ((rig.src, name), (rig.dst, f"{name}-d")):
@@ -179,6 +193,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                       "lower_bound_bytes"):  # fmt: skip
                 row[f"{m}_{k}_median"] = _median([r[k] for r in rs])
             row[f"{m}_ok_runs"] = len(rs)
+            rates = [r["max_window_rate_bps"] for r in rs if r.get("max_window_rate_bps") is not None]
+            row[f"{m}_max_window_rate_bps"] = max(rates) if rates else None
+            over = [r["windows_over_cap"] for r in rs if r.get("windows_over_cap") is not None]
+            row[f"{m}_windows_over_cap"] = sum(over) if over else None
         for k in ("bytes", "total_s", "resumed_wall_s"):
             f, n = row.get(f"fph_{k}_median"), row.get(f"native_{k}_median")
             row[f"fph_over_native_{k}"] = round(f / n, 3) if f and n else None
@@ -204,7 +222,15 @@ def main() -> int:
     )
     ap.add_argument("--quick", action="store_true", help="1 GiB guests, 1 run per mode")
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument(
+        "--plot",
+        action="store_true",
+        help="at the end, PNG plots beside the --json file (bench/plots.py: bytes, wire rate against the cap "
+        "over time, each fph run's rounds and stop window; needs matplotlib: '.[bench]')",
+    )
     args = ap.parse_args()
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # now, not after the suite
+        ap.error("--plot needs matplotlib: pip install -e '.[bench]'")
     workloads = ["memhog-exit"] if args.quick else args.workloads.split(",")
     runs_n = 1 if args.quick else args.runs
     modes = args.modes.split(",")
@@ -232,7 +258,12 @@ def main() -> int:
     args.json.write_text(json.dumps({"runs": runs, "summary": summary}, indent=1, default=str))
     for s in summary:
         print(json.dumps(s))
-    return 0 if all(r["destination_ok"] for r in runs) else 1
+    ok = all(r["destination_ok"] for r in runs)
+    if args.plot:  # its own process: this script's directory is on sys.path, not the package bench
+        plots = Path(__file__).resolve().with_name("plots.py")
+        drawn = subprocess.run([sys.executable, str(plots), str(args.json)], check=False).returncode
+        return 0 if ok and drawn == 0 else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

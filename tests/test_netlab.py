@@ -3,7 +3,6 @@ namespaces (root, ip, tc); the rest are pure. Rates are printed (``pytest -s``) 
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -15,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from fph_lab import netlab
+from fph_lab.errors import LabError
 from fph_lab.netlab import LinkConfig, NetLabError, TwoHostLink, leftover_namespaces
 from fph_lab.provision import Lab, QemuInstall
 from fph_lab.vm import VM, VMConfig
+from fph_lab.wire_rate import WireSampler, WireSeries
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
@@ -94,23 +95,25 @@ def _send(link: TwoHostLink, size: int, timeout: float) -> dict[str, object]:
 
 def _transfer(link: TwoHostLink, size: int, window_s: float = 0.2) -> dict[str, float]:
     """One ``size``-byte transfer src -> dst. Rates: the payload over the sender's time (goodput), the source
-    veth's tx counter over the same time (wire), and that counter in fixed ``window_s`` windows (a burst
-    above the cap shows there, not in the mean)."""
+    veth's tx counter over the same time (wire), and that counter in fixed ``window_s`` windows read by
+    ``fph_lab.wire_rate.WireSampler`` inside the namespace (a burst above the cap shows there, not in the
+    mean)."""
     argv = _python(SENDER, link.dst_ip, str(size), "30", "go")
     tx = link.popen(link.src_ns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert tx.stdin is not None and tx.stdout is not None
     assert tx.stdout.readline().strip() == "CONNECTED"
-    samples = [(time.monotonic(), link.wire_bytes("src"))]
+    sampler = WireSampler(link, "src", window_s).start()
+    time.sleep(2 * window_s)  # a sample or two before the transfer
     tx.stdin.write("go\n")
     tx.stdin.flush()
-    while tx.poll() is None:
-        time.sleep(window_s)
-        samples.append((time.monotonic(), link.wire_bytes("src")))
-    result = json.loads(tx.communicate(timeout=30)[0].splitlines()[-1])
+    out = tx.communicate(timeout=30)[0]
+    series = sampler.stop()
+    result = json.loads(out.splitlines()[-1])
     assert result["ok"], result
-    wire = samples[-1][1] - samples[0][1]
+    assert len(series.times) >= 2, (series, result)  # an unshaped transfer can fit in one window
+    wire = series.tx_bytes[-1] - series.tx_bytes[0]
     # Windows wholly inside the transfer (the last one ends after the sender is done: partly idle).
-    windows = [(b - a) * 8 / (tb - ta) for (ta, a), (tb, b) in itertools.pairwise(samples[:-1])]
+    windows = [r * 8 for _, r in series.window_rates()[:-1]]
     return {
         "elapsed_s": result["elapsed"],
         "wire_bytes": wire,
@@ -133,6 +136,26 @@ STUBBORN = (
 )
 
 # -- pure
+
+
+def test_wire_series_windows_and_the_cap() -> None:
+    series = WireSeries((10.0, 10.1, 10.2, 10.3), (1000, 1000 + 10_000, 1000 + 30_000, 1000 + 30_000))
+    rates = series.window_rates()
+    assert [round(t, 3) for t, _ in rates] == [10.1, 10.2, 10.3]
+    assert [round(r) for _, r in rates] == [100_000, 200_000, 0]
+    assert round(series.max_window_rate_bps() or 0) == 200_000
+    assert series.windows_over(190_000) == 1 and series.windows_over(195_000) == 0  # 5 % tolerance
+    assert series.relative(9.0)[1] == [1.1, 10_000]
+    empty = WireSeries((), ())
+    assert empty.max_window_rate_bps() is None and empty.relative(0.0) == [] and empty.window_rates() == []
+
+
+def test_wire_sampler_refuses_a_bad_interval_and_a_stop_before_start() -> None:
+    link = TwoHostLink.__new__(TwoHostLink)  # never set up: neither call reaches it
+    with pytest.raises(ValueError, match="interval_s"):
+        WireSampler(link, "src", 0)
+    with pytest.raises(LabError, match="never started"):
+        WireSampler(link, "src").stop()
 
 
 def test_link_config_defaults_and_validation() -> None:

@@ -20,6 +20,7 @@ from fph.report_plot import PlotError, plot_migration, report_plot
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "bench" / "results" / "policy_bench-quick.json"
+MiB = 1 << 20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 pytestmark = pytest.mark.timeout(120)
@@ -76,7 +77,10 @@ def test_runs_without_rounds_are_skipped_with_a_message(doc: dict[str, Any], tmp
     small = {**doc, "runs": [bare, _run(doc, "poison", "fph"), native]}
     written, skipped = plots.plot_all(small, tmp_path, "s", "small.json", every_run=True)
     assert [p.name for p in written] == ["s-bytes.png", "s-rate.png", "s-rounds-poison-fph-r0.png"]
-    assert skipped == ["small.json: idle fph #0: no fph_rounds recorded"]
+    assert skipped == [
+        "small.json: no run has wire_samples",
+        "small.json: idle fph #0: no fph_rounds recorded",
+    ]
     for p in written:
         assert_png(p)
 
@@ -85,6 +89,20 @@ def test_runs_without_rounds_are_skipped_with_a_message(doc: dict[str, Any], tmp
     with pytest.raises(plots.NothingToPlot, match="no run has max_window_rate_bps"):
         plots.plot_rate(no_rate, tmp_path / "rate.png", "x.json")
     assert not (tmp_path / "rate.png").exists()
+
+
+def test_wire_plot_needs_samples_and_draws_one_run_per_mode(doc: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(plots.NothingToPlot, match="no run has wire_samples"):
+        plots.plot_wire(doc, tmp_path / "w.png", QUICK.name)
+    runs = []
+    for mode, rate in (("fph", 100 * MiB), ("native", 110 * MiB)):
+        run = _run(doc, "memhog-exit", mode)
+        # twohost_bench's form: [seconds from Migrate, bytes since the first sample], every 100 ms
+        run["wire_samples"] = [[i / 10, int(i * rate / 10)] for i in range(30)]
+        run["max_window_rate_source"] = "source veth tx counter, 100 ms windows"
+        runs.append(run)
+    path = plots.plot_wire({**doc, "runs": runs}, tmp_path / "w.png", "twohost.json")
+    assert_png(path)
 
 
 def test_representative_run_is_the_median_good_one() -> None:
