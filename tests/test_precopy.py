@@ -23,7 +23,7 @@ from fph.ram_layout import PAGE_SIZE, RamLayout, RamRange
 from fph.transfer.channel import ChannelError
 from fph.transfer.pagehash import page_hashes
 from fph.transfer.ram_file import RamFile, RamFileError
-from fph.transfer.receiver import RamReceiver
+from fph.transfer.receiver import FilePrep, RamReceiver
 from fph.transfer.sender import RamSender
 
 MiB = 1 << 20
@@ -234,9 +234,12 @@ def test_the_switchover_check_does_not_cover_reused_hinted_pages(ram_files: tupl
     guest = SoftGuest(src, LAYOUT)
     bitmap, channel, receiver = connected(src, dst)
     balloon = FakeBalloon(bitmap, guest, [8 * MiB])
-    pc = Precopy(bitmap, channel.ram, channel, lambda: np.zeros(bitmap.nwords, dtype=np.uint64), balloon)
+    # round 0 waits for the hint run, so the block is never sent (overlapping, it could go first)
+    cfg = PrecopyConfig(first_hint_run="wait")
+    pc = Precopy(bitmap, channel.ram, channel, lambda: np.zeros(bitmap.nwords, dtype=np.uint64), balloon, cfg)
     pc.start()
     pc.run_round()
+    assert pc.result.rounds[0].hint_waste_pages == 0
     guest.write((8 * MiB >> 12) + 3)  # the guest's shrinker took the block back and wrote it
     pc.run_round()
     pc.final_round()
@@ -357,7 +360,7 @@ def test_the_receiver_is_prepared_when_it_says_so(ram_files: tuple[RamFile, RamF
         assert os.stat(dst.path).st_blocks * 512 >= LAYOUT.ram_bytes
     finally:
         receiver.stop()
-    unprepared = RamReceiver(dst, prepare=False)
+    unprepared = RamReceiver(dst, prepare=FilePrep.NONE)
     with pytest.raises(ChannelError, match="still preparing"):
         unprepared.wait_prepared(0.01)  # never started
     unprepared.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,3 +101,31 @@ def test_close_stops_and_joins_a_running_populate(sparse: Path) -> None:
     thread = ram._populating
     ram.close()
     assert thread is not None and not thread.is_alive()
+
+
+def test_preparing_a_destination_keeps_pages_that_landed_first_and_while_it_runs(sparse: Path) -> None:
+    """The receiver prepares the file while pages arrive: allocation and populating must not zero any."""
+    with RamFile(sparse, LAYOUT, writable=True) as ram:
+        early = [0, 6 * PAGE_SIZE, 8 * MiB + 2 * PAGE_SIZE]  # even pages; the writer takes the odd
+        for off in early:
+            ram.buf[off : off + PAGE_SIZE] = 0xA5
+        stop = threading.Event()
+        during: list[int] = []
+
+        def land() -> None:  # pages written while prepare_destination runs, every page of the file once
+            for off in range(PAGE_SIZE, LAYOUT.ram_bytes, 2 * PAGE_SIZE):
+                if stop.is_set():
+                    break
+                ram.buf[off] = 0x5A
+                during.append(off)
+
+        writer = threading.Thread(target=land)
+        writer.start()
+        ram.prepare_destination()
+        writer.join()
+        stop.set()
+        assert during
+        for off in early:
+            assert (ram.buf[off : off + PAGE_SIZE] == 0xA5).all(), off
+        assert all(ram.buf[off] == 0x5A for off in during)
+        assert allocated_pages(sparse) * PAGE_SIZE >= LAYOUT.ram_bytes - PAGE_SIZE  # allocated, all of it

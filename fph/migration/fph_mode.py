@@ -19,10 +19,12 @@ guest never keeps its hinted memory because fph failed. The error says which pha
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -146,6 +148,15 @@ class _Resources:
     sender: RamSender | None = None
     receiver: RamReceiver | None = None
     throttle: VcpuThrottle | None = None
+    connecting: concurrent.futures.Future[None] | None = None
+    """The data connection being made while round 0 waits for the guest's hints."""
+
+    def settle_connect(self) -> None:
+        """Wait for a connect still in flight (bounded by the sender's socket timeout), so that nothing
+        connects after the channel was aborted or closed: the channel has one owner at a time."""
+        if self.connecting is not None:
+            with contextlib.suppress(Exception):
+                self.connecting.result()
 
     def release_throttle(self) -> list[str]:
         """The vCPUs back at full speed (idempotent); what could not be undone."""
@@ -157,6 +168,7 @@ class _Resources:
 
     def close(self) -> None:
         self.release_throttle()
+        self.settle_connect()
         if self.sender is not None:
             self.sender.close()
         if self.receiver is not None:
@@ -289,8 +301,18 @@ class FphMigration:
         cfg = self.config
         t_start = time.monotonic()
         self.phase = Phase.SETUP
+        setup_ms: dict[str, float] = {}
+        t_lap = [t_start]
+
+        def lap(step: str) -> None:
+            """Setup is on the critical path before round 0: each step's time goes in the report."""
+            now = time.monotonic()
+            setup_ms[step] = round((now - t_lap[0]) * 1e3, 1)
+            t_lap[0] = now
+
         await self._refuse_a_disconnected_balloon()  # before anything on either QEMU changes
         await self._hook(HookPoint.SETUP)
+        lap("checks_and_hooks")
         receiver: RamReceiver | None = None
         if self.dst_ram_path is not None:
             dst_ram = res.dst_ram = RamFile(self.dst_ram_path, self.layout, writable=True)
@@ -299,28 +321,43 @@ class FphMigration:
         else:
             assert self.receiver_address is not None
             address = self.receiver_address  # a receiver on the destination host (fph.transfer.receiver)
+        lap("receiver")
         self._src_before = await _migration_settings(src, FPH_INCOMING_CAPABILITIES)
         await src.execute("migrate-set-capabilities", capabilities_arg(FPH_INCOMING_CAPABILITIES))
         await src.execute("migrate-set-parameters", {"downtime-limit": int(cfg.downtime_limit_ms)})
         if dst is not None:  # else its daemon made it listen at PrepareIncoming
             await dst.execute("migrate-set-capabilities", capabilities_arg(FPH_INCOMING_CAPABILITIES))
             await dst.execute("migrate-incoming", {"uri": self.uri})
+        lap("qemu_capabilities")
         src_ram = res.src_ram = RamFile(self.src_ram_path, self.layout, writable=False)
         channel = res.sender = RamSender(address, src_ram, bandwidth=cfg.bandwidth, security=self.security)
-        await asyncio.to_thread(channel.connect)
+        # The TLS handshake completes once the destination has prepared its RAM file (seconds for GiBs,
+        # when Migrate follows PrepareIncoming at once): connect while round 0 waits for the guest's hints.
+        connecting = res.connecting = _in_thread(channel.connect, f"fph-connect-{address[0]}:{address[1]}")
+        lap("data_connection_started")
         await asyncio.to_thread(_warm_kernels)  # nothing compiles or loads later, inside the stop window
+        lap("warm_kernels")
         bitmap = DirtyBitmap(self.layout)
         unavailable = await self._hinting_unavailable()
         skipped = None if unavailable is not None else await self._hinting_skipped()
+        lap("bitmap_and_balloon_view")
         if self.balloon is not None and unavailable is None and skipped is None:
             self.balloon.control.set_sink(bitmap)
         self.writelog.start()
         self.device_log.start()
-        ready = None if receiver is None else lambda: receiver.wait_prepared(cfg.receiver_prepare_timeout_s)
+        lap("write_logs")
+
+        def ready() -> None:
+            """Round 0 sends once the data connection is up and, with a local receiver, its file ready."""
+            connecting.result()
+            if receiver is not None:
+                receiver.wait_prepared(cfg.receiver_prepare_timeout_s)
+
         pc = self.precopy = Precopy(
             bitmap, src_ram, channel, self._harvest, self._hints(), cfg, ready,
             hints_unavailable=unavailable, hints_skipped=skipped,
         )  # fmt: skip
+        lap("precopy")
         t_setup = time.monotonic()
 
         # ---- rounds, guest running, until the policy says a switchover now fits the downtime limit
@@ -432,6 +469,7 @@ class FphMigration:
                 "predicted_downtime_ms": None if predicted_ms is None else round(predicted_ms, 1),
                 "downtime_limit_ms": cfg.downtime_limit_ms,
                 "downtime_breakdown_ms": stop_window.breakdown_ms(),
+                "setup_breakdown_ms": setup_ms,
                 "throttle_max_pct": max((d.throttle_pct for d in pc.result.decisions), default=0),
                 "out_dirtied": pc.convergence.out_dirtied,
                 "decisions": [_decision_dict(d) for d in pc.result.decisions],
@@ -608,6 +646,7 @@ class FphMigration:
                 done.append(f"{what} FAILED: {e}")
 
         log.error("fph migration failed during %s: %s", self.phase.value, exc)
+        await asyncio.to_thread(self._res.settle_connect)
         if channel is not None:
             channel.abort(f"source aborted during {self.phase.value}: {exc}")
             done.append("data channel aborted")
@@ -785,6 +824,22 @@ async def _migration_settings(conn: QMPConnection, changed: dict[str, bool]) -> 
     return _MigrationSettings(
         {k: caps[k] for k in changed if k in caps}, None if limit is None else int(limit)
     )
+
+
+def _in_thread(fn: Callable[[], None], name: str) -> concurrent.futures.Future[None]:
+    """Run ``fn`` on a thread of its own; its outcome as a future any thread can wait on."""
+    fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(None)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
 
 
 def _warm_kernels() -> None:
