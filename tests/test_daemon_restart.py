@@ -5,6 +5,7 @@ rolled back over QMP (fake QEMU monitors) with the report "aborted: back-end res
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -107,6 +108,23 @@ def test_a_running_vm_whose_balloon_dropped_is_degraded(
         assert "device_del" not in qemu.commands
     finally:
         qemu.close()
+
+
+def test_a_vm_whose_directory_is_gone_is_degraded_and_the_others_come_back(
+    make_daemon: Callable[[], RunningDaemon], state: Path
+) -> None:
+    """Seen in the two-host tests: a VM's run directory removed while the daemon was down made the restarted
+    daemon exit at start, so no VM of the host came back. One VM's fault stays with that VM."""
+    gone, ok = vm(state, "gone"), vm(state, "ok")
+    StateFile(state).save(PersistedState([gone, ok]))
+    shutil.rmtree(state / "gone")
+    d = make_daemon()
+    vms = {v.spec.name: v for v in d.vms.ListVms(pb.ListVmsRequest()).vms}
+    assert sorted(vms) == ["gone", "ok"]
+    assert "could not be served again" in vms["gone"].degraded and not vms["ok"].degraded
+    assert listening(ok.balloon_socket)
+    d.vms.UnregisterVm(pb.UnregisterVmRequest(name="gone"))
+    assert [v.name for v in StateFile(state).load().vms] == ["ok"]
 
 
 @pytest.mark.parametrize("destination_status", ["inmigrate", "running"])

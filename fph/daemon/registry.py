@@ -312,9 +312,15 @@ class Registry:
             if plugged is None or not plugged:
                 with contextlib.suppress(FileNotFoundError):
                     spec.balloon_socket.unlink()  # the dead daemon's listener; nobody accepts on it
-                rec.control = await asyncio.to_thread(
-                    self.hints.add_vm, str(spec.balloon_socket), rec.sink, name=spec.name
-                )
+                try:
+                    rec.control = await asyncio.to_thread(
+                        self.hints.add_vm, str(spec.balloon_socket), rec.sink, name=spec.name
+                    )
+                except Exception as exc:  # e.g. its directory is gone: this VM only, never the restart
+                    rec.degraded = (
+                        f"its balloon socket could not be served again after the restart: {exc}; "
+                        "unregister the VM and register it again"
+                    )
             else:
                 rec.degraded = (
                     "the balloon's connection to QEMU dropped when the previous fph daemon died; QEMU 11.1 "
