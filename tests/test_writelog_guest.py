@@ -99,7 +99,10 @@ def test_every_guest_write_is_logged(traced: Traced) -> None:
     after, words = _stopped_snapshot_and_harvest(t)
     rep = coverage(before, after, words, t.layout)
     FIGURES["fill+dirty"] = {**rep.as_dict(), "header": t.log.describe()}
-    assert rep.changed >= 32 * 256, "the workload changed fewer pages than fill alone writes"
+    # The workload must have done something for the check below to mean anything. Not "every page fill
+    # wrote": fill's pattern depends only on the offset in its buffer, so a page can be written with the
+    # bytes it already held and not count as changed (one CI run: 8,037 changed of the 8,192 fill writes).
+    assert rep.changed >= 16 * 256, "the workload changed fewer pages than one fill writes"
     assert rep.unexplained == [], (
         f"guest writes missing from the log (RAM file pages): {rep.unexplained[:20]}"
     )
