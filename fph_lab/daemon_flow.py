@@ -27,6 +27,7 @@ from fph.waiting import poll_until
 from fph_lab.check import check_destination
 from fph_lab.provision import Lab, provision
 from fph_lab.vm import VM, VMConfig
+from fph_lab.workers import end_workers
 from fph_lab.workload import run_workload
 
 MiB = 1 << 20
@@ -164,6 +165,7 @@ def run(lab: Lab, state: Path, mem_mib: int = 1024) -> bool:
         except subprocess.TimeoutExpired:
             daemon.kill()
             daemon.wait(5)
+        end_workers(state)  # the balloon workers outlive the daemon by design
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,7 @@ from fph_lab.errors import LabError
 from fph_lab.netlab import LinkConfig, Side, TwoHostLink
 from fph_lab.provision import Lab
 from fph_lab.vm import VM, VMConfig
+from fph_lab.workers import end_workers
 
 MiB = 1 << 20
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -396,6 +397,7 @@ class TwoHostRig:
             with contextlib.suppress(Exception):
                 host.channel.close()
             host.exit_status = self._stop_daemon(host, errors)
+            end_workers(host.state_dir)  # they outlive the daemon by design
         if self.link is not None:
             try:
                 self.link.close()

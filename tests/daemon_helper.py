@@ -41,7 +41,7 @@ class RunningDaemon:
             return
         self.stopped = True
         self.channel.close()
-        self.run(self.srv.stop(0.5), 40)
+        self.run(self.srv.stop(0.5, stop_workers=True), 40)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()

@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -717,21 +718,55 @@ def test_tcp_needs_a_client_certificate(make_daemon: Callable[..., RunningDaemon
     assert d.vms.ListVms(pb.ListVmsRequest()).vms == []  # the Unix socket still serves
 
 
+def test_a_killed_worker_degrades_its_vm_and_no_other(
+    daemon: RunningDaemon, state: Path, ram: GuestRam
+) -> None:
+    """Each VM's balloon is a worker process of its own: kill -9 of one leaves the daemon and the other VM
+    hinting; the VM whose worker died is reported degraded with the reason and fph asks nothing of its
+    balloon again."""
+    v1 = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm1")))
+    v2 = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm2")))
+    with GuestRam(64 * MiB, gpa=1 << 32) as ram2:
+        fe1, _ = boot_and_read_done(v1.spec.balloon_socket, ram)
+        fe2, drv2 = boot_and_read_done(v2.spec.balloon_socket, ram2)
+        try:
+            ctl1 = daemon.srv.daemon.registry.vms["vm1"].control
+            ctl2 = daemon.srv.daemon.registry.vms["vm2"].control
+            assert ctl1 is not None and ctl2 is not None and ctl1.pid != ctl2.pid != os.getpid()
+            os.kill(ctl1.pid, signal.SIGKILL)
+            assert poll_until(lambda: bool(ctl1.lost), 5)
+            got = daemon.vms.GetVm(pb.GetVmRequest(name="vm1"))
+            assert (
+                "balloon worker" in got.degraded and "is gone" in got.degraded and not got.balloon_connected
+            )
+            code, msg = code_of(lambda: daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm1")))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "degraded" in msg
+            st = daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm2"))
+            assert st.state == "requested"
+            guest_hints(fe2, drv2)
+            st = daemon.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="vm2"))
+            assert st.hinted_bytes == len(drv2.held) * HINT_BLOCK > 0
+            assert not daemon.vms.GetVm(pb.GetVmRequest(name="vm2")).degraded
+        finally:
+            fe1.close()
+            fe2.close()
+
+
 def test_status_streams_share_device_queries(daemon: RunningDaemon, state: Path, ram: GuestRam) -> None:
     """Many watchers of one VM cost a few device round trips, not one per message (the load check)."""
     vm = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state)))
     fe, _drv = boot_and_read_done(vm.spec.balloon_socket, ram)
     try:
-        registry = daemon.srv.daemon.registry
-        device = registry.hints._receiver.devices[vm.spec.balloon_socket]  # the device itself, to count
-        real = device.status
+        ctl = daemon.srv.daemon.registry.vms["vm1"].control  # the worker's handle: each call a round trip
+        assert ctl is not None
+        real = ctl.status_async
         calls = [0]
 
-        def counting() -> Any:
+        async def counting() -> Any:
             calls[0] += 1
-            return real()
+            return await real()
 
-        device.status = counting
+        ctl.status_async = counting  # type: ignore[method-assign]
         streams = [
             daemon.hints.WatchHintingStatus(pb.WatchHintingStatusRequest(vm="vm1", interval_ms=20))
             for _ in range(20)

@@ -262,3 +262,29 @@ def test_two_regions_like_a_guest_above_the_pci_hole() -> None:
             GuestMemory([g.regions[0], g.regions[0]])
     finally:
         g.close()
+
+
+def test_atomic_or_sets_bits_without_losing_concurrent_ones() -> None:
+    """The dirty log's atomic OR (machine code on x86-64): two threads OR disjoint bits into the same words
+    many times; a non-atomic read-modify-write would lose some."""
+    import ctypes
+    import threading
+
+    from fph.virtio.memory import atomic_or_u64, memory_fence
+
+    words = (ctypes.c_uint64 * 64)()
+    base = ctypes.addressof(words)
+
+    def orer(bit: int) -> None:
+        for i in range(20_000):
+            atomic_or_u64(base + 8 * (i % 64), 1 << (bit + i % 3))
+
+    threads = [threading.Thread(target=orer, args=(b,)) for b in (0, 8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    memory_fence()
+    assert all(w == 0b111 | 0b111 << 8 for w in words)
+    atomic_or_u64(base, 1 << 63)
+    assert words[0] == 1 << 63 | 0b111 | 0b111 << 8

@@ -168,21 +168,27 @@ class BalloonControl:
         return await self._call_async(self._view)
 
     def _view(self, d: BalloonDevice) -> DeviceView:
-        return DeviceView(
-            acked=d.acked,
-            connected=self._receiver.connected(self._path),
-            has_channel=d.channel is not None,
-            actual=d.actual,
-            num_pages=d.num_pages,
-            poison_val=d.poison_val,
-            broken=d.broken,
-            config_unread=d.config_unread,
-            counters=replace(d.counters),
-        )
+        return device_view(self._receiver, self._path)
 
     def used_ring_ranges(self) -> list[tuple[int, int]]:
         """GPA ranges of the balloon's used rings (fph writes them; no guest store logs them)."""
         return self._call(lambda _d: self._receiver.used_ring_ranges(self._path))
+
+
+def device_view(receiver: HintReceiver, socket_path: str) -> DeviceView:
+    """A copy of a device's state; call it on the receiver's loop."""
+    d = receiver.devices[socket_path]
+    return DeviceView(
+        acked=d.acked,
+        connected=receiver.connected(socket_path),
+        has_channel=d.channel is not None,
+        actual=d.actual,
+        num_pages=d.num_pages,
+        poison_val=d.poison_val,
+        broken=d.broken,
+        config_unread=d.config_unread,
+        counters=replace(d.counters),
+    )
 
 
 def _issue(device: BalloonDevice, on_issue: Callable[[int], None] | None) -> int:

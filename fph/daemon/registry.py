@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from fph.balloon.worker_client import BalloonWorkers, WorkerBalloon, WorkerError
 from fph.daemon.incoming import IncomingSession
-from fph.hint_receiver import F_FREE_PAGE_HINT, BalloonControl, CountingSink, HintStatus, ThreadedHintReceiver
+from fph.hint_receiver import F_FREE_PAGE_HINT, CountingSink, HintStatus
 from fph.qmp import QMPConnection, QMPError
 from fph.ram_layout import RamLayout
 
@@ -188,7 +189,9 @@ class VmSpec:
 class VmRecord:
     spec: VmSpec
     layout: RamLayout
-    control: BalloonControl | None = None
+    control: WorkerBalloon | None = None
+    """The VM's balloon worker (``fph.balloon.worker``): it holds QEMU's connection, so it outlives this
+    daemon."""
     sink: CountingSink = field(default_factory=CountingSink)
     plugin_arg: str = ""
     state: str = "registered"
@@ -226,6 +229,15 @@ async def balloon_plugged(qmp_socket: Path, device_id: str = "bal0") -> bool | N
     return any(c.get("name") == device_id for c in children)
 
 
+async def _release(ctl: WorkerBalloon, timeout: float = 2.0) -> None:
+    """DONE (bounded wait) if the guest may hold hinted blocks; a worker that does not answer is left as is
+    (its VM shows why at the next call)."""
+    with contextlib.suppress(WorkerError):
+        st = await ctl.status_async()
+        if st.held_bytes or st.state.value in ("requested", "start"):
+            await ctl.done_and_wait_async(timeout)
+
+
 def _nothing_listens(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(1.0)
@@ -239,12 +251,13 @@ def _nothing_listens(path: Path) -> bool:
 
 
 class Registry:
-    """VMs by name, their balloon devices (one ThreadedHintReceiver thread for all), and the state dir."""
+    """VMs by name, their balloon workers (one process per VM, in ``<state dir>/workers``), and the state
+    dir."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(os.path.realpath(state_dir))
         self.vms: dict[str, VmRecord] = {}
-        self.hints = ThreadedHintReceiver()
+        self.workers = BalloonWorkers(self.state_dir / "workers")
         self._lock = asyncio.Lock()
 
     def get(self, name: str) -> VmRecord:
@@ -288,19 +301,20 @@ class Registry:
             if spec.balloon_socket is not None:
                 try:
                     rec.control = await asyncio.to_thread(
-                        self.hints.add_vm, str(spec.balloon_socket), rec.sink, name=spec.name
+                        self.workers.start, spec.name, str(spec.balloon_socket), rec.sink
                     )
-                except Exception as e:
-                    raise FailedPrecondition(f"cannot listen on {spec.balloon_socket}: {e}") from e
+                except WorkerError as e:
+                    raise FailedPrecondition(f"cannot serve the balloon on {spec.balloon_socket}: {e}") from e
             self.vms[spec.name] = rec
             log.info("vm registered", extra={"vm": spec.name, "balloon": str(spec.balloon_socket)})
             return rec
 
     async def restore(self, spec: VmSpec, state: str) -> VmRecord:
-        """A VM of the previous daemon's saved state. If its QEMU runs and still has the balloon plugged,
-        the balloon's connection dropped with the previous process: QEMU 11.1 cannot re-attach a back-end
-        (it aborts), so fph does not listen again and the VM is degraded (never unplugged by fph, see
-        fph.migration.fph_mode). A VM whose QEMU is not running gets its balloon socket served again."""
+        """A VM of the previous daemon's saved state. Its balloon worker normally still runs (it outlives
+        the daemon) and is adopted: QEMU's connection never dropped. Without a worker: if its QEMU runs
+        and still has the balloon plugged, the connection dropped with the worker and QEMU 11.1 cannot
+        re-attach a back-end (it aborts), so fph does not listen again and the VM is degraded (never
+        unplugged by fph, see fph.migration.fph_mode); a VM whose QEMU is not running gets a new worker."""
         rec = VmRecord(spec, RamLayout.pc(spec.memory_bytes), state=state)
         if spec.write_log is not None and spec.write_log.exists():
             with contextlib.suppress(Exception):
@@ -308,13 +322,22 @@ class Registry:
                 rec.plugin_arg = wl.plugin_arg
                 wl.close()
         if spec.balloon_socket is not None:
+            try:
+                rec.control = await asyncio.to_thread(
+                    self.workers.adopt, spec.name, str(spec.balloon_socket), rec.sink
+                )
+            except WorkerError as exc:
+                rec.degraded = f"its balloon worker could not be adopted: {exc}"
+            if rec.control is not None:
+                await _release(rec.control)  # what the dead daemon's hint run left held goes back now
+            if rec.control is not None or rec.degraded:
+                self.vms[spec.name] = rec
+                return rec
             plugged = await balloon_plugged(spec.qmp_socket)
             if plugged is None or not plugged:
-                with contextlib.suppress(FileNotFoundError):
-                    spec.balloon_socket.unlink()  # the dead daemon's listener; nobody accepts on it
                 try:
                     rec.control = await asyncio.to_thread(
-                        self.hints.add_vm, str(spec.balloon_socket), rec.sink, name=spec.name
+                        self.workers.start, spec.name, str(spec.balloon_socket), rec.sink
                     )
                 except Exception as exc:  # e.g. its directory is gone: this VM only, never the restart
                     rec.degraded = (
@@ -323,7 +346,7 @@ class Registry:
                     )
             else:
                 rec.degraded = (
-                    "the balloon's connection to QEMU dropped when the previous fph daemon died; QEMU 11.1 "
+                    "the balloon's connection to QEMU dropped (its worker is gone); QEMU 11.1 "
                     "cannot re-attach it (it would abort), so this VM has no working balloon until its QEMU "
                     "is started again: no hinting, no fph-mode migration; native migration is refused by "
                     "QEMU while the device is plugged"
@@ -346,12 +369,29 @@ class Registry:
                     # let the guest read DONE before the connection goes (bounded, as at shutdown)
                     await ctl.done_and_wait_async(2.0)
                     done = True
-                await self.hints.remove_vm_async(ctl.socket_path)
+                await self.workers.remove_async(ctl.socket_path)
             del self.vms[name]
             log.info("vm unregistered", extra={"vm": name, "done_sent": done})
             return done
 
-    def balloon(self, rec: VmRecord) -> BalloonControl:
+    def check_worker(self, rec: VmRecord) -> None:
+        """A worker that died under this daemon (killed by an operator, the OOM killer) degrades its VM,
+        and only that VM: QEMU's connection went with it and QEMU 11.1 cannot re-attach a back-end, so
+        fph never sends that QEMU a request about the balloon again."""
+        ctl = rec.control
+        if ctl is None or not ctl.lost:
+            return
+        rec.control = None
+        rec.degraded = (
+            f"its balloon worker (pid {ctl.pid}) is gone ({ctl.lost}); the balloon's connection to QEMU "
+            "dropped with it and QEMU 11.1 cannot re-attach one (it would abort): no hinting and no "
+            "fph-mode migration until the VM's QEMU is started again; do not device_del the balloon; "
+            "the VM itself keeps running (native migration is refused by QEMU while the device is plugged)"
+        )
+        log.error("balloon worker lost", extra={"vm": rec.name, "pid": ctl.pid, "reason": ctl.lost})
+
+    def balloon(self, rec: VmRecord) -> WorkerBalloon:
+        self.check_worker(rec)
         if rec.control is None and rec.degraded:
             raise FailedPrecondition(f"VM {rec.name!r} is degraded: {rec.degraded}")
         if rec.control is None:
@@ -365,20 +405,28 @@ class Registry:
         return await ctl.status_async()
 
     def connected(self, rec: VmRecord) -> bool:
-        return rec.spec.balloon_socket is not None and self.hints.connected(str(rec.spec.balloon_socket))
+        self.check_worker(rec)
+        return rec.spec.balloon_socket is not None and self.workers.connected(str(rec.spec.balloon_socket))
 
     def negotiated(self, rec: VmRecord) -> bool:
-        return rec.control is not None and bool(rec.control.view().acked & F_FREE_PAGE_HINT)
+        self.check_worker(rec)
+        if rec.control is None or rec.control.lost:
+            return False
+        try:
+            return bool(rec.control.view().acked & F_FREE_PAGE_HINT)
+        except WorkerError:
+            return False
 
     def ring_ranges(self, rec: VmRecord) -> list[tuple[int, int]]:
         """GPA ranges of the balloon's used rings (fph writes them; no guest store logs them)."""
         return rec.control.used_ring_ranges() if rec.control is not None else []
 
-    def close(self, timeout: float = 2.0) -> None:
-        """DONE to every guest that can hear it (bounded wait), then stop listening."""
+    async def close(self, timeout: float = 2.0, *, stop_workers: bool = False) -> None:
+        """DONE to every guest that can hear it (bounded wait), then let go of the workers: they keep their
+        VMs' connections for the next daemon (``stop_workers``: end them too, as UnregisterVm does)."""
         for rec in self.vms.values():
-            rec.drop_incoming()
-        self.hints.close(timeout)
+            await asyncio.to_thread(rec.drop_incoming)
+        await self.workers.close_async(timeout, stop=stop_workers)
 
 
 def open_writelog(path: Path, layout: RamLayout, create: bool = False) -> TcgWriteLog:

@@ -251,12 +251,13 @@ class DaemonServer:
             },
         )
 
-    async def stop(self, grace: float = 0.3) -> None:
-        """Cancel migrations, DONE to guests holding hinted pages, then stop serving and remove the socket."""
+    async def stop(self, grace: float = 0.3, *, stop_workers: bool = False) -> None:
+        """Cancel migrations, DONE to guests holding hinted pages, then stop serving and remove the socket.
+        The VMs' balloon workers keep running for the next daemon unless ``stop_workers``."""
         log.info("shutting down")
         if self.server is not None:
             await self.health.enter_graceful_shutdown()  # probes see NOT_SERVING from now on
-        await self.daemon.close()
+        await self.daemon.close(stop_workers=stop_workers)
         if self.server is not None:
             await self.server.stop(grace)
         if self.cfg.socket and self._socket_ino is not None:

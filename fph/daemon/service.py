@@ -255,7 +255,7 @@ class Daemon:
             incoming=rec.incoming.summary() if rec.incoming is not None else "",
         )
 
-    async def close(self, timeout: float = 1.5) -> None:
+    async def close(self, timeout: float = 1.5, *, stop_workers: bool = False) -> None:
         """Cancel running migrations (each rolls back), then DONE to every guest holding hinted pages."""
         running = [j for j in self.jobs.values() if not j.finished and j.task is not None]
         for job in running:
@@ -266,7 +266,7 @@ class Daemon:
         for s in sessions:
             s.close()
         await asyncio.gather(*(s.wait(2.0) for s in sessions), return_exceptions=True)
-        await asyncio.to_thread(self.registry.close, timeout)
+        await self.registry.close(timeout, stop_workers=stop_workers)
         self.metrics.close()
 
 

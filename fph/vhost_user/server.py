@@ -32,6 +32,9 @@ class Listener:
     sock: socket.socket
     connection: VhostUserConnection | None = None
     connections_served: int = 0
+    inode: int = 0
+    """The socket file this listener bound: only that file is removed when it stops (a successor may
+    have bound the path since)."""
     connected: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -54,7 +57,7 @@ class VhostUserServer:
         loop = self._require_loop()
         if path in self.listeners:
             raise StateError(f"already listening on {path}")
-        _remove_stale_socket(path)
+        remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(path)
@@ -63,7 +66,7 @@ class VhostUserServer:
             sock.close()
             raise ConnectError(f"cannot listen on {path}: {exc}") from exc
         sock.setblocking(False)
-        listener = Listener(path, name or os.path.basename(path), backend, sock)
+        listener = Listener(path, name or os.path.basename(path), backend, sock, inode=os.stat(path).st_ino)
         self.listeners[path] = listener
         loop.add_reader(sock.fileno(), self._accept, listener)
         log.info("%s: listening on %s", listener.name, path)
@@ -108,8 +111,7 @@ class VhostUserServer:
         listener.sock.close()
         if listener.connection is not None:
             listener.connection.close("device removed from fph")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        _unlink_own_socket(listener)
 
     async def close(self) -> None:
         if self.runstate in (Runstate.DISCONNECTING, Runstate.CLOSED):
@@ -124,12 +126,19 @@ class VhostUserServer:
             listener.sock.close()
             if listener.connection is not None:
                 listener.connection.close("fph shutting down")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            _unlink_own_socket(listener)
         self.runstate = Runstate.CLOSED
 
 
-def _remove_stale_socket(path: str) -> None:
+def _unlink_own_socket(listener: Listener) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if os.lstat(listener.path).st_ino == listener.inode:
+            os.unlink(listener.path)
+
+
+def remove_stale_socket(path: str) -> None:
+    """A socket nobody listens on (left by a crashed process) is removed; one a process serves is an
+    error (ConnectError), as is a path that is not a socket."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
