@@ -36,6 +36,7 @@ from fph.api.v1 import fph_pb2_grpc as pbg
 from fph_lab.check import check_destination
 from fph_lab.provision import Lab, provision
 from fph_lab.vm import VM, VMConfig
+from fph_lab.workers import end_workers
 
 MiB = 1 << 20
 MEM_MIB = 1024
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             daemon.wait(30)
         except subprocess.TimeoutExpired:
             daemon.kill()
+        end_workers(state)  # the VMs' balloon workers outlive the daemon by design
         shutil.rmtree(state, ignore_errors=True)
     summary = summarize(runs)
     print(summary)

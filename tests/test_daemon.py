@@ -28,6 +28,7 @@ import pytest
 
 from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
+from fph.balloon.spec import QueueRole
 from fph.daemon.server import ConfigError, DaemonConfig
 from fph.waiting import poll_until
 from tests.daemon_helper import RunningDaemon
@@ -747,6 +748,32 @@ def test_a_killed_worker_degrades_its_vm_and_no_other(
             st = daemon.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="vm2"))
             assert st.hinted_bytes == len(drv2.held) * HINT_BLOCK > 0
             assert not daemon.vms.GetVm(pb.GetVmRequest(name="vm2")).degraded
+        finally:
+            fe1.close()
+            fe2.close()
+
+
+def test_a_guest_memory_file_truncated_under_one_worker_fails_that_vm_only(
+    daemon: RunningDaemon, state: Path, ram: GuestRam
+) -> None:
+    """A front-end shrinks its memory file under fph (no seals on a memory-backend-file): the next ring
+    access faults (SIGBUS) in that VM's worker, which dies alone; its VM is degraded and says why, and the
+    other VM hints on."""
+    v1 = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm1")))
+    v2 = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm2")))
+    with GuestRam(64 * MiB, gpa=1 << 32) as ram2:
+        fe1, drv1 = boot_and_read_done(v1.spec.balloon_socket, ram)
+        fe2, drv2 = boot_and_read_done(v2.spec.balloon_socket, ram2)
+        try:
+            os.ftruncate(ram.fd, 0)  # from here the test must not touch vm1's memory either
+            fe1.kick(drv1.roles[QueueRole.STATS])
+            assert poll_until(lambda: "is gone" in daemon.vms.GetVm(pb.GetVmRequest(name="vm1")).degraded, 10)
+            got = daemon.vms.GetVm(pb.GetVmRequest(name="vm1"))
+            assert "killed by SIGBUS: a guest memory file shrank under it" in got.degraded, got.degraded
+            daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm2"))
+            guest_hints(fe2, drv2)
+            st = daemon.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="vm2"))
+            assert st.hinted_bytes == len(drv2.held) * HINT_BLOCK > 0
         finally:
             fe1.close()
             fe2.close()

@@ -8,6 +8,7 @@ destination. QEMU must survive all of it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -47,8 +48,14 @@ class Served:
              "--log-format", "text"],
             stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
+        self.lines: list[str] = []
+        self.kill_on = ""
+        """A log line containing this kills the daemon at once (from the reader thread)."""
+        self.killed_on = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         assert poll_until(lambda: self._accepts() or self.proc.poll() is not None, 60, 0.05)
-        assert self.proc.poll() is None, self.proc.communicate()[1]
+        assert self.proc.poll() is None, self.log()
         self.channel = grpc.insecure_channel(f"unix:{self.sock}")
         self.vms = pbg.VmServiceStub(self.channel)
         self.hints = pbg.HintingServiceStub(self.channel)
@@ -63,8 +70,21 @@ class Served:
                 return False
             return True
 
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if self.kill_on and self.kill_on in line and not self.killed_on.is_set():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                self.killed_on.set()
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
     def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
         self.channel.close()
 
@@ -73,10 +93,12 @@ class Served:
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
-            return self.proc.communicate(timeout=30)[1]
+            self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.communicate()[1]
+            self.proc.wait(10)
+        self._reader.join(5)
+        return self.log()
 
 
 @pytest.fixture
@@ -197,5 +219,131 @@ def test_a_daemon_killed_in_round_0_is_rolled_back_by_its_successor(lab: Lab, st
         for d in daemons:
             d.stop()
         end_workers(state)  # the balloon workers outlive the daemons by design
+        for vm in vms:
+            vm.stop()
+
+
+PHASES = ("idle", "hint-run", "rounds", "unplug")
+
+
+def kill_in_phase(first: Served, src: VM, dst: VM | None, phase: str) -> None:
+    """Bring the first daemon to ``phase`` (a hint run, or an fph migration's rounds or unplug), then
+    kill -9 it there."""
+    if phase == "hint-run":
+        first.hints.StartHinting(pb.StartHintingRequest(vm="src"))
+
+        def hinting() -> bool:
+            st = first.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="src"))
+            return st.state == "start" and st.hinted_bytes > 0
+
+        assert poll_until(hinting, 60, 0.02), "the guest never started hinting"
+    elif phase in ("rounds", "unplug"):
+        assert dst is not None
+        if phase == "unplug":
+            first.kill_on = "balloon unplug requested"  # killed while QEMU and the guest eject the device
+        target = first.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="dst", mode=pb.MODE_FPH))
+        request = pb.MigrateRequest(
+            vm="src",
+            mode=pb.MODE_FPH,
+            destination=target,
+            bandwidth_bytes_per_second=(16 if phase == "rounds" else 125) * MiB,
+            progress_interval_ms=50,
+        )
+        reached = threading.Event()
+        seen: list[str] = []
+
+        def follow() -> None:
+            try:
+                for ev in first.migrations.Migrate(request):
+                    seen.append(f"{ev.fph_phase}/{ev.phase}")
+                    if ev.fph_phase == phase and (phase != "rounds" or ev.memory_processed > 8 * MiB):
+                        reached.set()
+                        return
+            except grpc.RpcError as e:  # the daemon is killed under the stream (or refused it)
+                seen.append(f"{e.code()}: {e.details()}")
+
+        threading.Thread(target=follow, daemon=True).start()
+        if phase == "unplug":
+            assert first.killed_on.wait(120), f"no unplug: {seen[-5:]}"
+        else:
+            assert reached.wait(120), f"the migration never reached {phase}: {seen[-5:]}"
+    first.kill()
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_daemon_killed_in_each_phase_leaves_qemu_and_its_balloon_whole(
+    lab: Lab, state: Path, phase: str
+) -> None:
+    """kill -9 of ``fph serve`` when idle, in a hint run, in an fph migration's rounds or in its unplug;
+    a new daemon on the state directory: QEMU alive, the source running with its memory, the VM not
+    degraded with its balloon plugged (re-added if the dead daemon had unplugged it), the guest's hinted
+    blocks back within 10 s, and the adopted balloon serves a new hint run."""
+    migrating = phase in ("rounds", "unplug")
+    vms: list[VM] = []
+    daemons: list[Served] = []
+    try:
+        first = Served(state)
+        daemons.append(first)
+        src = VM(lab, VMConfig(mem_mib=MEM_MIB), name="src")
+        vms.append(src)
+        rec = register(first, src, write_log=True)
+        src.config = VMConfig(
+            mem_mib=MEM_MIB, balloon="fph", vhost_user_socket=rec.spec.balloon_socket, ram_backend="file",
+            plugins=(rec.plugin_arg,),
+        )  # fmt: skip
+        src.start()
+        dst = None
+        if migrating:
+            dst = VM(
+                lab, VMConfig(mem_mib=MEM_MIB, balloon="none", ram_backend="file", incoming=True), name="dst"
+            )
+            vms.append(dst)
+            register(first, dst, write_log=False)
+            dst.start()
+        src.wait_ready(180)
+        if phase == "rounds":
+            src.guest.fill(300)  # data that round 0 must send: at 16 MiB/s it takes many seconds
+        src.guest.start_hold(32, 1)
+        kill_in_phase(first, src, dst, phase)
+        assert src.alive(), "the source QEMU died with fph"
+
+        t_restart = time.monotonic()
+        second = Served(state)
+        daemons.append(second)
+        if migrating:
+            report = second.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
+            assert report.error == "aborted: back-end restarted", report
+            assert src.status() == "running", report.cleanup
+            print(f"phase {phase}: rollback {list(report.cleanup)}")
+        vm_src = second.vms.GetVm(pb.GetVmRequest(name="src"))
+        assert not vm_src.degraded and vm_src.balloon_connected, vm_src
+        children = {c["name"] for c in src.qmp("qom-list", {"path": "/machine/peripheral"})}
+        assert "bal0" in children, "the source has no balloon after the rollback"
+
+        def released() -> bool:
+            st = second.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="src"))
+            return st.guest_held_bytes == 0 and st.state in ("done", "stop")
+
+        assert poll_until(released, max(0.5, 10.0 - (time.monotonic() - t_restart)), 0.2), "hints still held"
+        hb0 = src.guest.last_heartbeat()
+        time.sleep(2.5)
+        hb1 = src.guest.last_heartbeat()
+        assert hb0 is not None and hb1 is not None and hb1.seq > hb0.seq and hb1.ok, (hb0, hb1)
+        assert hb1.csum == hb0.csum, "the guest's checksummed region changed"
+
+        def hinted_again() -> bool:
+            st = second.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="src"))
+            return st.state == "stop" and st.hinted_bytes > 0
+
+        # the balloon (adopted, or re-added on its chardev) answers a new hint run
+        assert poll_until(lambda: second.vms.GetVm(pb.GetVmRequest(name="src")).free_page_hint_negotiated, 60)
+        second.hints.StartHinting(pb.StartHintingRequest(vm="src", acknowledge_on_stop=True))
+        assert poll_until(hinted_again, 60, 0.2), "no hint run after the restart"
+        second.hints.StopHinting(pb.StopHintingRequest(vm="src"))
+        assert src.alive() and src.status() == "running"
+    finally:
+        for d in daemons:
+            d.stop()
+        end_workers(state)
         for vm in vms:
             vm.stop()

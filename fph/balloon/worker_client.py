@@ -115,8 +115,7 @@ class WorkerBalloon:
             reason = f"control connection failed: {e}"
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                code = self.proc.wait(1.0)  # reaped here: a worker is this daemon's child
-                reason += f" (exit status {code})"
+                reason += f" ({_exit_reason(self.proc.wait(1.0))})"  # reaped here: this daemon's child
         self._fail_all(reason)
 
     def _resolve(self, reply: Reply) -> None:
@@ -284,6 +283,17 @@ class WorkerBalloon:
         """DONE (bounded wait), then the worker closes the VM's connection and socket and exits."""
         with contextlib.suppress(WorkerLost):
             await self._request_async(Op.EXIT, timeout, type(None), timeout)
+
+
+def _exit_reason(code: int) -> str:
+    if code >= 0:
+        return f"exit status {code}"
+    name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+    why = {
+        "SIGBUS": ": a guest memory file shrank under it",
+        "SIGKILL": ": killed (an operator, the OOM killer)",
+    }.get(name, "")
+    return f"killed by {name}{why}"
 
 
 def _issued(on_issue: Callable[[int], None] | None) -> Callable[[Any], int]:

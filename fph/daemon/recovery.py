@@ -15,6 +15,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 from fph.daemon.state_file import PersistedMigration
+from fph.migration.destination import BALLOON_CHARDEV_ID, BALLOON_DEVICE_ID, add_balloon_device
 from fph.migration.throttle import ThrottleError, release_stale_groups, vcpu_threads
 from fph.qmp import QMPConnection, QMPError
 
@@ -33,9 +34,26 @@ async def _status(conn: QMPConnection) -> str:
     return str((await conn.execute("query-status")).get("status"))
 
 
-async def roll_back(m: PersistedMigration, timeout: float = QMP_TIMEOUT_S) -> Rollback:
+async def roll_back(
+    m: PersistedMigration,
+    timeout: float = QMP_TIMEOUT_S,
+    *,
+    replug: bool = False,
+    destination_running: bool | None = None,
+) -> Rollback:
+    """``replug``: the source's balloon worker still holds QEMU's connection (adopted), so a balloon the
+    dead daemon had unplugged before switchover is added back on its chardev. ``destination_running``:
+    what this daemon's own restore already found of a destination VM it serves (it told a waiting one to
+    quit), so that QEMU is not asked again."""
     out = Rollback()
-    if m.destination_qmp:
+    if destination_running is not None:
+        out.completed = destination_running
+        out.cleanup.append(
+            "destination runs the guest: the migration had completed"
+            if destination_running
+            else "destination QEMU (still incoming) told to quit"
+        )
+    elif m.destination_qmp:
         await _roll_back_destination(m, out, timeout)
     else:
         out.cleanup.append("destination owned by its daemon: it tears its side down when the stream breaks")
@@ -44,7 +62,7 @@ async def roll_back(m: PersistedMigration, timeout: float = QMP_TIMEOUT_S) -> Ro
             src = QMPConnection(m.source_qmp, "fph-recovery-src")
             await src.connect(timeout)
             try:
-                await _roll_back_source(src, out)
+                await _roll_back_source(src, out, replug)
             finally:
                 await src.close()
     except (QMPError, OSError, TimeoutError) as exc:
@@ -76,7 +94,7 @@ async def _roll_back_destination(m: PersistedMigration, out: Rollback, timeout: 
         out.cleanup.append(f"destination QEMU does not answer ({type(exc).__name__}): nothing to undo there")
 
 
-async def _roll_back_source(src: QMPConnection, out: Rollback) -> None:
+async def _roll_back_source(src: QMPConnection, out: Rollback, replug: bool) -> None:
     with contextlib.suppress(QMPError, ThrottleError):  # no vCPU threads visible: nothing was throttled
         pid, _tids = vcpu_threads(list(await src.execute("query-cpus-fast")))
         out.cleanup.extend(await asyncio.to_thread(release_stale_groups, pid))
@@ -102,3 +120,11 @@ async def _roll_back_source(src: QMPConnection, out: Rollback) -> None:
         out.cleanup.append(f"source resumed (was {status})")
     else:
         out.cleanup.append(f"source {status}")
+    if replug:
+        children = await src.execute("qom-list", {"path": "/machine/peripheral"})
+        if not any(c.get("name") == BALLOON_DEVICE_ID for c in children):
+            try:
+                await add_balloon_device(src, BALLOON_DEVICE_ID, BALLOON_CHARDEV_ID)
+                out.cleanup.append("balloon re-added on the source")
+            except QMPError as exc:
+                out.cleanup.append(f"balloon NOT re-added on the source: {exc}")

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
-from fph.daemon.incoming import DataPlane, IncomingSession, abandon_incoming
+from fph.daemon.incoming import DataPlane, IncomingSession, IncomingState, abandon_incoming
 from fph.daemon.jobs import (
     PENDING,
     PREPARING_TARGET,
@@ -220,8 +220,12 @@ class Daemon:
                 extra={"vm": restored.name, "state": restored.state, "degraded": restored.degraded},
             )
         for m in state.migrations:
-            rb = await roll_back(m)
             rec = self.registry.vms.get(m.vm)
+            rb = await roll_back(
+                m,
+                replug=rec is not None and rec.control is not None,
+                destination_running=self._abandoned_destination(m),
+            )
             target = Target(m.destination_vm, "")
             job = MigrationJob.interrupted(m.id, m.vm, m.mode, target, m.started, rb.cleanup, ABORTED)
             self.jobs[job.id] = job
@@ -230,6 +234,16 @@ class Daemon:
                 rec.state = "migrated" if rb.completed else "registered"
             log.warning("migration rolled back", extra={"vm": m.vm, "migration": m.id, "cleanup": rb.cleanup})
         self.persist()
+
+    def _abandoned_destination(self, m: PersistedMigration) -> bool | None:
+        """Whether the destination of ``m`` runs the guest, if it is a VM of this daemon that restore
+        already dealt with (None: ask its QEMU)."""
+        dst = self.registry.vms.get(m.destination_vm) if m.destination_vm else None
+        if dst is None or dst.incoming is None or not dst.incoming.finished:
+            return None
+        if not m.destination_qmp or Path(m.destination_qmp) != dst.spec.qmp_socket:
+            return None
+        return dst.incoming.state is IncomingState.RESUMED
 
     @property
     def state_dir(self) -> Path:

@@ -14,6 +14,9 @@ from typing import Any
 from fph.qmp import QMPConnection, QMPError
 from fph.waiting import poll_until_async
 
+BALLOON_DEVICE_ID = "bal0"
+BALLOON_CHARDEV_ID = "vu"
+"""The QEMU ids of fph's balloon device and its chardev, unless a migration is told others."""
 BALLOON_DEVICE_ARGS = {"virtio-id": 5, "num_vqs": 4, "config_size": 16, "vq_size": 1024}
 
 FPH_INCOMING_CAPABILITIES = {"x-ignore-shared": True, "events": True}
@@ -82,6 +85,12 @@ async def plug_balloon(conn: QMPConnection, device_id: str, chardev_id: str, soc
         },
     )
     await _wait_chardev_connected(conn, chardev_id)
+    await add_balloon_device(conn, device_id, chardev_id)
+
+
+async def add_balloon_device(conn: QMPConnection, device_id: str, chardev_id: str) -> None:
+    """The balloon device on an existing chardev (``device_del`` keeps the chardev and its back-end
+    connection, so an unplugged balloon comes back this way)."""
     await conn.execute(
         "device_add",
         {

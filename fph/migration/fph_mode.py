@@ -39,9 +39,11 @@ from fph.balloon.spec import F_FREE_PAGE_HINT
 from fph.dirty_bitmap import DirtyBitmap
 from fph.migration.convergence import ConvergenceError, Decision, Verdict
 from fph.migration.destination import (
-    BALLOON_DEVICE_ARGS,
+    BALLOON_CHARDEV_ID,
+    BALLOON_DEVICE_ID,
     FPH_INCOMING_CAPABILITIES,
     DestinationError,
+    add_balloon_device,
     capabilities_arg,
     plug_balloon,
     resume_incoming,
@@ -103,8 +105,8 @@ class Balloon:
     """Where fph's balloon device lives on each side: QEMU ids and the destination back-end socket."""
 
     control: HintControl
-    device_id: str = "bal0"
-    chardev_id: str = "vu"
+    device_id: str = BALLOON_DEVICE_ID
+    chardev_id: str = BALLOON_CHARDEV_ID
     ring_ranges: Callable[[], list[tuple[int, int]]] | None = None
     """GPA ranges of the device's used rings: fph writes them, no guest store logs them."""
     destination_socket: str | None = None
@@ -582,6 +584,7 @@ class FphMigration:
         listener = conn.listener(("DEVICE_DELETED",))
         try:
             await conn.execute("device_del", {"id": device_id})
+            log.info("balloon unplug requested", extra={"device": device_id})  # QEMU and the guest eject it
             deadline = time.monotonic() + self.config.device_deleted_timeout_s
             while True:
                 remaining = deadline - time.monotonic()
@@ -688,15 +691,7 @@ class FphMigration:
 
     async def _readd(self, src: QMPConnection) -> None:
         assert self.balloon is not None
-        await src.execute(
-            "device_add",
-            {
-                "driver": "vhost-user-test-device-pci",
-                "id": self.balloon.device_id,
-                "chardev": self.balloon.chardev_id,
-                **BALLOON_DEVICE_ARGS,
-            },
-        )
+        await add_balloon_device(src, self.balloon.device_id, self.balloon.chardev_id)
 
     # --------------------------------------------------------------------------------------- report
 
