@@ -59,3 +59,31 @@ def test_copy_scan_classifies_fill_pages() -> None:
     assert classes.tolist() == [PAGE_ZERO, PAGE_FILL, PAGE_FILL, PAGE_DATA]
     assert fills[1] == 0xAAAA_AAAA_AAAA_AAAA and fills[2] == 0x0102_0304_0506_0708
     assert hashes.tolist() == page_hashes(src).tolist()
+
+
+def test_copy_scan_without_zero_pages_copies_the_rest_alike() -> None:
+    """``copy_zero_pages=False`` (the rounds' sends): a zero page is read but not copied, its fingerprint
+    is the zero page's; data and fill pages are copied, classified and fingerprinted as by the full
+    copy_scan, also when the data sits past the zero test's first block or in its last word."""
+    from fph.kernels import ZERO_PAGE_FINGERPRINT
+
+    rng = np.random.default_rng(7)
+    src = np.zeros(8 * PAGE_SIZE, dtype=np.uint8)
+    src[PAGE_SIZE : 2 * PAGE_SIZE] = rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)  # data
+    src[3 * PAGE_SIZE : 4 * PAGE_SIZE] = 0xAA  # fill
+    src[5 * PAGE_SIZE + 2000] = 3  # one byte in the fourth 512-byte block
+    src[7 * PAGE_SIZE - 1] = 1  # the last byte of page 6
+    full = [np.empty(8, dtype=np.uint8), np.empty(8, dtype=np.uint64), np.zeros(8, dtype=np.uint64)]
+    part = [np.empty(8, dtype=np.uint8), np.empty(8, dtype=np.uint64), np.zeros(8, dtype=np.uint64)]
+    dst_full = np.empty_like(src)
+    dst_part = np.full_like(src, 0x5A)
+    assert copy_scan(src, dst_full, *full) == copy_scan(src, dst_part, *part, copy_zero_pages=False) == 5
+    for a, b in zip(full, part, strict=True):
+        assert a.tolist() == b.tolist()
+    assert int(full[1][0]) == int(ZERO_PAGE_FINGERPRINT) == int(page_hashes(np.zeros(PAGE_SIZE, np.uint8))[0])
+    for p in range(8):
+        page = slice(p * PAGE_SIZE, (p + 1) * PAGE_SIZE)
+        if full[0][p] == 1:  # zero: left as it was
+            assert (dst_part[page] == 0x5A).all()
+        else:
+            assert np.array_equal(dst_part[page], src[page])

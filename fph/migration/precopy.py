@@ -549,7 +549,8 @@ class Precopy:
         """Copy the pages into the bounce buffer while classifying and fingerprinting them, then send."""
         bounce = self._bounce[: n * PAGE_SIZE]
         classes, hashes, fills = self._class[:n], self._hashbuf[:n], self._fill[:n]
-        uniform = copy_scan(self.ram.pages(first, n), bounce, classes, hashes, fills)
+        # zero pages go out as markers (or not at all): read, never copied
+        uniform = copy_scan(self.ram.pages(first, n), bounce, classes, hashes, fills, copy_zero_pages=False)
         plan = self.bitmap.plan_send(first, classes)
         for kind, start, length in _segments(plan):
             p = first + start

@@ -48,11 +48,14 @@ def copy_scan(
     class_out: npt.NDArray[np.uint8],
     hash_out: npt.NDArray[np.uint64],
     fill_out: npt.NDArray[np.uint64] | None = None,
+    *,
+    copy_zero_pages: bool = True,
 ) -> int:
     """Copy whole pages ``src`` -> ``dst`` (a bounce buffer), classify each page (``PAGE_DATA``,
     ``PAGE_ZERO``, or ``PAGE_FILL``: one repeated 8-byte value, kept in ``fill_out``) and fingerprint it,
     in one pass over memory: classes and fingerprints describe exactly the bytes in ``dst``. Returns the
-    count of zero and fill pages."""
+    count of zero and fill pages. ``copy_zero_pages=False``: zero pages are read, not copied (their
+    ``dst`` bytes are stale; for callers that send them as markers)."""
     n = src.nbytes // PAGE_SIZE
     if src.nbytes % PAGE_SIZE or dst.nbytes < src.nbytes or class_out.shape[0] < n or hash_out.shape[0] < n:
         raise ValueError(
@@ -62,8 +65,9 @@ def copy_scan(
         fill_out = np.empty(n, dtype=np.uint64)
     elif fill_out.shape[0] < n:
         raise ValueError(f"copy_scan: fill values for {fill_out.shape[0]} of {n} pages")
+    kernel = kernels.copy_scan if copy_zero_pages else kernels.copy_scan_data
     return int(
-        kernels.copy_scan(
+        kernel(
             src.reshape(-1).view(np.uint64),
             dst[: src.nbytes].reshape(-1).view(np.uint64),
             class_out[:n],
@@ -78,4 +82,11 @@ def warm_up() -> None:
     pages = np.zeros(2 * PAGE_SIZE, dtype=np.uint8)
     hashes = page_hashes(pages)
     changed_pages(pages, np.ones(2, dtype=np.uint8), hashes)
-    copy_scan(pages, np.empty_like(pages), np.empty(2, dtype=np.uint8), np.empty(2, dtype=np.uint64))
+    for copy_zero_pages in (True, False):
+        copy_scan(
+            pages,
+            np.empty_like(pages),
+            np.empty(2, dtype=np.uint8),
+            np.empty(2, dtype=np.uint64),
+            copy_zero_pages=copy_zero_pages,
+        )
