@@ -32,7 +32,15 @@ from fph.balloon.spec import QueueRole
 from fph.daemon.server import ConfigError, DaemonConfig
 from fph.waiting import poll_until
 from tests.daemon_helper import RunningDaemon
-from tests.fake_frontend import HINT_BLOCK, GuestRam, MiB, boot_and_read_done, guest_hints
+from tests.fake_frontend import (
+    HINT_BLOCK,
+    FakeFrontend,
+    GuestRam,
+    LinuxBalloonDriver,
+    MiB,
+    boot_and_read_done,
+    guest_hints,
+)
 from tests.fake_qmp import FakeQMP
 
 pytestmark = pytest.mark.timeout(120)
@@ -719,38 +727,49 @@ def test_tcp_needs_a_client_certificate(make_daemon: Callable[..., RunningDaemon
     assert d.vms.ListVms(pb.ListVmsRequest()).vms == []  # the Unix socket still serves
 
 
+@contextlib.contextmanager
+def two_booted_vms(
+    daemon: RunningDaemon, state: Path, ram: GuestRam
+) -> Iterator[tuple[tuple[FakeFrontend, LinuxBalloonDriver], tuple[FakeFrontend, LinuxBalloonDriver]]]:
+    """vm1 and vm2 registered (a balloon worker each), a front-end and driver booted on each."""
+    v1 = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm1")))
+    v2 = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm2")))
+    with GuestRam(64 * MiB, gpa=1 << 32) as ram2:
+        one = boot_and_read_done(v1.spec.balloon_socket, ram)
+        two = boot_and_read_done(v2.spec.balloon_socket, ram2)
+        try:
+            yield one, two
+        finally:
+            one[0].close()
+            two[0].close()
+
+
+def assert_vm2_hints_on(daemon: RunningDaemon, fe2: FakeFrontend, drv2: LinuxBalloonDriver) -> None:
+    st = daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm2"))
+    assert st.state == "requested"
+    guest_hints(fe2, drv2)
+    st = daemon.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="vm2"))
+    assert st.hinted_bytes == len(drv2.held) * HINT_BLOCK > 0
+    assert not daemon.vms.GetVm(pb.GetVmRequest(name="vm2")).degraded
+
+
 def test_a_killed_worker_degrades_its_vm_and_no_other(
     daemon: RunningDaemon, state: Path, ram: GuestRam
 ) -> None:
     """Each VM's balloon is a worker process of its own: kill -9 of one leaves the daemon and the other VM
     hinting; the VM whose worker died is reported degraded with the reason and fph asks nothing of its
     balloon again."""
-    v1 = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm1")))
-    v2 = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm2")))
-    with GuestRam(64 * MiB, gpa=1 << 32) as ram2:
-        fe1, _ = boot_and_read_done(v1.spec.balloon_socket, ram)
-        fe2, drv2 = boot_and_read_done(v2.spec.balloon_socket, ram2)
-        try:
-            ctl1 = daemon.srv.daemon.registry.vms["vm1"].control
-            ctl2 = daemon.srv.daemon.registry.vms["vm2"].control
-            assert ctl1 is not None and ctl2 is not None and ctl1.pid != ctl2.pid != os.getpid()
-            os.kill(ctl1.pid, signal.SIGKILL)
-            assert poll_until(lambda: bool(ctl1.lost), 5)
-            got = daemon.vms.GetVm(pb.GetVmRequest(name="vm1"))
-            assert (
-                "balloon worker" in got.degraded and "is gone" in got.degraded and not got.balloon_connected
-            )
-            code, msg = code_of(lambda: daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm1")))
-            assert code == grpc.StatusCode.FAILED_PRECONDITION and "degraded" in msg
-            st = daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm2"))
-            assert st.state == "requested"
-            guest_hints(fe2, drv2)
-            st = daemon.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="vm2"))
-            assert st.hinted_bytes == len(drv2.held) * HINT_BLOCK > 0
-            assert not daemon.vms.GetVm(pb.GetVmRequest(name="vm2")).degraded
-        finally:
-            fe1.close()
-            fe2.close()
+    with two_booted_vms(daemon, state, ram) as (_, (fe2, drv2)):
+        ctl1 = daemon.srv.daemon.registry.vms["vm1"].control
+        ctl2 = daemon.srv.daemon.registry.vms["vm2"].control
+        assert ctl1 is not None and ctl2 is not None and ctl1.pid != ctl2.pid != os.getpid()
+        os.kill(ctl1.pid, signal.SIGKILL)
+        assert poll_until(lambda: bool(ctl1.lost), 5)
+        got = daemon.vms.GetVm(pb.GetVmRequest(name="vm1"))
+        assert "balloon worker" in got.degraded and "is gone" in got.degraded and not got.balloon_connected
+        code, msg = code_of(lambda: daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm1")))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "degraded" in msg
+        assert_vm2_hints_on(daemon, fe2, drv2)
 
 
 def test_a_guest_memory_file_truncated_under_one_worker_fails_that_vm_only(
@@ -759,24 +778,13 @@ def test_a_guest_memory_file_truncated_under_one_worker_fails_that_vm_only(
     """A front-end shrinks its memory file under fph (no seals on a memory-backend-file): the next ring
     access faults (SIGBUS) in that VM's worker, which dies alone; its VM is degraded and says why, and the
     other VM hints on."""
-    v1 = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm1")))
-    v2 = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm2")))
-    with GuestRam(64 * MiB, gpa=1 << 32) as ram2:
-        fe1, drv1 = boot_and_read_done(v1.spec.balloon_socket, ram)
-        fe2, drv2 = boot_and_read_done(v2.spec.balloon_socket, ram2)
-        try:
-            os.ftruncate(ram.fd, 0)  # from here the test must not touch vm1's memory either
-            fe1.kick(drv1.roles[QueueRole.STATS])
-            assert poll_until(lambda: "is gone" in daemon.vms.GetVm(pb.GetVmRequest(name="vm1")).degraded, 10)
-            got = daemon.vms.GetVm(pb.GetVmRequest(name="vm1"))
-            assert "killed by SIGBUS: a guest memory file shrank under it" in got.degraded, got.degraded
-            daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm2"))
-            guest_hints(fe2, drv2)
-            st = daemon.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="vm2"))
-            assert st.hinted_bytes == len(drv2.held) * HINT_BLOCK > 0
-        finally:
-            fe1.close()
-            fe2.close()
+    with two_booted_vms(daemon, state, ram) as ((fe1, drv1), (fe2, drv2)):
+        os.ftruncate(ram.fd, 0)  # from here the test must not touch vm1's memory either
+        fe1.kick(drv1.roles[QueueRole.STATS])
+        assert poll_until(lambda: "is gone" in daemon.vms.GetVm(pb.GetVmRequest(name="vm1")).degraded, 10)
+        got = daemon.vms.GetVm(pb.GetVmRequest(name="vm1"))
+        assert "killed by SIGBUS: a guest memory file shrank under it" in got.degraded, got.degraded
+        assert_vm2_hints_on(daemon, fe2, drv2)
 
 
 def test_status_streams_share_device_queries(daemon: RunningDaemon, state: Path, ram: GuestRam) -> None:
