@@ -787,6 +787,63 @@ def test_a_guest_memory_file_truncated_under_one_worker_fails_that_vm_only(
         assert_vm2_hints_on(daemon, fe2, drv2)
 
 
+def test_a_thousand_connects_on_one_vm_socket_leave_the_others_hinting(
+    daemon: RunningDaemon, state: Path, ram: GuestRam
+) -> None:
+    """A peer connects to vm1's balloon socket and hangs up 1,000 times (half of them after a garbage
+    message) while vm2 runs hint runs through the daemon: every vm2 run completes, vm1's worker keeps its
+    fd count and serves a real front-end afterwards."""
+    v1 = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm1")))
+    v2 = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm2")))
+    ctl1 = daemon.srv.daemon.registry.vms["vm1"].control
+    assert ctl1 is not None
+    fds_before = len(os.listdir(f"/proc/{ctl1.pid}/fd"))
+    stop = threading.Event()
+    done = [0]
+
+    def hostile() -> None:
+        for i in range(1000):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(v1.spec.balloon_socket)
+                if i % 2:
+                    with contextlib.suppress(OSError):  # the worker may have hung up first
+                        s.sendall(b"\xff" * 64)
+            done[0] += 1
+        stop.set()
+
+    with GuestRam(64 * MiB, gpa=1 << 32) as ram2:
+        fe2, drv2 = boot_and_read_done(v2.spec.balloon_socket, ram2)
+        try:
+            peer = threading.Thread(target=hostile, daemon=True)
+            peer.start()
+            runs = 0
+            while not stop.is_set() or runs < 3:
+                daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm2", acknowledge_on_stop=True))
+                guest_hints(fe2, drv2)
+                st = daemon.hints.StopHinting(pb.StopHintingRequest(vm="vm2"))
+                assert st.state == "done" and st.hinted_bytes == len(drv2.held) * HINT_BLOCK > 0
+                assert fe2.wait_config_change()
+                drv2.config_changed()
+                runs += 1
+            peer.join(30)
+            assert done[0] == 1000
+        finally:
+            fe2.close()
+    assert poll_until(lambda: len(os.listdir(f"/proc/{ctl1.pid}/fd")) == fds_before, 5), (
+        fds_before,
+        len(os.listdir(f"/proc/{ctl1.pid}/fd")),
+    )
+    assert not ctl1.lost and not daemon.vms.GetVm(pb.GetVmRequest(name="vm1")).degraded
+    fe1, drv1 = boot_and_read_done(v1.spec.balloon_socket, ram)
+    try:
+        daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm1"))
+        guest_hints(fe1, drv1)
+        st = daemon.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="vm1"))
+        assert st.hinted_bytes == len(drv1.held) * HINT_BLOCK > 0
+    finally:
+        fe1.close()
+
+
 def test_status_streams_share_device_queries(daemon: RunningDaemon, state: Path, ram: GuestRam) -> None:
     """Many watchers of one VM cost a few device round trips, not one per message (the load check)."""
     vm = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state)))
