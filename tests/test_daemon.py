@@ -763,9 +763,11 @@ def test_a_killed_worker_degrades_its_vm_and_no_other(
         ctl1 = daemon.srv.daemon.registry.vms["vm1"].control
         ctl2 = daemon.srv.daemon.registry.vms["vm2"].control
         assert ctl1 is not None and ctl2 is not None and ctl1.pid != ctl2.pid != os.getpid()
+        assert daemon.vms.GetVm(pb.GetVmRequest(name="vm1")).balloon_worker_pid == ctl1.pid
         os.kill(ctl1.pid, signal.SIGKILL)
         assert poll_until(lambda: bool(ctl1.lost), 5)
         got = daemon.vms.GetVm(pb.GetVmRequest(name="vm1"))
+        assert got.balloon_worker_pid == 0
         assert "balloon worker" in got.degraded and "is gone" in got.degraded and not got.balloon_connected
         code, msg = code_of(lambda: daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm1")))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "degraded" in msg

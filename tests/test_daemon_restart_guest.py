@@ -275,6 +275,7 @@ def test_a_daemon_killed_in_each_phase_leaves_qemu_and_its_balloon_whole(
             start_destination(lab, first, vms, "dst")
         src.wait_ready(180)
         src.guest.start_hold(32, 1)
+        worker = first.vms.GetVm(pb.GetVmRequest(name="src")).balloon_worker_pid
         kill_in_phase(first, phase)
         assert src.alive(), "the source QEMU died with fph"
 
@@ -287,6 +288,7 @@ def test_a_daemon_killed_in_each_phase_leaves_qemu_and_its_balloon_whole(
             assert "balloon re-added on the source" in report.cleanup, report.cleanup
             print(f"phase {phase}: rollback {list(report.cleanup)}")
         assert_back_whole(second, src, t_restart)
+        assert second.vms.GetVm(pb.GetVmRequest(name="src")).balloon_worker_pid == worker > 0  # adopted
 
         def hinted_again() -> bool:
             st = second.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="src"))

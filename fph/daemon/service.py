@@ -267,6 +267,7 @@ class Daemon:
             migration_id=rec.job.id if rec.job is not None else "",
             degraded=rec.degraded,
             incoming=rec.incoming.summary() if rec.incoming is not None else "",
+            balloon_worker_pid=rec.control.pid if rec.control is not None else 0,
         )
 
     async def close(self, timeout: float = 1.5, *, stop_workers: bool = False) -> None:

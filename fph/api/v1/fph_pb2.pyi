@@ -65,7 +65,7 @@ class VmSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., qmp_socket: _Optional[str] = ..., ram_file: _Optional[str] = ..., balloon_socket: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., write_log: _Optional[str] = ...) -> None: ...
 
 class Vm(_message.Message):
-    __slots__ = ("spec", "state", "balloon_connected", "free_page_hint_negotiated", "plugin_arg", "migration_id", "degraded", "incoming")
+    __slots__ = ("spec", "state", "balloon_connected", "free_page_hint_negotiated", "plugin_arg", "migration_id", "degraded", "incoming", "balloon_worker_pid")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BALLOON_CONNECTED_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class Vm(_message.Message):
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     INCOMING_FIELD_NUMBER: _ClassVar[int]
+    BALLOON_WORKER_PID_FIELD_NUMBER: _ClassVar[int]
     spec: VmSpec
     state: VmState
     balloon_connected: bool
@@ -82,7 +83,8 @@ class Vm(_message.Message):
     migration_id: str
     degraded: str
     incoming: str
-    def __init__(self, spec: _Optional[_Union[VmSpec, _Mapping]] = ..., state: _Optional[_Union[VmState, str]] = ..., balloon_connected: _Optional[bool] = ..., free_page_hint_negotiated: _Optional[bool] = ..., plugin_arg: _Optional[str] = ..., migration_id: _Optional[str] = ..., degraded: _Optional[str] = ..., incoming: _Optional[str] = ...) -> None: ...
+    balloon_worker_pid: int
+    def __init__(self, spec: _Optional[_Union[VmSpec, _Mapping]] = ..., state: _Optional[_Union[VmState, str]] = ..., balloon_connected: _Optional[bool] = ..., free_page_hint_negotiated: _Optional[bool] = ..., plugin_arg: _Optional[str] = ..., migration_id: _Optional[str] = ..., degraded: _Optional[str] = ..., incoming: _Optional[str] = ..., balloon_worker_pid: _Optional[int] = ...) -> None: ...
 
 class RegisterVmRequest(_message.Message):
     __slots__ = ("spec",)
