@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from fph.api.v1 import fph_pb2_grpc as pbg
 from fph_lab.check import check_destination
 from fph_lab.provision import Lab, provision
 from fph_lab.vm import VM, VMConfig
-from fph_lab.workers import end_workers
+from fph_lab.workers import stop_daemon
 
 MiB = 1 << 20
 MEM_MIB = 1024
@@ -264,12 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
             args.json.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-        end_workers(state)  # the VMs' balloon workers outlive the daemon by design
+        stop_daemon(daemon, state)
         shutil.rmtree(state, ignore_errors=True)
     summary = summarize(runs)
     print(summary)

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import grpc
 from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
 from fph.waiting import poll_until
-from fph_lab.workers import end_workers, worker_pids
+from fph_lab.workers import stop_daemon, worker_pids
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the front-end fake lives in tests/
 from tests.fake_frontend import (
@@ -147,12 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             fe.close()
         for ram in rams:
             ram.close()
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-        end_workers(state)
+        stop_daemon(daemon, state)
         shutil.rmtree(state, ignore_errors=True)
     text = json.dumps(out, indent=1)
     print(text)

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from fph.waiting import poll_until
 from fph_lab.check import check_destination
 from fph_lab.provision import Lab, provision
 from fph_lab.vm import VM, VMConfig
-from fph_lab.workers import end_workers
+from fph_lab.workers import stop_daemon
 from fph_lab.workload import run_workload
 
 MiB = 1 << 20
@@ -159,13 +158,7 @@ def run(lab: Lab, state: Path, mem_mib: int = 1024) -> bool:
     finally:
         for vm in vms:
             vm.stop()
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait(5)
-        end_workers(state)  # the balloon workers outlive the daemon by design
+        stop_daemon(daemon, state, timeout=10)
 
 
 def main(argv: list[str] | None = None) -> int:

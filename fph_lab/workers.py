@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from fph.balloon.worker_client import process_running
 
@@ -39,3 +41,16 @@ def end_workers(state_dir: Path, timeout: float = 3.0) -> list[int]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     return pids
+
+
+def stop_daemon(proc: subprocess.Popen[Any], state_dir: Path, timeout: float = 30.0) -> None:
+    """End a lab's ``fph serve`` (SIGTERM, SIGKILL past ``timeout``), then the balloon workers it
+    started, which outlive it by design."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    end_workers(state_dir)

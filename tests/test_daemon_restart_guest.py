@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,31 @@ def state(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+@dataclass
+class Started:
+    """What a test started, ended by the ``started`` fixture: daemons, then their workers, then QEMUs."""
+
+    daemons: list[Served] = field(default_factory=list)
+    vms: list[VM] = field(default_factory=list)
+
+    def serve(self, state: Path) -> Served:
+        self.daemons.append(Served(state))
+        return self.daemons[-1]
+
+
+@pytest.fixture
+def started(state: Path) -> Iterator[Started]:
+    s = Started()
+    try:
+        yield s
+    finally:
+        for d in s.daemons:
+            d.stop()
+        end_workers(state)  # the balloon workers outlive the daemons by design
+        for vm in s.vms:
+            vm.stop()
+
+
 def register(daemon: Served, vm: VM, *, write_log: bool) -> Any:
     s = pb.VmSpec(
         name=vm.name, qmp_socket=str(vm.qmp_socket), ram_file=str(vm.run_dir / "ram"),
@@ -162,52 +188,44 @@ def assert_back_whole(second: Served, src: VM, t_restart: float) -> None:
     assert src.alive() and src.status() == "running", "QEMU died or stopped after the restart"
 
 
-def test_a_daemon_killed_in_round_0_is_rolled_back_by_its_successor(lab: Lab, state: Path) -> None:
-    vms: list[VM] = []
-    daemons: list[Served] = []
-    try:
-        first = Served(state)
-        daemons.append(first)
-        src = start_source(lab, first, vms)
-        dst = start_destination(lab, first, vms, "dst")
-        src.wait_ready(180)
-        src.guest.fill(300)  # data that round 0 must send: at 16 MiB/s it takes many seconds
-        src.guest.start_hold(32, 1)
-        kill_in_phase(first, "rounds")
-        assert src.alive() and dst.alive(), "QEMU died with fph"
+def test_a_daemon_killed_in_round_0_is_rolled_back_by_its_successor(
+    lab: Lab, state: Path, started: Started
+) -> None:
+    vms = started.vms
+    first = started.serve(state)
+    src = start_source(lab, first, vms)
+    dst = start_destination(lab, first, vms, "dst")
+    src.wait_ready(180)
+    src.guest.fill(300)  # data that round 0 must send: at 16 MiB/s it takes many seconds
+    src.guest.start_hold(32, 1)
+    kill_in_phase(first, "rounds")
+    assert src.alive() and dst.alive(), "QEMU died with fph"
 
-        t_restart = time.monotonic()
-        second = Served(state)
-        daemons.append(second)
-        report = second.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
-        assert time.monotonic() - t_restart < 10.0
-        assert report.error == "aborted: back-end restarted", report
-        assert "source x-ignore-shared off" in report.cleanup, report.cleanup  # (round 0: it never stopped)
-        caps = {c["capability"]: c["state"] for c in src.qmp("query-migrate-capabilities")}
-        assert caps["x-ignore-shared"] is False
-        assert poll_until(lambda: not dst.alive(), 10, 0.1), "the destination QEMU was not told to quit"
-        assert_back_whole(second, src, t_restart)
+    t_restart = time.monotonic()
+    second = started.serve(state)
+    report = second.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
+    assert time.monotonic() - t_restart < 10.0
+    assert report.error == "aborted: back-end restarted", report
+    assert "source x-ignore-shared off" in report.cleanup, report.cleanup  # (round 0: it never stopped)
+    caps = {c["capability"]: c["state"] for c in src.qmp("query-migrate-capabilities")}
+    assert caps["x-ignore-shared"] is False
+    assert poll_until(lambda: not dst.alive(), 10, 0.1), "the destination QEMU was not told to quit"
+    assert_back_whole(second, src, t_restart)
 
-        # the adopted balloon serves a whole fph migration, its unplug at switchover included
-        dst2 = start_destination(lab, second, vms, "dst2")
-        target2 = second.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="dst2", mode=pb.MODE_FPH))
-        request2 = pb.MigrateRequest(
-            vm="src", mode=pb.MODE_FPH, destination=target2, bandwidth_bytes_per_second=125_000_000
-        )
-        last = list(second.migrations.Migrate(request2))[-1]
-        assert last.phase == pb.PHASE_SUCCEEDED, last
-        assert src.alive(), "the source QEMU died (device_del of the adopted balloon?)"
-        hb = src.guest.last_heartbeat()
-        assert hb is not None
-        assert poll_until(lambda: dst2.status() == "running", 60, 0.2)
-        check = check_destination(dst2, hb, src=src)
-        assert check.ok, check.problems
-    finally:
-        for d in daemons:
-            d.stop()
-        end_workers(state)  # the balloon workers outlive the daemons by design
-        for vm in vms:
-            vm.stop()
+    # the adopted balloon serves a whole fph migration, its unplug at switchover included
+    dst2 = start_destination(lab, second, vms, "dst2")
+    target2 = second.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="dst2", mode=pb.MODE_FPH))
+    request2 = pb.MigrateRequest(
+        vm="src", mode=pb.MODE_FPH, destination=target2, bandwidth_bytes_per_second=125_000_000
+    )
+    last = list(second.migrations.Migrate(request2))[-1]
+    assert last.phase == pb.PHASE_SUCCEEDED, last
+    assert src.alive(), "the source QEMU died (device_del of the adopted balloon?)"
+    hb = src.guest.last_heartbeat()
+    assert hb is not None
+    assert poll_until(lambda: dst2.status() == "running", 60, 0.2)
+    check = check_destination(dst2, hb, src=src)
+    assert check.ok, check.problems
 
 
 PHASES = ("idle", "hint-run", "unplug")
@@ -259,50 +277,40 @@ def kill_in_phase(first: Served, phase: str) -> None:
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_a_daemon_killed_in_each_phase_leaves_qemu_and_its_balloon_whole(
-    lab: Lab, state: Path, phase: str
+    lab: Lab, state: Path, started: Started, phase: str
 ) -> None:
     """kill -9 of ``fph serve`` when idle, in a hint run, or while QEMU unplugs the balloon in an fph
     migration; a new daemon on the state directory: QEMU alive, the source running with its memory, the VM not
     degraded with its balloon plugged (re-added if the dead daemon had unplugged it), the guest's hinted
     blocks back within 10 s, and the adopted balloon serves a new hint run."""
-    vms: list[VM] = []
-    daemons: list[Served] = []
-    try:
-        first = Served(state)
-        daemons.append(first)
-        src = start_source(lab, first, vms)
-        if phase == "unplug":
-            start_destination(lab, first, vms, "dst")
-        src.wait_ready(180)
-        src.guest.start_hold(32, 1)
-        worker = first.vms.GetVm(pb.GetVmRequest(name="src")).balloon_worker_pid
-        kill_in_phase(first, phase)
-        assert src.alive(), "the source QEMU died with fph"
+    vms = started.vms
+    first = started.serve(state)
+    src = start_source(lab, first, vms)
+    if phase == "unplug":
+        start_destination(lab, first, vms, "dst")
+    src.wait_ready(180)
+    src.guest.start_hold(32, 1)
+    worker = first.vms.GetVm(pb.GetVmRequest(name="src")).balloon_worker_pid
+    kill_in_phase(first, phase)
+    assert src.alive(), "the source QEMU died with fph"
 
-        t_restart = time.monotonic()
-        second = Served(state)
-        daemons.append(second)
-        if phase == "unplug":
-            report = second.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
-            assert report.error == "aborted: back-end restarted", report
-            assert "balloon re-added on the source" in report.cleanup, report.cleanup
-            print(f"phase {phase}: rollback {list(report.cleanup)}")
-        assert_back_whole(second, src, t_restart)
-        assert second.vms.GetVm(pb.GetVmRequest(name="src")).balloon_worker_pid == worker > 0  # adopted
+    t_restart = time.monotonic()
+    second = started.serve(state)
+    if phase == "unplug":
+        report = second.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
+        assert report.error == "aborted: back-end restarted", report
+        assert "balloon re-added on the source" in report.cleanup, report.cleanup
+        print(f"phase {phase}: rollback {list(report.cleanup)}")
+    assert_back_whole(second, src, t_restart)
+    assert second.vms.GetVm(pb.GetVmRequest(name="src")).balloon_worker_pid == worker > 0  # adopted
 
-        def hinted_again() -> bool:
-            st = second.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="src"))
-            return st.state == "stop" and st.hinted_bytes > 0
+    def hinted_again() -> bool:
+        st = second.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="src"))
+        return st.state == "stop" and st.hinted_bytes > 0
 
-        # the balloon (adopted, or re-added on its chardev) answers a new hint run
-        assert poll_until(lambda: second.vms.GetVm(pb.GetVmRequest(name="src")).free_page_hint_negotiated, 60)
-        second.hints.StartHinting(pb.StartHintingRequest(vm="src", acknowledge_on_stop=True))
-        assert poll_until(hinted_again, 60, 0.2), "no hint run after the restart"
-        second.hints.StopHinting(pb.StopHintingRequest(vm="src"))
-        assert src.alive() and src.status() == "running"
-    finally:
-        for d in daemons:
-            d.stop()
-        end_workers(state)
-        for vm in vms:
-            vm.stop()
+    # the balloon (adopted, or re-added on its chardev) answers a new hint run
+    assert poll_until(lambda: second.vms.GetVm(pb.GetVmRequest(name="src")).free_page_hint_negotiated, 60)
+    second.hints.StartHinting(pb.StartHintingRequest(vm="src", acknowledge_on_stop=True))
+    assert poll_until(hinted_again, 60, 0.2), "no hint run after the restart"
+    second.hints.StopHinting(pb.StopHintingRequest(vm="src"))
+    assert src.alive() and src.status() == "running"

@@ -44,7 +44,7 @@ from fph.balloon.worker_protocol import (
     to_wire,
 )
 from fph.vhost_user.errors import VhostUserError
-from fph.vhost_user.server import remove_stale_socket
+from fph.vhost_user.server import remove_stale_socket, unlink_own_socket
 from fph.virtio.memory import PAGE_SIZE
 
 log = logging.getLogger("fph.balloon.worker")
@@ -57,21 +57,16 @@ RELEASE_TIMEOUT_S = 1.5
 
 class ForwardingSink:
     """The device's HintSink in a worker: each accepted batch goes to the attached daemon, in order. With
-    no daemon attached a hint is only counted: nothing can apply it, and an unapplied hint only means a
-    page is sent."""
+    no daemon attached a hint goes nowhere: nothing can apply it, and an unapplied hint only means a page
+    is sent."""
 
     def __init__(self) -> None:
         self.session: ControlSession | None = None
-        self.forwarded_pages = 0
-        self.unforwarded_pages = 0
 
     def apply_hints(self, epoch: int, ranges: Sequence[tuple[int, int]]) -> int:
-        pages = sum(n for _, n in ranges) // PAGE_SIZE
-        if self.session is not None and self.session.send(hints_message(epoch, ranges)):
-            self.forwarded_pages += pages
-        else:
-            self.unforwarded_pages += pages
-        return pages
+        if self.session is not None:
+            self.session.send(hints_message(epoch, ranges))
+        return sum(n for _, n in ranges) // PAGE_SIZE
 
 
 class ControlSession:
@@ -83,11 +78,9 @@ class ControlSession:
         self.writer = writer
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def send(self, msg: Reply | Hints) -> bool:
-        if self.writer.is_closing():
-            return False
-        self.writer.write(encode(msg))
-        return True
+    def send(self, msg: Reply | Hints) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(encode(msg))
 
     async def run(self) -> None:
         decoder = Decoder()
@@ -158,9 +151,8 @@ class Worker:
             await self._until_stopped(orphan_grace_s)
         finally:
             server.close()
+            unlink_own_socket(self.control_path, self._control_inode)
             with contextlib.suppress(FileNotFoundError):
-                if os.lstat(self.control_path).st_ino == self._control_inode:
-                    os.unlink(self.control_path)
                 if Path(self.pid_path).read_text().strip() == str(os.getpid()):
                     os.unlink(self.pid_path)
             await self.receiver.close(timeout=RELEASE_TIMEOUT_S)

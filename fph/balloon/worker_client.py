@@ -77,10 +77,9 @@ class WorkerBalloon:
         self._timeout = timeout
         self._send_lock = threading.Lock()
         self._seq = 0
-        self._pending: dict[int, tuple[concurrent.futures.Future[Any], Callable[[Any], None] | None]] = {}
+        self._pending: dict[int, tuple[concurrent.futures.Future[Any], Callable[[Any], Any]]] = {}
         self.lost: str = ""
         """Why the worker is gone ("" while it answers)."""
-        self.sink_errors = 0
         self._reader = threading.Thread(target=self._read, name="fph-balloon-worker", daemon=True)
         self._reader.start()
         hello = self._request(Op.HELLO, None, WorkerHello)
@@ -124,10 +123,11 @@ class WorkerBalloon:
             return
         future, convert = entry
         if reply.error:
-            future.set_exception(WorkerError(f"balloon worker (pid {self.pid_or_unknown()}): {reply.error}"))
+            pid = self.hello.pid if hasattr(self, "hello") else "?"  # HELLO's own reply comes before it
+            future.set_exception(WorkerError(f"balloon worker (pid {pid}): {reply.error}"))
             return
         try:
-            future.set_result(convert(reply.value) if convert is not None else reply.value)
+            future.set_result(convert(reply.value))
         except Exception as e:  # a callback (on_issue) or a value of the wrong shape
             if not future.done():
                 future.set_exception(e)
@@ -136,7 +136,6 @@ class WorkerBalloon:
         try:
             self._sink.apply_hints(hints.epoch, hints.ranges)
         except Exception as e:  # ValueError: ranges the bitmap refuses; the device counted them already
-            self.sink_errors += 1
             log.warning("hints of epoch %d not applied: %s", hints.epoch, e)
 
     def _fail_all(self, reason: str) -> None:
@@ -147,11 +146,7 @@ class WorkerBalloon:
             if not future.done():
                 future.set_exception(WorkerLost(f"balloon worker lost: {reason}"))
 
-    def pid_or_unknown(self) -> str:
-        hello = getattr(self, "hello", None)
-        return str(hello.pid) if hello is not None else "?"
-
-    def _submit(self, op: Op, arg: float | int | None, convert: Callable[[Any], Any] | None) -> Any:
+    def _submit(self, op: Op, arg: float | int | None, convert: Callable[[Any], Any]) -> Any:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._send_lock:
             if self.lost:
@@ -165,22 +160,33 @@ class WorkerBalloon:
                 raise WorkerLost(f"balloon worker lost: {e}") from e
         return future
 
-    def _request(self, op: Op, arg: float | int | None, tp: Any, extra_s: float = 0.0) -> Any:
+    def _call(
+        self, op: Op, arg: float | int | None, convert: Callable[[Any], Any], extra_s: float = 0.0
+    ) -> Any:
+        """Ask the worker and wait (at most the timeout plus ``extra_s``); ``convert`` makes the reply's
+        value (on the reader thread)."""
         try:
-            return self._submit(op, arg, lambda v: from_wire(tp, v)).result(self._timeout + extra_s)
+            return self._submit(op, arg, convert).result(self._timeout + extra_s)
         except concurrent.futures.TimeoutError:
-            raise WorkerError(
-                f"balloon worker did not answer {op.value} within {self._timeout + extra_s} s"
-            ) from None
+            raise self._no_answer(op, extra_s) from None
 
-    async def _request_async(self, op: Op, arg: float | int | None, tp: Any, extra_s: float = 0.0) -> Any:
-        future = self._submit(op, arg, lambda v: from_wire(tp, v))
+    async def _call_async(
+        self, op: Op, arg: float | int | None, convert: Callable[[Any], Any], extra_s: float = 0.0
+    ) -> Any:
+        future = self._submit(op, arg, convert)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self._timeout + extra_s)
         except TimeoutError:
-            raise WorkerError(
-                f"balloon worker did not answer {op.value} within {self._timeout + extra_s} s"
-            ) from None
+            raise self._no_answer(op, extra_s) from None
+
+    def _no_answer(self, op: Op, extra_s: float) -> WorkerError:
+        return WorkerError(f"balloon worker did not answer {op.value} within {self._timeout + extra_s} s")
+
+    def _request(self, op: Op, arg: float | int | None, tp: Any, extra_s: float = 0.0) -> Any:
+        return self._call(op, arg, lambda v: from_wire(tp, v), extra_s)
+
+    async def _request_async(self, op: Op, arg: float | int | None, tp: Any, extra_s: float = 0.0) -> Any:
+        return await self._call_async(op, arg, lambda v: from_wire(tp, v), extra_s)
 
     def close(self) -> None:
         """Detach: the worker keeps serving its VM (a later daemon adopts it)."""
@@ -195,17 +201,10 @@ class WorkerBalloon:
     def request_hints(self, on_issue: Callable[[int], None] | None = None) -> int:
         """Start a hint run. ``on_issue(id)`` runs on the reader thread as the reply arrives, before any
         hint the worker sent after it is applied."""
-        future = self._submit(Op.REQUEST_HINTS, None, _issued(on_issue))
-        try:
-            return int(future.result(self._timeout))
-        except concurrent.futures.TimeoutError:
-            raise WorkerError(
-                f"balloon worker did not answer request_hints within {self._timeout} s"
-            ) from None
+        return int(self._call(Op.REQUEST_HINTS, None, _issued(on_issue)))
 
     async def request_hints_async(self, on_issue: Callable[[int], None] | None = None) -> int:
-        future = self._submit(Op.REQUEST_HINTS, None, _issued(on_issue))
-        return int(await asyncio.wait_for(asyncio.wrap_future(future), self._timeout))
+        return int(await self._call_async(Op.REQUEST_HINTS, None, _issued(on_issue)))
 
     def stop_hints(self) -> None:
         self._request(Op.STOP_HINTS, None, type(None))
@@ -288,7 +287,10 @@ class WorkerBalloon:
 def _exit_reason(code: int) -> str:
     if code >= 0:
         return f"exit status {code}"
-    name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = str(-code)
     why = {
         "SIGBUS": ": a guest memory file shrank under it",
         "SIGKILL": ": killed (an operator, the OOM killer)",
@@ -402,9 +404,6 @@ class BalloonWorkers:
             return balloon.view().connected
         except WorkerError:
             return False
-
-    def pids(self) -> dict[str, int]:
-        return {path: b.pid for path, b in self.balloons.items()}
 
     async def close_async(self, timeout: float = 2.0, *, stop: bool = False) -> None:
         """DONE to every guest that can hear it (bounded), then detach (the workers keep their VMs'

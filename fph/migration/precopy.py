@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fph.dirty_bitmap import SEND_DATA, SEND_ZERO, SKIP_ZERO, DirtyBitmap
-from fph.kernels import PAGE_FILL
+from fph.kernels import PAGE_FILL, ZERO_PAGE_FINGERPRINT
 from fph.migration.convergence import (
     Convergence,
     ConvergenceConfig,
@@ -44,14 +44,14 @@ from fph.migration.convergence import (
     Verdict,
 )
 from fph.ram_layout import PAGE_SHIFT, PAGE_SIZE
-from fph.transfer.pagehash import changed_pages, copy_scan, page_hashes
+from fph.transfer.pagehash import changed_pages, copy_scan
 from fph.transfer.ram_file import RamFile
 from fph.transfer.sender import RamSender
 from fph.transfer.wire import MAX_FRAME_PAGES
 
 log = logging.getLogger(__name__)
 
-ZERO_PAGE_HASH = int(page_hashes(np.zeros(PAGE_SIZE, dtype=np.uint8))[0])
+ZERO_PAGE_HASH = int(ZERO_PAGE_FINGERPRINT)
 
 
 class HintPolicy(enum.Enum):

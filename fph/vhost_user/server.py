@@ -111,7 +111,7 @@ class VhostUserServer:
         listener.sock.close()
         if listener.connection is not None:
             listener.connection.close("device removed from fph")
-        _unlink_own_socket(listener)
+        unlink_own_socket(listener.path, listener.inode)
 
     async def close(self) -> None:
         if self.runstate in (Runstate.DISCONNECTING, Runstate.CLOSED):
@@ -126,14 +126,16 @@ class VhostUserServer:
             listener.sock.close()
             if listener.connection is not None:
                 listener.connection.close("fph shutting down")
-            _unlink_own_socket(listener)
+            unlink_own_socket(listener.path, listener.inode)
         self.runstate = Runstate.CLOSED
 
 
-def _unlink_own_socket(listener: Listener) -> None:
+def unlink_own_socket(path: str, inode: int) -> None:
+    """Remove the socket file at ``path`` if it is still the one this process bound (``inode``): a
+    successor may have bound the path since."""
     with contextlib.suppress(FileNotFoundError):
-        if os.lstat(listener.path).st_ino == listener.inode:
-            os.unlink(listener.path)
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
 
 
 def remove_stale_socket(path: str) -> None:
