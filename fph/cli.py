@@ -112,7 +112,13 @@ def _add_daemon_parsers(sub: Any) -> None:
     _with_socket(vm.add_parser("list"))
     for name in ("get", "unregister"):
         _with_socket(vm.add_parser(name)).add_argument("name")
-    for p in (vm.choices[n] for n in ("register", "list", "get", "unregister")):
+    _with_socket(
+        vm.add_parser(
+            "upgrade-worker",
+            help="replace the VM's balloon worker by one running this fph (QEMU stays connected)",
+        )
+    ).add_argument("name")
+    for p in (vm.choices[n] for n in ("register", "list", "get", "unregister", "upgrade-worker")):
         p.set_defaults(func=_client("vm"))
 
     hint = sub.add_parser("hint", help="free page hinting runs").add_subparsers(

@@ -907,3 +907,24 @@ def test_standard_health_and_reflection_services(daemon: RunningDaemon) -> None:
     req = reflection_pb2.ServerReflectionRequest(file_containing_symbol="fph.api.v1.VmService")
     (reply,) = list(stub.ServerReflectionInfo(iter([req])))
     assert reply.file_descriptor_response.file_descriptor_proto, reply
+
+
+def test_upgrade_balloon_worker_replaces_one_vms_worker_and_keeps_its_connection(
+    daemon: RunningDaemon, state: Path, ram: GuestRam
+) -> None:
+    """UpgradeBalloonWorker: vm1's worker is replaced by a new process that took its connection over (the
+    guest's hint run goes on through it); vm2's worker is not touched; a VM with no balloon is refused."""
+    with two_booted_vms(daemon, state, ram) as ((fe1, drv1), (fe2, drv2)):
+        before = {v.spec.name: v.balloon_worker_pid for v in daemon.vms.ListVms(pb.ListVmsRequest()).vms}
+        daemon.hints.StartHinting(pb.StartHintingRequest(vm="vm1"))
+        got = daemon.vms.UpgradeBalloonWorker(pb.UpgradeBalloonWorkerRequest(name="vm1"))
+        assert got.previous_pid == before["vm1"] and got.vm.balloon_worker_pid not in (0, before["vm1"])
+        assert got.vm.balloon_connected and not got.vm.degraded and got.seconds > 0
+        assert daemon.vms.GetVm(pb.GetVmRequest(name="vm2")).balloon_worker_pid == before["vm2"]
+        guest_hints(fe1, drv1)  # the run requested through the old worker, hinted through the new one
+        st = daemon.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm="vm1"))
+        assert st.hinted_bytes == len(drv1.held) * HINT_BLOCK > 0
+        assert_vm2_hints_on(daemon, fe2, drv2)
+    daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "plain", balloon=False)))
+    code, msg = code_of(lambda: daemon.vms.UpgradeBalloonWorker(pb.UpgradeBalloonWorkerRequest(name="plain")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "without balloon_socket" in msg

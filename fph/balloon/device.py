@@ -8,8 +8,10 @@ Runs on the event loop thread that serves its connection; nothing else may touch
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from fph.balloon.counters import BalloonCounters, HintMetrics
+from fph.balloon.device_state import DeviceState
 from fph.balloon.free_page_hint import FreePageHinting, HintStatus
 from fph.balloon.inflate import process_balloon
 from fph.balloon.reporting import process_reporting
@@ -104,6 +106,24 @@ class BalloonDevice:
     @sink.setter
     def sink(self, sink: HintSink) -> None:
         self.hinting.sink = sink
+
+    # ------------------------------------------------------------------ hand-over (a worker upgrade)
+
+    def export_state(self) -> DeviceState:
+        return DeviceState(
+            self.acked, self.num_pages, self.actual, self.poison_val, self.broken, self._config_unread,
+            replace(self.counters), self.stats.export_state(), self.hinting.export_state(),
+        )  # fmt: skip
+
+    def import_state(self, st: DeviceState, vrings: list[Vring]) -> None:
+        """Go on from a predecessor's device (its rings already restored as ``vrings``)."""
+        self.acked = st.acked
+        self.roles = queue_roles(st.acked)
+        self.num_pages, self.actual, self.poison_val = st.num_pages, st.actual, st.poison_val
+        self.broken, self._config_unread = st.broken, st.config_unread
+        self.counters = replace(st.counters)
+        self.stats.import_state(st.stats, vrings)
+        self.hinting.import_state(st.hinting)
 
     # ------------------------------------------------------------------ VhostUserBackend
 

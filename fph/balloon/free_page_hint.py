@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fph.balloon.device_state import HintingState
 from fph.balloon.sink import HintSink
 from fph.balloon.spec import CMD_ID_DONE, CMD_ID_MAX, CMD_ID_MIN, CMD_ID_STOP
 from fph.virtio.chain import DescriptorChain
@@ -102,6 +103,27 @@ class FreePageHinting:
         self._held_blocks: dict[int, int] = {}
         """GPA -> length of each block hinted since the last DONE (at most guest RAM / 4 MiB entries)."""
         self.held_bytes = 0
+
+    # ------------------------------------------------------------------ hand-over (a worker upgrade)
+
+    def export_state(self) -> HintingState:
+        return HintingState(
+            self.state.value, self.host_cmd_id, self.guest_cmd_id, self._guest_active_id, self._last_id,
+            self.run_blocks, self.run_bytes, sorted(self._held_blocks.items()), self.held_bytes,
+            self.rejected, self.dropped, self.sink_errors, self._run_start, self._run_end, self.announce_done,
+        )  # fmt: skip
+
+    def import_state(self, st: HintingState) -> None:
+        """Go on from a predecessor's hint state: the same run, the same held blocks."""
+        self.state = HintState(st.state)
+        self.host_cmd_id, self.guest_cmd_id = st.host_cmd_id, st.guest_cmd_id
+        self._guest_active_id, self._last_id = st.guest_active_id, st.last_id
+        self.run_blocks, self.run_bytes = st.run_blocks, st.run_bytes
+        self._held_blocks = {gpa: length for gpa, length in st.held_blocks}
+        self.held_bytes = st.held_bytes
+        self.rejected, self.dropped, self.sink_errors = st.rejected, st.dropped, st.sink_errors
+        self._run_start, self._run_end = st.run_start, st.run_end
+        self.announce_done = st.announce_done
 
     # ------------------------------------------------------------------ the guest's side
 

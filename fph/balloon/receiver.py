@@ -7,8 +7,10 @@ import os
 from typing import Any
 
 from fph.balloon.device import BalloonDevice
+from fph.balloon.device_state import DeviceState
 from fph.balloon.sink import HintSink
 from fph.balloon.spec import F_FREE_PAGE_HINT
+from fph.vhost_user.handover import FdTable, ListenerState
 from fph.vhost_user.server import VhostUserServer
 from fph.waiting import poll_until_async
 
@@ -31,6 +33,41 @@ class HintReceiver:
         await self.server.add_device(socket_path, device, device.name)
         self.devices[socket_path] = device
         return device
+
+    def take_over_vm(
+        self,
+        listener: ListenerState,
+        device_state: DeviceState,
+        fds: FdTable,
+        sink: HintSink | None = None,
+        **device_args: Any,
+    ) -> BalloonDevice:
+        """A VM that another process served until now (a worker upgrade): its listening socket, its live
+        connection and its device state (duplicates of ``fds``; the caller closes them), paused until
+        :meth:`resume_vm`."""
+        device = BalloonDevice(
+            sink, name=device_args.pop("name", os.path.basename(listener.path)), **device_args
+        )
+        served = self.server.take_over(listener, device, fds, device.name)
+        vrings = served.connection.handler.vrings if served.connection is not None else []
+        try:
+            device.import_state(device_state, vrings)
+        except Exception:
+            self.server.drop(listener.path)
+            raise
+        self.devices[listener.path] = device
+        return device
+
+    def resume_vm(self, socket_path: str) -> None:
+        """Serve a taken-over VM: read its fds again and look at every ring once (a kick that came while
+        no process read its eventfd is still counted there; looking once more costs nothing)."""
+        self.server.resume(socket_path)
+        listener = self.server.listeners[socket_path]
+        if listener.connection is not None:
+            device = self.devices[socket_path]
+            for vring in listener.connection.handler.vrings:
+                if vring.active:
+                    device.process_queue(vring)
 
     async def remove_vm(self, socket_path: str) -> None:
         """Stop serving a VM: its connection is closed and its socket removed."""

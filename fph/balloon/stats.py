@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from fph.balloon.device_state import StatsState
 from fph.balloon.spec import STAT, STAT_NAMES
 from fph.vhost_user.vring import Vring
 from fph.virtio.errors import VirtQueueError
@@ -56,6 +57,17 @@ class StatsQueue:
         vring.queue.add_used(mem, head, 0)
         vring.signal_used(mem)
         return True
+
+    def export_state(self) -> StatsState:
+        held = (self._held[0].index, self._held[1]) if self._held is not None else None
+        return StatsState(dict(self.values), self.updated, held)
+
+    def import_state(self, st: StatsState, vrings: list[Vring]) -> None:
+        """A predecessor's figures, and the buffer it held (on ``vrings``, the restored rings)."""
+        self.values, self.updated = dict(st.values), st.updated
+        if st.held is not None and vrings:
+            index, head = st.held
+            self._held = (vrings[index], head)
 
     def snapshot(self) -> GuestStats:
         return GuestStats(dict(self.values), self.updated)

@@ -11,6 +11,9 @@ Lifetime: until the daemon says EXIT (UnregisterVm) or SIGTERM (DONE first, then
 with neither a daemon nor a front-end (QEMU) connected for ``--orphan-grace`` seconds exits too: nobody can
 use it, and a daemon that comes back starts a fresh one for a VM that is not running.
 Exit status: 0, or 2 when it cannot serve its sockets (the reason is one line on stderr).
+
+Upgrade: ``--take-over`` starts a successor that takes the running worker's sockets, fds and state over
+(:mod:`fph.balloon.worker_handover`); QEMU's connection stays open throughout.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +34,16 @@ from typing import Any
 from fph.balloon.control import device_view
 from fph.balloon.device import BalloonDevice
 from fph.balloon.receiver import HintReceiver
+from fph.balloon.worker_handover import (
+    HANDOVER_VERSION,
+    BalloonOptions,
+    HandOverError,
+    MessageReader,
+    WorkerState,
+    close_fds,
+    request_hand_over,
+    send_message,
+)
 from fph.balloon.worker_protocol import (
     PROTOCOL_VERSION,
     Decoder,
@@ -44,6 +58,7 @@ from fph.balloon.worker_protocol import (
     to_wire,
 )
 from fph.vhost_user.errors import VhostUserError
+from fph.vhost_user.handover import FdTable
 from fph.vhost_user.server import remove_stale_socket, unlink_own_socket
 from fph.virtio.memory import PAGE_SIZE
 
@@ -98,6 +113,9 @@ class ControlSession:
     def _dispatch(self, req: Request) -> None:
         """Quick operations answer in this step (a REQUEST_HINTS reply precedes any hint of its id);
         the waiting ones run as tasks so the session keeps reading."""
+        if req.op is Op.HAND_OVER:
+            self.worker.hand_over(self, req)
+            return
         if req.op in (Op.DONE_AND_WAIT, Op.RELEASE, Op.EXIT):
             task = asyncio.get_running_loop().create_task(self._answer_later(req))
             self.tasks.add(task)
@@ -124,15 +142,16 @@ class ControlSession:
 
 
 class Worker:
-    def __init__(self, name: str, socket_path: str, control_path: str, device_args: dict[str, Any]) -> None:
+    def __init__(self, name: str, socket_path: str, control_path: str, options: BalloonOptions) -> None:
         self.name = name
         self.socket_path = socket_path
         self.control_path = control_path
-        self.device_args = device_args
+        self.options = options
         self.receiver = HintReceiver()
         self.sink = ForwardingSink()
         self.stop = asyncio.Event()
         self.session: ControlSession | None = None
+        self._control: asyncio.Server | None = None
         self._control_inode = 0
 
     @property
@@ -144,9 +163,25 @@ class Worker:
     def device(self) -> BalloonDevice:
         return self.receiver.devices[self.socket_path]
 
-    async def serve(self, orphan_grace_s: float) -> None:
-        await self.receiver.add_vm(self.socket_path, self.sink, name=self.name, **self.device_args)
-        server = await self._listen_control()
+    @property
+    def _device_args(self) -> dict[str, Any]:
+        o = self.options
+        return {
+            "name": self.name,
+            "queue_size": o.queue_size,
+            "event_idx": o.event_idx,
+            "reporting": o.reporting,
+        }
+
+    async def serve(
+        self, orphan_grace_s: float, predecessor: tuple[WorkerState, MessageReader] | None = None
+    ) -> None:
+        """Serve the VM until told to stop: from scratch, or taken over from ``predecessor``."""
+        if predecessor is None:
+            await self.receiver.add_vm(self.socket_path, self.sink, **self._device_args)
+            server = await self._listen_control()
+        else:
+            server = await self._take_over(*predecessor)
         try:
             await self._until_stopped(orphan_grace_s)
         finally:
@@ -157,15 +192,97 @@ class Worker:
                     os.unlink(self.pid_path)
             await self.receiver.close(timeout=RELEASE_TIMEOUT_S)
 
-    async def _listen_control(self) -> asyncio.AbstractServer:
+    async def _listen_control(self) -> asyncio.Server:
         remove_stale_socket(self.control_path)
         old = os.umask(0o077)  # the control socket is the daemon's only: 0600
         try:
             server = await asyncio.start_unix_server(self._session, path=self.control_path)
         finally:
             os.umask(old)
-        self._control_inode = os.stat(self.control_path).st_ino
+        self._control, self._control_inode = server, os.stat(self.control_path).st_ino
         _write_atomically(self.pid_path, f"{os.getpid()}\n")
+        return server
+
+    # ------------------------------------------------------------------ upgrade (fph.balloon.worker_handover)
+
+    def hand_over(self, session: ControlSession, req: Request) -> None:
+        """Give this VM to the successor on ``session``, then exit; or, if it does not take it, go on.
+
+        Runs in one step of the event loop, blocking (bounded by HANDOVER_TIMEOUT_S): nothing else of this
+        worker may run between its last read of an fd and its exit."""
+        if req.arg != HANDOVER_VERSION:
+            session.send(
+                Reply(req.seq, None, f"hand-over version {req.arg} is not this worker's {HANDOVER_VERSION}")
+            )
+            return
+        if self._control is None or session.writer.transport.get_write_buffer_size():
+            session.send(Reply(req.seq, None, "busy: control output not yet sent"))
+            return
+        server = self.receiver.server
+        server.pause(self.socket_path)
+        t0 = time.monotonic()
+        fds = FdTable()
+        try:
+            state = WorkerState(
+                HANDOVER_VERSION, os.getpid(), self.name, self.control_path,
+                fds.add(self._control.sockets[0].fileno()), self._control_inode, self.options,
+                server.export_state(self.socket_path, fds), self.device.export_state(),
+            )  # fmt: skip
+        except (VhostUserError, ValueError) as exc:
+            server.resume(self.socket_path)
+            session.send(Reply(req.seq, None, f"busy: {exc}"))
+            return
+        sock = socket.socket(fileno=os.dup(session.writer.get_extra_info("socket").fileno()))
+        reader = MessageReader(sock)
+        try:
+            send_message(sock, Reply(req.seq, to_wire(state)), fds.fds)
+            ack = reader.next("TAKEN_OVER")
+            if not (isinstance(ack, Request) and ack.op is Op.TAKEN_OVER):
+                raise ProtocolError(f"expected TAKEN_OVER, got {ack}")
+        except (OSError, ProtocolError) as exc:  # TimeoutError and ConnectionError are OSErrors
+            server.resume(self.socket_path)
+            log.error("%s: the successor did not take the VM over (%s); serving on", self.name, exc)
+            session.writer.close()
+            return
+        finally:
+            close_fds(reader.fds)
+            sock.close()
+        hinting = state.device.hinting
+        log.info(
+            "%s: handed over to pid %s in %.0f ms (hint state %s, %d blocks this run); exiting",
+            self.name, ack.arg, (time.monotonic() - t0) * 1e3, hinting.state, hinting.run_blocks,
+        )  # fmt: skip
+        logging.shutdown()
+        os._exit(0)  # no DONE, no unlink, no close: every fd and file is the successor's now
+
+    async def _take_over(self, state: WorkerState, reader: MessageReader) -> asyncio.Server:
+        """Serve what a predecessor handed over: set it up paused, tell the predecessor (it exits), then
+        read the fds. Fails (exit status 2) before TAKEN_OVER leaves the predecessor serving."""
+        if (state.name, state.listener.path, state.control_path) != (
+            self.name,
+            self.socket_path,
+            self.control_path,
+        ):
+            raise VhostUserError(
+                f"the worker on {self.control_path} serves {state.name} on {state.listener.path}, not "
+                f"{self.name} on {self.socket_path}"
+            )
+        self.options = state.options
+        fds = FdTable(reader.fds)
+        try:
+            self.receiver.take_over_vm(state.listener, state.device, fds, self.sink, **self._device_args)
+            control = socket.socket(fileno=os.dup(fds.get(state.control_fd)))
+            send_message(reader.sock, Request(2, Op.TAKEN_OVER, os.getpid()))
+        except Exception as exc:  # the predecessor serves on once this process is gone
+            raise HandOverError(f"cannot take {self.name} over from pid {state.pid}: {exc!r}") from exc
+        finally:
+            close_fds(reader.fds)
+            reader.sock.close()
+        self.receiver.resume_vm(self.socket_path)
+        server = await asyncio.start_unix_server(self._session, sock=control)
+        self._control, self._control_inode = server, state.control_inode
+        _write_atomically(self.pid_path, f"{os.getpid()}\n")
+        log.info("%s: took the VM over from pid %d", self.name, state.pid)
         return server
 
     async def _until_stopped(self, orphan_grace_s: float) -> None:
@@ -250,17 +367,13 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-async def _run(args: argparse.Namespace) -> None:
-    worker = Worker(
-        args.name,
-        args.socket,
-        args.control,
-        {"queue_size": args.queue_size, "event_idx": args.event_idx, "reporting": args.reporting},
-    )
+async def _run(args: argparse.Namespace, predecessor: tuple[WorkerState, MessageReader] | None) -> None:
+    options = BalloonOptions(args.queue_size, args.event_idx, args.reporting)
+    worker = Worker(args.name, args.socket, args.control, options)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop.set)
-    await worker.serve(args.orphan_grace)
+    await worker.serve(args.orphan_grace, predecessor)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -272,6 +385,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queue-size", type=int, default=1024)
     parser.add_argument("--event-idx", action="store_true")
     parser.add_argument("--reporting", action="store_true")
+    parser.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the VM over from the worker running on --control (an upgrade; QEMU stays connected)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -280,8 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     Path(args.control).parent.mkdir(parents=True, exist_ok=True)
     try:
-        asyncio.run(_run(args))
-    except (VhostUserError, OSError) as exc:
+        predecessor = request_hand_over(args.control) if args.take_over else None
+        asyncio.run(_run(args, predecessor))
+    except (VhostUserError, OSError, HandOverError, ProtocolError) as exc:
         print(f"fph balloon worker {args.name}: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0

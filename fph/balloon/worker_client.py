@@ -80,6 +80,7 @@ class WorkerBalloon:
         self._pending: dict[int, tuple[concurrent.futures.Future[Any], Callable[[Any], Any]]] = {}
         self.lost: str = ""
         """Why the worker is gone ("" while it answers)."""
+        self._detached = False
         self._reader = threading.Thread(target=self._read, name="fph-balloon-worker", daemon=True)
         self._reader.start()
         hello = self._request(Op.HELLO, None, WorkerHello)
@@ -91,6 +92,11 @@ class WorkerBalloon:
     @property
     def socket_path(self) -> str:
         return self.hello.socket_path
+
+    @property
+    def sink(self) -> HintSink:
+        """Where the worker's hints go (set_sink changes it)."""
+        return self._sink
 
     @property
     def pid(self) -> int:
@@ -112,7 +118,7 @@ class WorkerBalloon:
                         raise ProtocolError("a worker sends replies and hints, not requests")
         except (OSError, ProtocolError) as e:
             reason = f"control connection failed: {e}"
-        if self.proc is not None:
+        if self.proc is not None and not self._detached:  # (detached: the worker serves on)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 reason += f" ({_exit_reason(self.proc.wait(1.0))})"  # reaped here: this daemon's child
         self._fail_all(reason)
@@ -190,6 +196,7 @@ class WorkerBalloon:
 
     def close(self) -> None:
         """Detach: the worker keeps serving its VM (a later daemon adopts it)."""
+        self._detached = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
@@ -381,6 +388,52 @@ class BalloonWorkers:
         log.info("balloon worker adopted", extra={"vm": name, "pid": balloon.pid, "socket": socket_path})
         return balloon
 
+    def upgrade(self, name: str, socket_path: str) -> WorkerBalloon:
+        """Replace a VM's worker by a new process running this daemon's code, without dropping QEMU's
+        connection: the new worker takes the old one's fds and state over (fph.balloon.worker_handover)
+        and the old one exits. If the new worker cannot, the old one serves on and is attached again;
+        WorkerError says why."""
+        old = self.balloons.get(socket_path)
+        if old is None or old.lost:
+            raise WorkerError(f"no live worker serves {socket_path}" + (f" ({old.lost})" if old else ""))
+        sink, old_pid, old_proc = old.sink, old.pid, old.proc
+        pid_path = Path(f"{self.control_path(name)}.pid")
+        with open(self.log_path(name), "ab") as logf:
+            proc = subprocess.Popen(
+                [self.python, "-m", "fph.balloon.worker", "--name", name, "--socket", socket_path,
+                 "--control", str(self.control_path(name)), "--take-over"],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True, close_fds=True,
+            )  # fmt: skip
+        # Detached while the new process starts: the worker takes one control connection at a time (the
+        # successor's now), and the hints it forwards meanwhile go nowhere (a page is sent, nothing lost).
+        old.close()
+        del self.balloons[socket_path]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while proc.poll() is None and _read_pid(pid_path) != proc.pid and time.monotonic() < deadline:
+            time.sleep(0.01)
+        failure = ""
+        if proc.poll() is not None:
+            failure = self._last_line(name) or f"the new worker exited with status {proc.returncode}"
+        elif _read_pid(pid_path) != proc.pid:
+            _end(proc)
+            failure = f"the new worker did not take over within {START_TIMEOUT_S:.0f} s"
+        if failure:
+            again = self.adopt(name, socket_path, sink)
+            state = f"pid {old_pid} serves on" if again is not None else f"pid {old_pid} is gone too"
+            raise WorkerError(f"upgrade of {name}'s worker failed: {failure}; {state}")
+        sock = _connect(self.control_path(name))
+        if sock is None:
+            raise WorkerError(
+                f"the new worker of {name} (pid {proc.pid}) does not answer on its control socket"
+            )
+        balloon = WorkerBalloon(sock, sink, proc)
+        self.balloons[socket_path] = balloon
+        if old_proc is not None:  # this daemon's child: reaped (it exits once the successor took over)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                old_proc.wait(5)
+        log.info("balloon worker upgraded", extra={"vm": name, "pid": proc.pid, "previous_pid": old_pid})
+        return balloon
+
     def _last_line(self, name: str) -> str:
         with contextlib.suppress(OSError):
             lines = self.log_path(name).read_text(errors="replace").strip().splitlines()
@@ -443,6 +496,13 @@ def _wait_gone(balloon: WorkerBalloon, timeout: float) -> None:
                 os.kill(balloon.pid, signal.SIGKILL)
             return
         time.sleep(0.02)
+
+
+def _read_pid(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def process_running(pid: int) -> bool:

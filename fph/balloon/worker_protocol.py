@@ -23,8 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-MAX_FRAME = 4 << 20
-"""A frame larger than this is a protocol error (a hint batch of 1,024 ranges is ~40 KiB)."""
+MAX_FRAME = 64 << 20
+"""A frame larger than this is a protocol error (a hint batch of 1,024 ranges is ~40 KiB; a hand-over
+state lists every held 4 MiB block: ~6 MB for 1 TiB of guest RAM)."""
 
 _LEN = struct.Struct(">I")
 
@@ -51,6 +52,10 @@ class Op(enum.Enum):
     stops does for every VM."""
     EXIT = "exit"
     """Release, close the VM's connection and socket, and exit (UnregisterVm)."""
+    HAND_OVER = "hand_over"
+    """From a successor (fph.balloon.worker_handover): the reply carries the worker's state and fds."""
+    TAKEN_OVER = "taken_over"
+    """From the successor that serves the VM now: the worker exits without a word to QEMU or the guest."""
 
 
 @dataclass(frozen=True)

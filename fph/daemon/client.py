@@ -109,6 +109,8 @@ def vm(cs: Clients, a: argparse.Namespace) -> int:
         show(c.vms.GetVm(pb.GetVmRequest(name=a.name)))
     elif a.vm_command == "unregister":
         show(c.vms.UnregisterVm(pb.UnregisterVmRequest(name=a.name)))
+    elif a.vm_command == "upgrade-worker":
+        show(c.vms.UpgradeBalloonWorker(pb.UpgradeBalloonWorkerRequest(name=a.name)))
     else:
         spec = pb.VmSpec(
             name=a.name,

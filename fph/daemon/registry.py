@@ -374,6 +374,26 @@ class Registry:
             log.info("vm unregistered", extra={"vm": name, "done_sent": done})
             return done
 
+    async def upgrade_worker(self, name: str) -> int:
+        """Replace the VM's balloon worker by one running this daemon's code (fph.balloon.worker_handover):
+        QEMU's connection and a hint run go on. Returns the previous worker's PID."""
+        async with self._lock:
+            rec = self.get(name)
+            if rec.job is not None and not rec.job.finished:
+                raise FailedPrecondition(f"VM {name!r} is migrating ({rec.job.id}); upgrade its worker after")
+            if rec.incoming is not None and not rec.incoming.finished:
+                raise FailedPrecondition(f"VM {name!r} is a prepared migration destination; upgrade after")
+            ctl = self.balloon(rec)
+            previous = ctl.pid
+            try:
+                rec.control = await asyncio.to_thread(self.workers.upgrade, name, ctl.socket_path)
+            except WorkerError as e:
+                rec.control = self.workers.balloons.get(ctl.socket_path)  # the old one, attached again
+                if rec.control is None:
+                    rec.degraded = f"its balloon worker could not be upgraded or attached again: {e}"
+                raise FailedPrecondition(str(e)) from e
+            return previous
+
     def check_worker(self, rec: VmRecord) -> None:
         """A worker that died under this daemon (killed by an operator, the OOM killer) degrades its VM,
         and only that VM: QEMU's connection went with it and QEMU 11.1 cannot re-attach a back-end, so

@@ -200,7 +200,8 @@ class Daemon:
 
     async def restore(self) -> None:
         """After a restart: the VMs of the last saved state again, and every migration the previous daemon
-        was running rolled back (``fph.daemon.recovery``); its report reads "aborted: back-end restarted"."""
+        was running rolled back (``fph.daemon.recovery``); its report reads "aborted: back-end restarted",
+        or "completed" if the guest already runs on the destination (never resumed on the source then)."""
         state = self.state_file.load()
         for v in state.vms:
             spec = VmSpec(
@@ -213,8 +214,9 @@ class Daemon:
             )
             state_now = "migrated" if v.state == "migrated" else "registered"  # nothing else survives
             restored = await self.registry.restore(spec, state_now)
-            if v.state == "incoming":
-                restored.incoming = await abandon_incoming(spec.name, spec.qmp_socket)
+            if v.state == "incoming":  # finished if it holds the guest (with a fresh balloon), else torn down
+                balloon = str(spec.balloon_socket) if restored.control is not None else ""
+                restored.incoming = await abandon_incoming(spec.name, spec.qmp_socket, balloon)
             log.info(
                 "vm restored",
                 extra={"vm": restored.name, "state": restored.state, "degraded": restored.degraded},
@@ -227,12 +229,17 @@ class Daemon:
                 destination_running=self._abandoned_destination(m),
             )
             target = Target(m.destination_vm, "")
-            job = MigrationJob.interrupted(m.id, m.vm, m.mode, target, m.started, rb.cleanup, ABORTED)
+            job = MigrationJob.interrupted(
+                m.id, m.vm, m.mode, target, m.started, rb.cleanup, ABORTED, completed=rb.completed
+            )
             self.jobs[job.id] = job
             if rec is not None:
                 rec.job = job
                 rec.state = "migrated" if rb.completed else "registered"
-            log.warning("migration rolled back", extra={"vm": m.vm, "migration": m.id, "cleanup": rb.cleanup})
+            log.warning(
+                "migration completed before the restart" if rb.completed else "migration rolled back",
+                extra={"vm": m.vm, "migration": m.id, "cleanup": rb.cleanup},
+            )
         self.persist()
 
     def _abandoned_destination(self, m: PersistedMigration) -> bool | None:
@@ -314,6 +321,17 @@ class VmService(pbg.VmServiceServicer):
         done = await self.d.registry.unregister(request.name)
         self.d.persist()
         return pb.UnregisterVmResponse(done_sent=done)
+
+    @unary
+    async def UpgradeBalloonWorker(self, request: Any, context: Any) -> Any:
+        t0 = time.monotonic()
+        previous = await self.d.registry.upgrade_worker(request.name)
+        self.d.persist()
+        return pb.UpgradeBalloonWorkerResponse(
+            vm=self.d.vm_message(self.d.registry.get(request.name)),
+            previous_pid=previous,
+            seconds=time.monotonic() - t0,
+        )
 
 
 # ------------------------------------------------------------------------------------------- Hinting

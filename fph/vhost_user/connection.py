@@ -24,8 +24,10 @@ import socket
 from collections.abc import Callable
 
 from fph.vhost_user import message as m
-from fph.vhost_user.errors import MessageError, ProtocolError
+from fph.vhost_user.backend import VhostUserBackend
+from fph.vhost_user.errors import MessageError, ProtocolError, StateError
 from fph.vhost_user.handler import AdoptBackendChannel, Result, UnwatchKick, VhostUserHandler, WatchKick
+from fph.vhost_user.handover import ChannelState, ConnectionState, FdTable
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,18 @@ class _Writer:
         del self._pending[:sent]
         if not self._pending:
             self._loop.remove_writer(self._sock.fileno())
+
+    @property
+    def unsent(self) -> bytes:
+        return bytes(self._pending)
+
+    def pause(self) -> None:
+        if self._pending:
+            self._loop.remove_writer(self._sock.fileno())
+
+    def resume(self) -> None:
+        if self._pending:
+            self._loop.add_writer(self._sock.fileno(), self._flush)
 
     def close(self) -> None:
         if self._pending:
@@ -158,6 +172,39 @@ class BackendChannelConnection:
     @property
     def outstanding(self) -> int:
         return self.sent - self.acked - self.nacked if self._need_reply else 0
+
+    def pause(self) -> None:
+        self._loop.remove_reader(self._sock.fileno())
+        self._writer.pause()
+
+    def resume(self) -> None:
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        self._writer.resume()
+
+    def export_state(self, fds: FdTable) -> ChannelState:
+        return ChannelState(
+            fds.add(self._sock.fileno()), self._need_reply, self.sent, self.acked, self.nacked,
+            self._writer.unsent.hex(),
+        )  # fmt: skip
+
+    @classmethod
+    def from_state(
+        cls,
+        state: ChannelState,
+        fds: FdTable,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        name: str,
+        on_closed: Callable[[BackendChannelConnection], None] | None = None,
+    ) -> BackendChannelConnection:
+        """The channel a predecessor had, on a duplicate of its fd, with its counts and unsent bytes."""
+        channel = cls(
+            os.dup(fds.get(state.fd)), loop, need_reply=state.need_reply, name=name, on_closed=on_closed
+        )
+        channel.sent, channel.acked, channel.nacked = state.sent, state.acked, state.nacked
+        if state.unsent:
+            channel._writer.write(bytes.fromhex(state.unsent))
+        return channel
 
     def config_changed(self) -> None:
         if self.runstate is not Runstate.RUNNING:
@@ -245,6 +292,76 @@ class VhostUserConnection:
         self.runstate = Runstate.RUNNING
         self.closed = asyncio.Event()
         loop.add_reader(sock.fileno(), self._on_readable)
+
+    # ------------------------------------------------------------------ hand-over (a worker upgrade)
+
+    def pause(self) -> None:
+        """Stop reading the socket, the kick fds and the back-end channel, so that a successor can take the
+        connection over from a quiet state (:meth:`resume` undoes it)."""
+        self._loop.remove_reader(self._sock.fileno())
+        for fd in self._kicks.values():
+            self._loop.remove_reader(fd)
+        self._writer.pause()
+        if self.backend_channel is not None:
+            self.backend_channel.pause()
+
+    def resume(self) -> None:
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        for index, fd in self._kicks.items():
+            self._loop.add_reader(fd, self._on_kick, index, fd)
+        self._writer.resume()
+        if self.backend_channel is not None:
+            self.backend_channel.resume()
+
+    def export_state(self, fds: FdTable) -> ConnectionState:
+        """The paused connection's state; refused while a front-end message is half read (QEMU sends each
+        message at once, so asking again a moment later succeeds)."""
+        if self.runstate is not Runstate.RUNNING:
+            raise StateError(f"connection is {self.runstate.value}")
+        if self._decoder.mid_message:
+            raise StateError("a front-end message is half read")
+        return ConnectionState(
+            fds.add(self._sock.fileno()),
+            self.handler.export_state(fds),
+            self.backend_channel.export_state(fds) if self.backend_channel is not None else None,
+            self._writer.unsent.hex(),
+        )
+
+    @classmethod
+    def from_state(
+        cls,
+        state: ConnectionState,
+        backend: VhostUserBackend,
+        fds: FdTable,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        name: str,
+        on_closed: Callable[[VhostUserConnection], None] | None = None,
+    ) -> VhostUserConnection:
+        """Serve a predecessor's connection from its ``state`` on duplicates of its fds (the caller closes
+        ``fds``)."""
+        handler = VhostUserHandler.from_state(backend, state.handler, fds, name)
+        try:
+            sock = socket.socket(fileno=os.dup(fds.get(state.fd)))
+        except BaseException:
+            handler.close()
+            raise
+        conn = cls(sock, handler, loop, on_closed=on_closed)
+        try:
+            if state.unsent:
+                conn._writer.write(bytes.fromhex(state.unsent))
+            for vring in handler.vrings:
+                if vring.kick_fd is not None:
+                    conn._watch_kick(vring.index, vring.kick_fd)
+            if state.channel is not None:
+                conn.backend_channel = BackendChannelConnection.from_state(
+                    state.channel, fds, loop, name=name, on_closed=conn._backend_channel_closed
+                )
+                backend.set_backend_channel(conn.backend_channel)
+        except BaseException:
+            conn.close("hand-over failed")
+            raise
+        return conn
 
     # ------------------------------------------------------------------ reading
 

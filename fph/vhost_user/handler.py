@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from fph.vhost_user import message as m
 from fph.vhost_user.backend import VhostUserBackend
 from fph.vhost_user.errors import GuestMemoryError, MessageError, ProtocolError, VhostUserError
+from fph.vhost_user.handover import FdTable, HandlerState, LogState, MemoryRegionState
 from fph.vhost_user.message import FrontendReq as R
 from fph.vhost_user.message import Message, ProtocolFeature
 from fph.vhost_user.vring import Vring
@@ -92,6 +93,47 @@ class VhostUserHandler:
             R.SET_STATUS: self._set_status,
             R.GET_STATUS: self._get_status,
         }
+
+    # ------------------------------------------------------------------ hand-over (a worker upgrade)
+
+    def export_state(self, fds: FdTable) -> HandlerState:
+        """Everything a successor needs to serve this connection from where it is; the fds go in ``fds``."""
+        mem, vlog = self.memory, self.log
+        return HandlerState(
+            owner=self.owner,
+            acked_features=self.acked_features,
+            acked_protocol_features=self.acked_protocol_features,
+            status=self.status,
+            regions=[MemoryRegionState(r.spec, fds.add(r.fd)) for r in (mem.regions if mem else [])],
+            log=LogState(fds.add(vlog.fd), vlog.mmap_size, vlog.mmap_offset) if vlog else None,
+            vrings=[v.export_state(fds) for v in self.vrings],
+        )
+
+    @classmethod
+    def from_state(
+        cls, backend: VhostUserBackend, state: HandlerState, fds: FdTable, name: str = "vhost-user"
+    ) -> VhostUserHandler:
+        """A handler that goes on from a predecessor's ``state``. It keeps duplicates of the fds it uses
+        (the caller closes ``fds``); on error everything it took is released again."""
+        h = cls(backend, name)
+        if len(state.vrings) != len(h.vrings):
+            raise ProtocolError(f"hand-over has {len(state.vrings)} rings, this device {len(h.vrings)}")
+        try:
+            if state.regions:
+                specs = [r.spec for r in state.regions]
+                h.memory = GuestMemory.from_fds(specs, [fds.get(r.fd) for r in state.regions])
+            if state.log is not None:
+                h.log = VhostLog(fds.get(state.log.fd), state.log.mmap_size, state.log.mmap_offset)
+            h.owner, h.status = state.owner, state.status
+            h.acked_features, h.acked_protocol_features = state.acked_features, state.acked_protocol_features
+            for vring, vs in zip(h.vrings, state.vrings, strict=True):
+                vring.import_state(vs, h.memory, fds)
+                vring.queue.log = h.log if h.acked_features & m.F_LOG_ALL else None
+        except BaseException:
+            h.close()
+            raise
+        backend.set_memory(h.memory)
+        return h
 
     # ------------------------------------------------------------------ entry points
 

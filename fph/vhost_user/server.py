@@ -20,6 +20,7 @@ from fph.vhost_user.backend import VhostUserBackend
 from fph.vhost_user.connection import Runstate, VhostUserConnection
 from fph.vhost_user.errors import ConnectError, StateError
 from fph.vhost_user.handler import VhostUserHandler
+from fph.vhost_user.handover import FdTable, ListenerState
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,73 @@ class VhostUserServer:
         loop.add_reader(sock.fileno(), self._accept, listener)
         log.info("%s: listening on %s", listener.name, path)
         return listener
+
+    # ------------------------------------------------------------------ hand-over (a worker upgrade)
+
+    def pause(self, path: str) -> None:
+        """Stop accepting and serving on ``path`` (for a hand-over); :meth:`resume` undoes it."""
+        listener = self.listeners[path]
+        self._require_loop().remove_reader(listener.sock.fileno())
+        if listener.connection is not None:
+            listener.connection.pause()
+
+    def resume(self, path: str) -> None:
+        listener = self.listeners[path]
+        self._require_loop().add_reader(listener.sock.fileno(), self._accept, listener)
+        if listener.connection is not None:
+            listener.connection.resume()
+
+    def export_state(self, path: str, fds: FdTable) -> ListenerState:
+        """The paused listener's state: its socket, and its live connection's."""
+        listener = self.listeners[path]
+        conn = listener.connection
+        return ListenerState(
+            path, fds.add(listener.sock.fileno()), listener.inode, listener.connections_served,
+            conn.export_state(fds) if conn is not None else None,
+        )  # fmt: skip
+
+    def take_over(
+        self, state: ListenerState, backend: VhostUserBackend, fds: FdTable, name: str | None = None
+    ) -> Listener:
+        """A predecessor's listening socket and connection (duplicates of ``fds``, which the caller closes),
+        set up from where they were but paused: :meth:`resume` once the predecessor has let go of them (it
+        is paused too, so nobody reads them in between; a hand-over that fails before then leaves the
+        predecessor's rings untouched)."""
+        loop = self._require_loop()
+        if state.path in self.listeners:
+            raise StateError(f"already listening on {state.path}")
+        sock = socket.socket(fileno=os.dup(fds.get(state.fd)))
+        sock.setblocking(False)
+        listener = Listener(
+            state.path, name or os.path.basename(state.path), backend, sock,
+            connections_served=state.connections_served, inode=state.inode,
+        )  # fmt: skip
+        try:
+            if state.connection is not None:
+                listener.connection = VhostUserConnection.from_state(
+                    state.connection, backend, fds, loop, name=listener.name,
+                    on_closed=functools.partial(self._closed, listener),
+                )  # fmt: skip
+                listener.connected.set()
+        except BaseException:
+            sock.close()
+            raise
+        self.listeners[state.path] = listener
+        if listener.connection is not None:
+            listener.connection.pause()
+        log.info(
+            "%s: took over %s%s", listener.name, state.path,
+            " and its live front-end connection" if listener.connection is not None else "",
+        )  # fmt: skip
+        return listener
+
+    def drop(self, path: str) -> None:
+        """Forget a taken-over listener that was never resumed (its hand-over failed): its duplicates are
+        closed, the socket file and the peer's connection stay the predecessor's."""
+        listener = self.listeners.pop(path)
+        if listener.connection is not None:
+            listener.connection.close("hand-over failed")
+        listener.sock.close()
 
     def _accept(self, listener: Listener) -> None:
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 
+from fph.vhost_user.handover import FdTable, VringState
 from fph.virtio.memory import GuestMemory
 from fph.virtio.queue import SplitQueue
 
@@ -50,6 +51,25 @@ class Vring:
             log.debug("vring %d: %s fd full, notification already pending", self.index, what)
         except OSError as exc:
             log.error("vring %d: %s eventfd write failed: %s", self.index, what, exc)
+
+    def export_state(self, fds: FdTable) -> VringState:
+        return VringState(
+            self.index, self.queue.export_state(),
+            fds.add_optional(self.kick_fd), fds.add_optional(self.call_fd), fds.add_optional(self.err_fd),
+            self.started, self.enabled, self.uva, self.log_flag, self.log_guest_addr,
+        )  # fmt: skip
+
+    def import_state(self, state: VringState, mem: GuestMemory | None, fds: FdTable) -> None:
+        """Go on from a predecessor's ring: its indices, and duplicates of its eventfds."""
+        if state.index != self.index:
+            raise ValueError(f"ring {state.index} handed over to ring {self.index}")
+        self.queue.import_state(state.queue, mem)
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            fd = fds.get_optional(getattr(state, name))
+            self.replace_fd(name, os.dup(fd) if fd is not None else None)
+        self.started, self.enabled = state.started, state.enabled
+        self.uva = tuple(state.uva) if state.uva is not None else None  # type: ignore[assignment]
+        self.log_flag, self.log_guest_addr = state.log_flag, state.log_guest_addr
 
     def replace_fd(self, name: str, fd: int | None) -> None:
         old = getattr(self, name)

@@ -67,9 +67,10 @@ class RegionSpec:
 
 
 class Region:
-    """A mapped region. ``mm`` covers ``mmap_offset + size`` bytes of the fd from offset 0."""
+    """A mapped region. ``mm`` covers ``mmap_offset + size`` bytes of the fd from offset 0. ``fd`` is the
+    region's own duplicate of the front-end's fd (or -1): a worker upgrade hands it to the successor."""
 
-    def __init__(self, spec: RegionSpec, mm: mmap.mmap) -> None:
+    def __init__(self, spec: RegionSpec, mm: mmap.mmap, fd: int = -1) -> None:
         self.spec = spec
         self.gpa = spec.gpa
         self.size = spec.size
@@ -77,6 +78,7 @@ class Region:
         self.base = spec.mmap_offset
         self.gpa_end = spec.gpa + spec.size
         self.mm = mm
+        self.fd = fd
 
     @classmethod
     def map_fd(cls, spec: RegionSpec, fd: int) -> Region:
@@ -85,7 +87,14 @@ class Region:
             mm = mmap.mmap(fd, spec.mmap_offset + spec.size, flags=mmap.MAP_SHARED | 0x4000)  # MAP_NORESERVE
         except (OSError, ValueError, OverflowError) as exc:  # Overflow: a length past ssize_t
             raise GuestMemoryError(f"cannot map region gpa={spec.gpa:#x} size={spec.size:#x}: {exc}") from exc
-        return cls(spec, mm)
+        return cls(spec, mm, os.dup(fd))
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # a view is still exported; unmapped when it goes
+            self.mm.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class GuestMemory:
@@ -113,13 +122,12 @@ class GuestMemory:
             return cls(regions)
         except Exception:
             for r in regions:
-                r.mm.close()
+                r.close()
             raise
 
     def close(self) -> None:
         for r in self.regions:
-            with contextlib.suppress(BufferError):  # a view is still exported; unmapped when it goes
-                r.mm.close()
+            r.close()
 
     @property
     def size(self) -> int:
@@ -282,6 +290,9 @@ class VhostLog:
             self._mm = mmap.mmap(fd, mmap_offset + mmap_size, flags=mmap.MAP_SHARED)
         except (OSError, ValueError, OverflowError) as exc:
             raise GuestMemoryError(f"cannot map dirty log ({mmap_size} bytes): {exc}") from exc
+        self.fd = os.dup(fd)
+        """The log's own duplicate of the front-end's fd: a worker upgrade hands it on."""
+        self.mmap_size, self.mmap_offset = mmap_size, mmap_offset
         self._anchor = ctypes.c_char.from_buffer(self._mm)
         self._base = ctypes.addressof(self._anchor) + mmap_offset
         self.words = mmap_size // 8
@@ -299,6 +310,7 @@ class VhostLog:
     def close(self) -> None:
         del self._anchor
         self._mm.close()
+        os.close(self.fd)
 
 
 def memfd_region(

@@ -9,6 +9,7 @@ for it (VHOST_VRING_F_LOG), so the ring survives a migration the front-end runs.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from fph.virtio.chain import DescriptorChain, walk_chain
 from fph.virtio.errors import GuestMemoryError, VirtQueueError
@@ -18,6 +19,23 @@ from fph.virtio.memory import GuestMemory, VhostLog
 MAX_QUEUE_SIZE = 32768
 AVAIL_F_NO_INTERRUPT = 1
 _USED_ELEM = struct.Struct("<II")
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """A queue's indices and addresses, for a successor that goes on from them (a worker upgrade)."""
+
+    size: int
+    desc_table: int
+    avail_ring: int
+    used_ring: int
+    next_avail: int
+    next_used: int
+    event_idx: bool
+    indirect: bool
+    ready: bool
+    signalled_used: int | None
+    log_used_gpa: int | None
 
 
 class SplitQueue:
@@ -37,6 +55,27 @@ class SplitQueue:
         self.log: VhostLog | None = None
         self.log_used_gpa: int | None = None
         self._signalled_used: int | None = None
+
+    def export_state(self) -> QueueState:
+        """What a successor needs to go on from the same indices (a worker upgrade)."""
+        return QueueState(
+            self.size, self.desc_table, self.avail_ring, self.used_ring, self.next_avail, self.next_used,
+            self.event_idx, self.indirect, self.ready, self._signalled_used, self.log_used_gpa,
+        )  # fmt: skip
+
+    def import_state(self, state: QueueState, mem: GuestMemory | None) -> None:
+        """Take over a predecessor's queue; its addresses are checked against ``mem`` as SET_VRING_ADDR's
+        are."""
+        if state.size:
+            self.set_size(state.size)
+        if state.desc_table:
+            if mem is None:
+                raise VirtQueueError("ring addresses without a memory table")
+            self.set_addresses(mem, state.desc_table, state.avail_ring, state.used_ring)
+        self.next_avail, self.next_used = state.next_avail & 0xFFFF, state.next_used & 0xFFFF
+        self.event_idx, self.indirect = state.event_idx, state.indirect
+        self.ready = state.ready and bool(self.desc_table)
+        self._signalled_used, self.log_used_gpa = state.signalled_used, state.log_used_gpa
 
     def set_size(self, size: int) -> None:
         if not _is_queue_size(size) or size > self.max_size:

@@ -120,6 +120,22 @@ class UnregisterVmResponse(_message.Message):
     done_sent: bool
     def __init__(self, done_sent: _Optional[bool] = ...) -> None: ...
 
+class UpgradeBalloonWorkerRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UpgradeBalloonWorkerResponse(_message.Message):
+    __slots__ = ("vm", "previous_pid", "seconds")
+    VM_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_PID_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    vm: Vm
+    previous_pid: int
+    seconds: float
+    def __init__(self, vm: _Optional[_Union[Vm, _Mapping]] = ..., previous_pid: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class StartHintingRequest(_message.Message):
     __slots__ = ("vm", "acknowledge_on_stop")
     VM_FIELD_NUMBER: _ClassVar[int]

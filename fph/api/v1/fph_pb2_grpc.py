@@ -56,6 +56,11 @@ class VmServiceStub:
                 request_serializer=fph_dot_api_dot_v1_dot_fph__pb2.UnregisterVmRequest.SerializeToString,
                 response_deserializer=fph_dot_api_dot_v1_dot_fph__pb2.UnregisterVmResponse.FromString,
                 _registered_method=True)
+        self.UpgradeBalloonWorker = channel.unary_unary(
+                '/fph.api.v1.VmService/UpgradeBalloonWorker',
+                request_serializer=fph_dot_api_dot_v1_dot_fph__pb2.UpgradeBalloonWorkerRequest.SerializeToString,
+                response_deserializer=fph_dot_api_dot_v1_dot_fph__pb2.UpgradeBalloonWorkerResponse.FromString,
+                _registered_method=True)
 
 
 class VmServiceServicer:
@@ -88,6 +93,16 @@ class VmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpgradeBalloonWorker(self, request, context):
+        """Replaces the VM's balloon worker by a new process running this daemon's code (after an fph upgrade):
+        the new worker takes the old one's vhost-user connection, fds and device state over (SCM_RIGHTS) and
+        the old one exits; QEMU and the guest see no disconnect, a hint run goes on. If the new worker cannot
+        take over, the old one serves on (FAILED_PRECONDITION says why). Refused while the VM migrates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +125,11 @@ def add_VmServiceServicer_to_server(servicer, server):
                     servicer.UnregisterVm,
                     request_deserializer=fph_dot_api_dot_v1_dot_fph__pb2.UnregisterVmRequest.FromString,
                     response_serializer=fph_dot_api_dot_v1_dot_fph__pb2.UnregisterVmResponse.SerializeToString,
+            ),
+            'UpgradeBalloonWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpgradeBalloonWorker,
+                    request_deserializer=fph_dot_api_dot_v1_dot_fph__pb2.UpgradeBalloonWorkerRequest.FromString,
+                    response_serializer=fph_dot_api_dot_v1_dot_fph__pb2.UpgradeBalloonWorkerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +242,33 @@ class VmService:
             '/fph.api.v1.VmService/UnregisterVm',
             fph_dot_api_dot_v1_dot_fph__pb2.UnregisterVmRequest.SerializeToString,
             fph_dot_api_dot_v1_dot_fph__pb2.UnregisterVmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpgradeBalloonWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fph.api.v1.VmService/UpgradeBalloonWorker',
+            fph_dot_api_dot_v1_dot_fph__pb2.UpgradeBalloonWorkerRequest.SerializeToString,
+            fph_dot_api_dot_v1_dot_fph__pb2.UpgradeBalloonWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,
