@@ -1,6 +1,7 @@
 """A restarted daemon: its VMs back from the saved state, a running VM whose balloon connection dropped
 reported degraded (never re-attached, never unplugged), and a migration the dead daemon was running
-rolled back over QMP (fake QEMU monitors) with the report "aborted: back-end restarted"."""
+rolled back over QMP (fake QEMU monitors) with the report "aborted: back-end restarted", or, where the
+destination already holds the guest, finished there and reported completed (the source stays stopped)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import grpc
 import pytest
 
 from fph.api.v1 import fph_pb2 as pb
+from fph.daemon.recovery import COMPLETED
 from fph.daemon.server import DaemonConfig
 from fph.daemon.state_file import PersistedMigration, PersistedState, PersistedVm, StateFile
 from tests.daemon_helper import RunningDaemon
@@ -135,19 +137,23 @@ def test_an_interrupted_migration_is_rolled_back(
     replies: dict[str, Any] = {"query-cpus-fast": [], "migrate_cancel": {}, "migrate-set-capabilities": {}}
     src = FakeQMP(Path(src_vm.qmp_socket), {**replies, "query-status": {"status": "paused"}, "cont": {},
                                             "qom-list": []})  # fmt: skip
-    dst = FakeQMP(Path(dst_vm.qmp_socket), {"query-status": {"status": destination_status}, "quit": {}})
+    dst = FakeQMP(Path(dst_vm.qmp_socket), {"query-status": {"status": destination_status}, "quit": {},
+                                            "query-migrate": {"status": "setup"}})  # fmt: skip
     try:
         m = PersistedMigration("mig-1", "src", "fph", src_vm.qmp_socket, "dst", dst_vm.qmp_socket, 1.0)
         StateFile(state).save(PersistedState([src_vm, dst_vm], [m]))
         d = make_daemon()
         report = d.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
-        assert report.error == "aborted: back-end restarted" and report.migration_id == "mig-1"
+        assert report.migration_id == "mig-1"
         if destination_status == "inmigrate":  # not finished: the source gets its guest back
+            assert report.error == "aborted: back-end restarted" and report.phase == pb.PHASE_FAILED
             assert {"migrate_cancel", "migrate-set-capabilities", "cont"} <= set(src.commands), report.cleanup
             assert "quit" in dst.commands
             assert any("source resumed" in c for c in report.cleanup), report.cleanup
         else:  # finished before the crash: the guest runs on the destination; the source stays stopped
             assert "cont" not in src.commands and "quit" not in dst.commands
+            assert report.phase == pb.PHASE_SUCCEEDED and report.status == "completed" and not report.error
+            assert report.cleanup[0] == COMPLETED, report.cleanup
             assert d.vms.GetVm(pb.GetVmRequest(name="src")).state == pb.VM_STATE_MIGRATED
         assert StateFile(state).load().migrations == []
     finally:
@@ -155,14 +161,32 @@ def test_an_interrupted_migration_is_rolled_back(
         dst.close()
 
 
-@pytest.mark.parametrize("destination_status", ["inmigrate", "running"])
-def test_an_incoming_vm_of_the_dead_daemon_is_torn_down_unless_it_runs(
+class RunsAfterCont(dict[str, Any]):
+    """A fake QEMU's replies: "running" once it was sent ``cont``, as a loaded destination."""
+
+    def __init__(self, fake: FakeQMP) -> None:
+        super().__init__(fake.replies)
+        self.fake = fake
+
+    def __getitem__(self, cmd: str) -> Any:
+        if cmd == "query-status" and "cont" in self.fake.commands:
+            return {"status": "running"}
+        return super().__getitem__(cmd)
+
+
+@pytest.mark.parametrize("destination_status", ["inmigrate", "loaded", "running"])
+def test_an_incoming_vm_of_the_dead_daemon_is_torn_down_unless_it_holds_the_guest(
     make_daemon: Callable[[], RunningDaemon], state: Path, destination_status: str
 ) -> None:
-    """Its receiver died with the daemon (the source's stream broke and it rolled back): a QEMU still
-    waiting is told to quit; one that already runs the guest is left running."""
+    """Its receiver died with the daemon. A QEMU still waiting for its source (which rolls back: the data
+    connection broke) is told to quit; one that has loaded the device state (the source sent it only after
+    every page landed, and stays stopped) is resumed; one that already runs the guest is left running."""
     dst_vm = dataclasses.replace(vm(state, "dst", balloon=False), state="incoming")
-    dst = FakeQMP(Path(dst_vm.qmp_socket), {"query-status": {"status": destination_status}, "quit": {}})
+    status = {"inmigrate": "inmigrate", "loaded": "paused", "running": "running"}[destination_status]
+    migration = {"inmigrate": "setup", "loaded": "completed", "running": "completed"}[destination_status]
+    dst = FakeQMP(Path(dst_vm.qmp_socket), {"query-status": {"status": status}, "quit": {}, "cont": {},
+                                            "query-migrate": {"status": migration}})  # fmt: skip
+    dst.replies = RunsAfterCont(dst)
     try:
         StateFile(state).save(PersistedState([dst_vm]))
         d = make_daemon()
@@ -170,33 +194,41 @@ def test_an_incoming_vm_of_the_dead_daemon_is_torn_down_unless_it_runs(
         assert got.state == pb.VM_STATE_REGISTERED
         if destination_status == "inmigrate":
             assert got.incoming == "failed: aborted: back-end restarted" and "quit" in dst.commands
+        elif destination_status == "loaded":
+            assert "cont" in dst.commands and "quit" not in dst.commands, dst.commands
+            assert got.incoming == "resumed: finished by the restarted daemon", got.incoming
         else:
             assert got.incoming.startswith("resumed") and "quit" not in dst.commands
     finally:
         dst.close()
 
 
-@pytest.mark.parametrize("source_migration", ["active", "completed"])
+@pytest.mark.parametrize("source_migration", ["active", "completed", "incoming-completed"])
 def test_an_interrupted_migration_to_another_host_trusts_the_source_qemu(
     make_daemon: Callable[[], RunningDaemon], state: Path, source_migration: str
 ) -> None:
     """The destination belongs to another host's daemon (no destination QMP saved): the source's own
-    migration status decides. Completed: the guest went; the source stays stopped. Else it resumes."""
+    migration status decides. Completed (the source ``postmigrate``): the guest went; the source stays
+    stopped. Else it resumes, also when "completed" is the status of the migration that brought this VM
+    here (a source that arrived by migration reports it until it migrates out; it sits paused)."""
     src_vm = vm(state, "src")
     replies: dict[str, Any] = {"query-cpus-fast": [], "migrate_cancel": {}, "migrate-set-capabilities": {}}
-    replies.update({"query-status": {"status": "paused"}, "cont": {}, "qom-list": []})
-    src = FakeQMP(Path(src_vm.qmp_socket), {**replies, "query-migrate": {"status": source_migration}})
+    handed_over = source_migration == "completed"
+    replies.update({"query-status": {"status": "postmigrate" if handed_over else "paused"}, "cont": {}})
+    status = "active" if source_migration == "active" else "completed"
+    src = FakeQMP(Path(src_vm.qmp_socket), {**replies, "qom-list": [], "query-migrate": {"status": status}})
     try:
         m = PersistedMigration("mig-2", "src", "fph", src_vm.qmp_socket, "dst", "", 1.0)
         StateFile(state).save(PersistedState([src_vm], [m]))
         d = make_daemon()
         report = d.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
-        assert report.error == "aborted: back-end restarted"
         assert any("owned by its daemon" in c for c in report.cleanup), report.cleanup
-        if source_migration == "completed":
+        if handed_over:
             assert "cont" not in src.commands
+            assert report.phase == pb.PHASE_SUCCEEDED and not report.error, report
             assert d.vms.GetVm(pb.GetVmRequest(name="src")).state == pb.VM_STATE_MIGRATED
         else:
+            assert report.error == "aborted: back-end restarted"
             assert "cont" in src.commands and any("source resumed" in c for c in report.cleanup)
     finally:
         src.close()

@@ -4,7 +4,9 @@ memory, x-ignore-shared off, destination QEMU gone), reports "aborted: back-end 
 source's balloon worker, which held QEMU's vhost-user connection all along: the VM is not degraded, the
 guest's hinted blocks are given back (DONE) within 10 s, and a second fph migration (it unplugs that
 balloon: QEMU 11.1 aborts on device_del of a balloon whose back-end went away) succeeds to a verified
-destination. QEMU must survive all of it."""
+destination. QEMU must survive all of it. Killed at switchover: in the final round (the source stopped) the
+migration is rolled back the same way; during the destination's balloon re-plug (the guest already runs
+there) it is finished instead, never rolled back onto the source that handed the guest over."""
 
 from __future__ import annotations
 
@@ -28,8 +30,10 @@ import pytest
 
 from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
+from fph.daemon.recovery import COMPLETED
 from fph.waiting import poll_until
 from fph_lab.check import check_destination
+from fph_lab.guest import kernel_errors
 from fph_lab.provision import Lab
 from fph_lab.vm import VM, VMConfig
 from fph_lab.workers import end_workers
@@ -229,12 +233,19 @@ def test_a_daemon_killed_in_round_0_is_rolled_back_by_its_successor(
 
 
 PHASES = ("idle", "hint-run", "unplug")
-"""Round 0 is the test above (it also migrates the VM again after the restart)."""
+"""Round 0 is the test above (it also migrates the VM again after the restart); the final round and the
+re-plug are the switchover test below."""
+KILL_ON = {
+    "unplug": "balloon unplug requested",  # while QEMU and the guest eject the device
+    "final-round": "source stopped for the final round",  # the source stopped, its last pages going out
+    "re-plug": "balloon re-plug requested",  # the guest runs on the destination, its fresh balloon coming
+}
+"""The daemon's log line that kills it in a phase too short to be reached through the progress stream."""
 
 
 def kill_in_phase(first: Served, phase: str) -> None:
-    """Bring the first daemon to ``phase`` (a hint run, or an fph migration's rounds or unplug), then
-    kill -9 it there."""
+    """Bring the first daemon to ``phase`` (a hint run, or an fph migration's rounds, unplug, final round
+    or the destination's re-plug), then kill -9 it there."""
     if phase == "hint-run":
         first.hints.StartHinting(pb.StartHintingRequest(vm="src"))
 
@@ -243,9 +254,8 @@ def kill_in_phase(first: Served, phase: str) -> None:
             return st.state == "start" and st.hinted_bytes > 0
 
         assert poll_until(hinting, 60, 0.02), "the guest never started hinting"
-    elif phase in ("rounds", "unplug"):  # an fph migration to the incoming VM "dst"
-        if phase == "unplug":
-            first.kill_on = "balloon unplug requested"  # killed while QEMU and the guest eject the device
+    elif phase in ("rounds", *KILL_ON):  # an fph migration to the incoming VM "dst"
+        first.kill_on = KILL_ON.get(phase, "")
         target = first.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="dst", mode=pb.MODE_FPH))
         request = pb.MigrateRequest(
             vm="src",
@@ -268,8 +278,8 @@ def kill_in_phase(first: Served, phase: str) -> None:
                 seen.append(f"{e.code()}: {e.details()}")
 
         threading.Thread(target=follow, daemon=True).start()
-        if phase == "unplug":
-            assert first.killed_on.wait(120), f"no unplug: {seen[-5:]}"
+        if first.kill_on:
+            assert first.killed_on.wait(120), f"no {phase}: {seen[-5:]}"
         else:
             assert reached.wait(120), f"the migration never reached {phase}: {seen[-5:]}"
     first.kill()
@@ -314,3 +324,117 @@ def test_a_daemon_killed_in_each_phase_leaves_qemu_and_its_balloon_whole(
     assert poll_until(hinted_again, 60, 0.2), "no hint run after the restart"
     second.hints.StopHinting(pb.StopHintingRequest(vm="src"))
     assert src.alive() and src.status() == "running"
+
+
+def served_balloon(daemon: Served, vm: VM, name: str) -> None:
+    """The VM's balloon plugged in QEMU, served by its (adopted) worker: a hint run through ``daemon``
+    gets hints, and after it the guest holds nothing."""
+    children = {c["name"] for c in vm.qmp("qom-list", {"path": "/machine/peripheral"})}
+    assert "bal0" in children, f"{name} has no balloon"
+    got = daemon.vms.GetVm(pb.GetVmRequest(name=name))
+    assert not got.degraded and got.balloon_connected, got
+    assert poll_until(lambda: daemon.vms.GetVm(pb.GetVmRequest(name=name)).free_page_hint_negotiated, 60)
+
+    def hinted() -> bool:
+        st = daemon.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm=name))
+        return st.state == "stop" and st.hinted_bytes > 0
+
+    daemon.hints.StartHinting(pb.StartHintingRequest(vm=name, acknowledge_on_stop=True))
+    assert poll_until(hinted, 60, 0.2), f"no hint run on {name}"
+    daemon.hints.StopHinting(pb.StopHintingRequest(vm=name))
+
+    def released() -> bool:
+        st = daemon.hints.GetHintingStatus(pb.GetHintingStatusRequest(vm=name))
+        return st.guest_held_bytes == 0 and st.state in ("done", "stop")
+
+    assert poll_until(released, 10, 0.2), f"{name}'s guest still holds hinted memory"
+
+
+@pytest.mark.parametrize("phase", ("final-round", "re-plug"))
+def test_a_daemon_killed_at_switchover_leaves_the_guest_whole_on_one_side(
+    lab: Lab, state: Path, started: Started, phase: str
+) -> None:
+    """kill -9 of ``fph serve`` (which serves both VMs) at switchover, with the guest writing; a new daemon
+    on the state directory. In the final round (the source stopped, its last dirty pages going out) the
+    migration is rolled back within 10 s: the source resumed with its memory and its balloon re-added, the
+    destination QEMU gone, and the source migrates again to a verified destination. During the
+    destination's re-plug (the guest already runs there) it is finished, never rolled back: the
+    destination runs the verified guest with a fresh balloon served by its adopted worker, the source stays
+    stopped, and the migration reads completed (or had already ended before the kill)."""
+    vms = started.vms
+    first = started.serve(state)
+    src = start_source(lab, first, vms)
+    dst = start_destination(lab, first, vms, "dst")
+    src.wait_ready(180)
+    src.guest.start_hold(32, 1)
+    src.guest.start_dirty(64, 2000)  # the final round has pages to send (~8 MB/s of rewrites)
+    workers = {n: first.vms.GetVm(pb.GetVmRequest(name=n)).balloon_worker_pid for n in ("src", "dst")}
+    kill_in_phase(first, phase)
+    assert src.alive() and dst.alive(), "QEMU died with fph"
+    hb = src.guest.last_heartbeat()  # the source's last word before it stopped
+    assert hb is not None
+
+    t_restart = time.monotonic()
+    second = started.serve(state)
+    try:
+        report = second.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
+    except grpc.RpcError as e:  # the source's job had ended, and been saved, before the kill
+        assert phase == "re-plug" and e.code() == grpc.StatusCode.NOT_FOUND, e
+        report = None
+    assert time.monotonic() - t_restart < 10.0
+    for name, pid in workers.items():  # both balloons' workers adopted, neither VM degraded
+        got = second.vms.GetVm(pb.GetVmRequest(name=name))
+        assert got.balloon_worker_pid == pid > 0 and not got.degraded, got
+
+    if phase == "final-round":
+        assert report is not None
+        assert report.phase == pb.PHASE_FAILED and report.error == "aborted: back-end restarted", report
+        cleanup = list(report.cleanup)
+        for step in (
+            "source x-ignore-shared off",
+            "source resumed (was paused)",
+            "balloon re-added on the source",
+        ):
+            assert step in cleanup, cleanup
+        print(f"phase {phase}: rollback {cleanup}")
+        caps = {c["capability"]: c["state"] for c in src.qmp("query-migrate-capabilities")}
+        assert caps["x-ignore-shared"] is False
+        assert poll_until(lambda: not dst.alive(), 10, 0.1), "the destination QEMU was not told to quit"
+        assert_back_whole(second, src, t_restart)
+        assert not kernel_errors(src.console.text()), kernel_errors(src.console.text())
+        served_balloon(second, src, "src")
+        # the rolled-back source is whole: it migrates again (its re-added balloon unplugged at switchover)
+        dst2 = start_destination(lab, second, vms, "dst2")
+        target2 = second.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="dst2", mode=pb.MODE_FPH))
+        request2 = pb.MigrateRequest(
+            vm="src", mode=pb.MODE_FPH, destination=target2, bandwidth_bytes_per_second=125_000_000
+        )
+        last = list(second.migrations.Migrate(request2))[-1]
+        assert last.phase == pb.PHASE_SUCCEEDED, last
+        hb2 = src.guest.last_heartbeat()
+        assert hb2 is not None and hb2.csum == hb.csum
+        assert poll_until(lambda: dst2.status() == "running", 60, 0.2)
+        check = check_destination(dst2, hb2, src=src)
+        assert check.ok, check.problems
+        return
+
+    # re-plug: the guest runs on the destination; the source handed it over and stays stopped
+    if report is not None:
+        assert report.phase == pb.PHASE_SUCCEEDED and report.status == "completed" and not report.error, (
+            report
+        )
+        assert report.cleanup[0] == COMPLETED, report.cleanup
+    dst_vm = second.vms.GetVm(pb.GetVmRequest(name="dst"))
+    finished = [line.split("incoming: ", 1)[1].strip() for line in second.lines if "incoming: " in line]
+    print(
+        f"phase {phase}: migration {'in flight' if report else 'already ended'} at the kill; "
+        f"report {list(report.cleanup) if report else None}; destination {dst_vm.incoming!r}: {finished}"
+    )
+    assert dst_vm.incoming.startswith("resumed"), dst_vm.incoming
+    assert second.vms.GetVm(pb.GetVmRequest(name="src")).state == pb.VM_STATE_MIGRATED
+    assert dst.status() == "running"
+    assert src.alive() and src.status() == "postmigrate", "the source must not run after the destination did"
+    check = check_destination(dst, hb, src=src)
+    assert check.ok, check.problems
+    served_balloon(second, dst, "dst")
+    assert src.status() == "postmigrate" and dst.status() == "running"

@@ -23,10 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fph.daemon.qemu_exit import ProcessExit, socket_owner_pid
+from fph.daemon.recovery import ABORTED
 from fph.migration.destination import (
+    BALLOON_CHARDEV_ID,
+    BALLOON_DEVICE_ID,
     FPH_INCOMING_CAPABILITIES,
     NATIVE_INCOMING_CAPABILITIES,
     DestinationError,
+    arrived_by_fph,
+    device_state_arrived,
     listen_incoming,
     plug_balloon,
     resume_incoming,
@@ -43,6 +48,10 @@ log = logging.getLogger(__name__)
 ACCEPT_TIMEOUT_S = 3600.0
 #: From the last page to a running QEMU: QEMU's device state must have loaded by then.
 RESUME_TIMEOUT_S = 60.0
+#: After a restart: a destination found loading its device state (milliseconds of it) finishes by then.
+RESTART_RESUME_TIMEOUT_S = 5.0
+#: After a restart: the whole of finishing one destination (resume, fresh balloon) is bounded by this.
+RESTART_FINISH_TIMEOUT_S = 15.0
 NATIVE_POLL_S = 0.1
 
 
@@ -81,6 +90,8 @@ class IncomingSession:
     balloon_socket: str = ""
     state: IncomingState = IncomingState.PREPARED
     error: str = ""
+    note: str = ""
+    """How a session the dead daemon left was finished by its successor (resumed after a restart)."""
     events: list[str] = field(default_factory=list)
     """What the watcher did, in order: for GetVm and the logs."""
     started: float = field(default_factory=time.time)
@@ -243,7 +254,8 @@ class IncomingSession:
         try:
             await conn.connect(timeout=5.0)
             try:
-                await plug_balloon(conn, "bal0", "vu", self.balloon_socket)
+                log.info("balloon re-plug requested", extra={"vm": self.vm, "socket": self.balloon_socket})
+                await plug_balloon(conn, BALLOON_DEVICE_ID, BALLOON_CHARDEV_ID, self.balloon_socket)
             finally:
                 await conn.close()
             self._note(f"fresh balloon plugged on {self.balloon_socket}")
@@ -281,6 +293,34 @@ class IncomingSession:
             self._note(f"QEMU already gone ({type(e).__name__})")
         return False
 
+    async def _finish_after_restart(self, conn: QMPConnection) -> None:
+        """``abandon_incoming``'s decision, on this QEMU's monitor."""
+        status = str((await conn.execute("query-status")).get("status"))
+        if status == "running":
+            self._note("QEMU runs the guest: the migration had completed before the restart")
+        elif await device_state_arrived(conn):
+            await resume_incoming(conn, RESTART_RESUME_TIMEOUT_S)
+            self._note(f"QEMU held the device state ({status}): resumed, the source had handed over")
+        else:
+            with contextlib.suppress(QMPError, OSError):  # it may exit before it answers
+                await conn.execute("quit")
+            self._note("QEMU told to quit (the source keeps the guest)")
+            self.state, self.error = IncomingState.FAILED, ABORTED
+            return
+        self.state = IncomingState.RESUMED
+        self.note = "finished by the restarted daemon"
+        if not self.balloon_socket or not await arrived_by_fph(conn):
+            return  # no fph balloon here, or QEMU's own migration carried its devices
+        children = await conn.execute("qom-list", {"path": "/machine/peripheral"})
+        if any(c.get("name") == BALLOON_DEVICE_ID for c in children):
+            self._note("the fresh balloon was already plugged")
+            return
+        try:
+            await plug_balloon(conn, BALLOON_DEVICE_ID, BALLOON_CHARDEV_ID, self.balloon_socket)
+            self._note(f"fresh balloon plugged on {self.balloon_socket}")
+        except (QMPError, DestinationError) as exc:
+            self._note(f"balloon re-plug FAILED: {exc} (the guest runs without fph's balloon)")
+
     def _release(self) -> None:
         if self.receiver is not None:
             self.receiver.stop()
@@ -295,8 +335,9 @@ class IncomingSession:
         return self.state is not IncomingState.PREPARED
 
     def summary(self) -> str:
-        """One line for GetVm: the state and, if it failed, why."""
-        return self.state.value + (f": {self.error}" if self.error else "")
+        """One line for GetVm: the state and, if it failed, why (or how a restarted daemon finished it)."""
+        detail = self.error or self.note
+        return self.state.value + (f": {detail}" if detail else "")
 
     def close(self) -> None:
         """Give up (thread-safe): the receiver stops, the watcher ends without touching QEMU."""
@@ -312,12 +353,33 @@ class IncomingSession:
         return self.state
 
 
-async def abandon_incoming(vm: str, qmp_socket: Path) -> IncomingSession:
-    """After a restart: a destination the dead daemon had prepared lost its receiver with it, and its
-    source has rolled back (the data connection broke). A QEMU still waiting is told to quit; one that
-    already runs the guest (the migration had completed) is left running."""
-    s = IncomingSession(vm, "", qmp_socket, "", "", False, error="aborted: back-end restarted")
+async def abandon_incoming(vm: str, qmp_socket: Path, balloon_socket: str = "") -> IncomingSession:
+    """After a restart: a destination the dead daemon had prepared lost its receiver with it. Its QEMU's own
+    word decides. Still waiting for the device state: the data connection broke, so its source keeps the
+    guest; this QEMU is told to quit. Already holding the device state (the source handed over: it sends it
+    only after every page landed, and stays stopped): the switchover is finished here, never undone: cont,
+    then the fresh balloon the dead daemon may not have plugged (``balloon_socket``: its worker listens
+    there; "" when this VM has none). Already running the guest: only that balloon."""
+    s = IncomingSession(vm, "", qmp_socket, "", "", False, balloon_socket=balloon_socket)
     s._closed.set()
-    running = await s._tear_down()
-    s.state = IncomingState.RESUMED if running else IncomingState.FAILED
+    try:
+        conn = QMPConnection(str(qmp_socket), "fph-daemon-incoming")
+        await conn.connect(timeout=5.0)
+    except (QMPError, OSError) as e:
+        s._note(f"QEMU already gone ({type(e).__name__})")
+        s.state, s.error = IncomingState.FAILED, ABORTED
+        return s
+    try:
+        async with asyncio.timeout(RESTART_FINISH_TIMEOUT_S):  # a hung QEMU must not hold the restart
+            await s._finish_after_restart(conn)
+    except (QMPError, OSError, DestinationError) as e:  # (TimeoutError is an OSError)
+        s._note(f"QEMU failed while the restarted daemon finished it ({type(e).__name__}: {e})")
+        if s.state is not IncomingState.RESUMED:  # it does not run the guest: quit, the source keeps it
+            with contextlib.suppress(QMPError, OSError):
+                async with asyncio.timeout(2.0):
+                    await conn.execute("quit")
+            s.state, s.error = IncomingState.FAILED, ABORTED
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.close()
     return s

@@ -100,13 +100,28 @@ class MigrationJob:
 
     @classmethod
     def interrupted(
-        cls, job_id: str, vm: str, mode: str, target: Target, started: float, cleanup: list[str], error: str
+        cls,
+        job_id: str,
+        vm: str,
+        mode: str,
+        target: Target,
+        started: float,
+        cleanup: list[str],
+        error: str,
+        *,
+        completed: bool = False,
     ) -> MigrationJob:
-        """The record of a migration a previous daemon ran when it died (rolled back on restart)."""
+        """The record of a migration a previous daemon ran when it died: rolled back on restart (failed with
+        ``error``), or ``completed`` (the guest already ran on the destination): an orchestrator reading a
+        failure would restart the guest on the source, a second running copy."""
         job = cls(vm, Params(mode, None, 0, 0, 1.0), target, 0)
         job.id, job.start_time, job.end_time = job_id, started, time.time()
-        job.phase, job.status, job.error, job.cleanup = FAILED, "failed", error, list(cleanup)
-        job.last = job.snapshot(error)
+        job.cleanup = list(cleanup)
+        if completed:
+            job.phase, job.status = SUCCEEDED, "completed"
+        else:
+            job.phase, job.status, job.error = FAILED, "failed", error
+        job.last = job.snapshot(error if not completed else "; ".join(cleanup[:1]))
         return job
 
     @property

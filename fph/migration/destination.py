@@ -67,6 +67,24 @@ async def resume_incoming(dst: QMPConnection, timeout: float) -> None:
         raise DestinationError(f"the destination is {status!r} after cont, not running")
 
 
+async def arrived_by_fph(dst: QMPConnection) -> bool:
+    """Whether this QEMU takes (or took) its migration in fph mode: only device state on QEMU's stream,
+    RAM moved by fph (``x-ignore-shared`` stays on after the load)."""
+    caps = {str(c["capability"]): bool(c["state"]) for c in await dst.execute("query-migrate-capabilities")}
+    return caps.get("x-ignore-shared", False)
+
+
+async def device_state_arrived(dst: QMPConnection) -> bool:
+    """Whether an incoming QEMU has loaded, or is loading, its source's device state. In fph mode the
+    source sends it only after the destination confirmed every page (FINISH), with its vCPUs stopped for
+    good: such a destination holds the whole guest and must be resumed, never torn down, whoever died
+    meanwhile. (In native mode an active stream is still RAM: only a completed load counts.)"""
+    status = str((await dst.execute("query-migrate")).get("status", ""))
+    if status == "completed":
+        return True
+    return status == "active" and await arrived_by_fph(dst)
+
+
 async def plug_balloon(conn: QMPConnection, device_id: str, chardev_id: str, socket_path: str) -> None:
     """A fresh fph balloon on ``conn``'s QEMU, connected to the back-end listening on ``socket_path``."""
     with contextlib.suppress(QMPError):  # a chardev of that id may be left from an earlier plug

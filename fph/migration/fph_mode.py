@@ -417,6 +417,7 @@ class FphMigration:
         t_stop = stop_window.mark("stop")
         progress.src_stopped = True
         self.phase = Phase.STOPPED
+        log.info("source stopped for the final round", extra={"sync": self._sync + 1})
         await self._hook(HookPoint.BEFORE_SYNC)
         final = await asyncio.to_thread(pc.final_round)
         await self._hook(HookPoint.AFTER_SYNC)
