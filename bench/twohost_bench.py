@@ -43,7 +43,9 @@ from fph_lab.wire_rate import WireSampler
 from fph_lab.workload import HOLD_MIB, wait_allocation_settles
 
 MiB = 1 << 20
-MODES = {"fph": pb.MODE_FPH, "native": pb.MODE_NATIVE, "none": pb.MODE_NONE}
+MODES = {"fph": pb.MODE_FPH, "fph-reporting": pb.MODE_FPH, "native": pb.MODE_NATIVE, "none": pb.MODE_NONE}
+"""``fph-reporting``: fph mode with the balloon offering free page reporting (the guest's freed memory is
+punched out of the RAM file before the migration; round 0 skips those holes)."""
 BRIEF = ("mode", "workload", "run", "bytes", "wire_bytes", "total_s", "resumed_wall_s", "downtime_ms",
          "goodput_bps", "max_window_rate_bps", "destination_ok", "error")  # fmt: skip
 
@@ -59,8 +61,8 @@ WORKLOADS = {w.name: w for w in (Workload("memhog-exit", 1024, 700), Workload("m
 
 
 def boot(rig: TwoHostRig, mode: str, name: str, mem_mib: int) -> tuple[VM, VM]:
-    if mode == "fph":
-        src = rig.source_vm(name, mem_mib=mem_mib)
+    if mode.startswith("fph"):
+        src = rig.source_vm(name, mem_mib=mem_mib, reporting=mode == "fph-reporting")
         dst = rig.destination_vm(f"{name}-d", mem_mib=mem_mib)
     else:
         hint = mode == "native"
@@ -73,7 +75,7 @@ def boot(rig: TwoHostRig, mode: str, name: str, mem_mib: int) -> tuple[VM, VM]:
 def send_goodput(report: Any, mode: str) -> float | None:
     """fph: page bytes over the time spent sending them (rounds that sent for 100 ms or more); QEMU: its own
     ``mbps`` of the last iteration is not comparable, so the average over the migration's active time."""
-    if mode == "fph":
+    if mode.startswith("fph"):
         rounds = json.loads(report.json).get("rounds") or []
         sel = [r for r in rounds if float(r.get("send_ms") or 0) >= 100]
         ms = sum(float(r["send_ms"]) for r in sel)
@@ -142,7 +144,7 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
             job_stats=js,
         )
         out["goodput_bps"] = send_goodput(rep, mode)
-        if mode == "fph":
+        if mode.startswith("fph"):
             full = json.loads(rep.json)
             f = full.get("fph") or {}
             out["hinting"] = f.get("hinting")
@@ -197,9 +199,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"{m}_max_window_rate_bps"] = max(rates) if rates else None
             over = [r["windows_over_cap"] for r in rs if r.get("windows_over_cap") is not None]
             row[f"{m}_windows_over_cap"] = sum(over) if over else None
-        for k in ("bytes", "total_s", "resumed_wall_s"):
-            f, n = row.get(f"fph_{k}_median"), row.get(f"native_{k}_median")
-            row[f"fph_over_native_{k}"] = round(f / n, 3) if f and n else None
+        for fm in ("fph", "fph-reporting"):
+            for k in ("bytes", "total_s", "resumed_wall_s"):
+                f, n = row.get(f"{fm}_{k}_median"), row.get(f"native_{k}_median")
+                row[f"{fm}_over_native_{k}"] = round(f / n, 3) if f and n else None
         good, rate = row.get("fph_goodput_bps_median"), runs[0]["link_rate_bps"] / 8
         row["fph_goodput_over_link"] = round(good / rate, 3) if good and rate else None
         out.append(row)

@@ -109,6 +109,11 @@ def _add_daemon_parsers(sub: Any) -> None:
     r.add_argument("--balloon-socket")
     r.add_argument("--memory-mib", type=int, required=True)
     r.add_argument("--write-log")
+    r.add_argument(
+        "--free-page-reporting",
+        action="store_true",
+        help="the balloon offers free page reporting (give QEMU's device num_vqs=5)",
+    )
     _with_socket(vm.add_parser("list"))
     for name in ("get", "unregister"):
         _with_socket(vm.add_parser(name)).add_argument("name")

@@ -293,7 +293,9 @@ class TwoHostRig:
         self.vms.append(vm)
         return vm
 
-    def _register(self, side: Side, vm: VM, *, balloon: bool, write_log: bool, mem_mib: int) -> Any:
+    def _register(
+        self, side: Side, vm: VM, *, balloon: bool, write_log: bool, mem_mib: int, reporting: bool = False
+    ) -> Any:
         host = self.host(side)
         spec = pb.VmSpec(
             name=vm.name,
@@ -302,6 +304,7 @@ class TwoHostRig:
             balloon_socket=str(vm.run_dir / "balloon.sock") if balloon else "",
             memory_bytes=mem_mib * MiB,
             write_log=str(vm.run_dir / "wlog.bin") if write_log else "",
+            free_page_reporting=reporting,
         )
         try:
             return host.vms.RegisterVm(pb.RegisterVmRequest(spec=spec))
@@ -320,19 +323,23 @@ class TwoHostRig:
             ) from e
         return vm
 
-    def source_vm(self, name: str, *, side: Side = "src", mem_mib: int | None = None) -> VM:
+    def source_vm(
+        self, name: str, *, side: Side = "src", mem_mib: int | None = None, reporting: bool = False
+    ) -> VM:
         """An fph-mode source on ``side``: registered (balloon socket, RAM file, write log), then its QEMU
         started with fph's balloon, the RAM file and the write-log plugin. Returns once QMP answers (the
-        guest still boots: ``vm.wait_ready()``)."""
+        guest still boots: ``vm.wait_ready()``). ``reporting``: fph's balloon offers free page reporting
+        (QEMU's device gets the 5th queue)."""
         mem = mem_mib or self.mem_mib
         vm = self._new_vm(side, name, VMConfig(mem_mib=mem))
-        reg = self._register(side, vm, balloon=True, write_log=True, mem_mib=mem)
+        reg = self._register(side, vm, balloon=True, write_log=True, mem_mib=mem, reporting=reporting)
         if not reg.plugin_arg:
             raise TwoHostError(f"RegisterVm({name}) gave no plugin_arg for the write log: {reg}")
         vm.config = VMConfig(
             mem_mib=mem,
             balloon="fph",
             vhost_user_socket=reg.spec.balloon_socket,
+            balloon_queues=5 if reporting else 4,
             ram_backend="file",
             plugins=(reg.plugin_arg,),
             netns=self.host(side).ns,

@@ -34,7 +34,7 @@ Balloon = Literal["native", "none", "fph"]
 RamBackend = Literal["memfd", "file"]
 
 # The generic vhost-user device posing as a virtio-balloon (virtio id 5) served by fph's back-end.
-FPH_DEVICE_ARGS = "virtio-id=5,num_vqs=4,config_size=16,vq_size=1024"
+FPH_DEVICE_ARGS = "virtio-id=5,num_vqs={queues},config_size=16,vq_size=1024"
 BASE_APPEND = "console=ttyS0 loglevel=4 panic=-1 no_timer_check"
 
 
@@ -50,6 +50,8 @@ class VMConfig:
     balloon: Balloon = "native"
     free_page_hint: bool = True
     vhost_user_socket: str | None = None
+    balloon_queues: int = 4
+    """``num_vqs`` of the fph balloon: 5 for a back-end that offers free page reporting (``--reporting``)."""
     ram_backend: RamBackend = "memfd"
     init_on_alloc: int | None = None
     append: str = ""
@@ -222,7 +224,7 @@ class VM:
                 "-chardev",
                 f"socket,id=vu,path={c.vhost_user_socket}",
                 "-device",
-                f"vhost-user-test-device-pci,id=bal0,chardev=vu,{FPH_DEVICE_ARGS}{bus}",
+                f"vhost-user-test-device-pci,id=bal0,chardev=vu,{FPH_DEVICE_ARGS.format(queues=c.balloon_queues)}{bus}",
             ]
         elif c.balloon != "none":
             raise VMError(f"unknown balloon {c.balloon!r}: native, none or fph")

@@ -64,7 +64,7 @@ class FrontendError(AssertionError):
 class FakeFrontend:
     """Synchronous QEMU stand-in on the front-end side of one vhost-user socket."""
 
-    def __init__(self, path: str, ram: GuestRam, *, queue_size: int = 256, timeout: float = 5.0) -> None:
+    def __init__(self, path: str, ram: GuestRam, *, queue_size: int = 256, timeout: float = 15.0) -> None:
         self.path = path
         self.ram = ram
         self.queue_size = queue_size

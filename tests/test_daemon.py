@@ -28,7 +28,7 @@ import pytest
 
 from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
-from fph.balloon.spec import QueueRole
+from fph.balloon.spec import F_REPORTING, QueueRole
 from fph.daemon.server import ConfigError, DaemonConfig
 from fph.waiting import poll_until
 from tests.daemon_helper import RunningDaemon
@@ -928,3 +928,29 @@ def test_upgrade_balloon_worker_replaces_one_vms_worker_and_keeps_its_connection
     daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "plain", balloon=False)))
     code, msg = code_of(lambda: daemon.vms.UpgradeBalloonWorker(pb.UpgradeBalloonWorkerRequest(name="plain")))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "without balloon_socket" in msg
+
+
+def test_free_page_reporting_is_offered_by_the_vms_worker_and_needs_a_balloon(
+    daemon: RunningDaemon, state: Path, ram: GuestRam
+) -> None:
+    got = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm1", free_page_reporting=True)))
+    assert got.spec.free_page_reporting
+    fe = FakeFrontend(got.spec.balloon_socket, ram)
+    try:
+        fe.realize()
+        assert fe.offered_features & F_REPORTING  # the worker runs with --reporting
+    finally:
+        fe.close()
+    plain = daemon.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "vm2")))
+    fe = FakeFrontend(plain.spec.balloon_socket, ram)
+    try:
+        fe.realize()
+        assert not fe.offered_features & F_REPORTING
+    finally:
+        fe.close()
+    code, msg = code_of(
+        lambda: daemon.vms.RegisterVm(
+            pb.RegisterVmRequest(spec=spec(state, "vm3", balloon=False, free_page_reporting=True))
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "needs balloon_socket" in msg

@@ -10,7 +10,14 @@ import pytest
 
 from fph.balloon.control import DeviceView
 from fph.balloon.counters import BalloonCounters
-from fph.migration.fph_mode import Balloon, BalloonDisconnectedError, FphMigration, FphMigrationError
+from fph.balloon.spec import F_FREE_PAGE_HINT, F_REPORTING
+from fph.migration.fph_mode import (
+    Balloon,
+    BalloonDisconnectedError,
+    FphConfig,
+    FphMigration,
+    FphMigrationError,
+)
 from fph.ram_layout import RamLayout
 from tests.fake_qmp import FakeQMP
 
@@ -57,3 +64,43 @@ def test_a_balloon_whose_connection_dropped_is_never_unplugged(tmp_path: Path) -
     finally:
         src.close()
         dst.close()
+
+
+class ViewOnly:
+    """A balloon control that only answers view_async (what the hint policy reads)."""
+
+    def __init__(self, acked: int, poison_val: int = 0) -> None:
+        self.acked, self.poison_val = acked, poison_val
+
+    async def view_async(self) -> DeviceView:
+        return DeviceView(
+            acked=self.acked, connected=True, has_channel=True, actual=0, num_pages=0,
+            poison_val=self.poison_val, broken=None, config_unread=False, counters=BalloonCounters(),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("acked", "poison", "hint_reporting", "expected"),
+    [
+        (F_FREE_PAGE_HINT, 0, False, None),
+        (F_FREE_PAGE_HINT | F_REPORTING, 0, False, "reports its free memory"),
+        (F_FREE_PAGE_HINT | F_REPORTING, 0, True, None),
+        (F_FREE_PAGE_HINT, 0xAA, False, "poisons its free pages"),
+    ],
+)
+def test_a_guest_that_reports_or_poisons_is_migrated_without_a_hint_run(
+    tmp_path: Path, acked: int, poison: int, hint_reporting: bool, expected: str | None
+) -> None:
+    mig = FphMigration(
+        src_qmp=str(tmp_path / "src.qmp"),
+        dst_qmp=None,
+        uri="tcp:127.0.0.1:1",
+        layout=RamLayout.pc(256 * MiB),
+        src_ram=tmp_path / "src.ram",
+        receiver_address=("127.0.0.1", 1),
+        writelog=None,  # type: ignore[arg-type]  # never reached
+        balloon=Balloon(ViewOnly(acked, poison)),  # type: ignore[arg-type]
+        config=FphConfig(hint_reporting_guests=hint_reporting),
+    )
+    reason = asyncio.run(mig._hinting_skipped())
+    assert (reason is None) if expected is None else (reason is not None and expected in reason), reason

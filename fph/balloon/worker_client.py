@@ -336,6 +336,7 @@ class BalloonWorkers:
         sink: HintSink | None = None,
         *,
         orphan_grace_s: float | None = None,
+        reporting: bool = False,
     ) -> WorkerBalloon:
         """A new worker listening on ``socket_path`` (blocks until it answers, at most START_TIMEOUT_S)."""
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -344,7 +345,8 @@ class BalloonWorkers:
             proc = subprocess.Popen(
                 [self.python, "-m", "fph.balloon.worker", "--name", name, "--socket", socket_path,
                  "--control", str(ctl),
-                 *(["--orphan-grace", str(orphan_grace_s)] if orphan_grace_s is not None else [])],
+                 *(["--orphan-grace", str(orphan_grace_s)] if orphan_grace_s is not None else []),
+                 *(["--reporting"] if reporting else [])],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True, close_fds=True,
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S

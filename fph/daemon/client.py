@@ -119,6 +119,7 @@ def vm(cs: Clients, a: argparse.Namespace) -> int:
             balloon_socket=a.balloon_socket or "",
             memory_bytes=a.memory_mib * MiB,
             write_log=a.write_log or "",
+            free_page_reporting=a.free_page_reporting,
         )
         show(c.vms.RegisterVm(pb.RegisterVmRequest(spec=spec)))
     return 0

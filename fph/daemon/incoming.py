@@ -88,6 +88,8 @@ class IncomingSession:
     ram: RamFile | None = None
     receiver: RamReceiver | None = None
     balloon_socket: str = ""
+    balloon_queues: int = 4
+    """``num_vqs`` of the fresh balloon (5 when this VM's worker offers free page reporting)."""
     state: IncomingState = IncomingState.PREPARED
     error: str = ""
     note: str = ""
@@ -117,6 +119,7 @@ class IncomingSession:
         layout: RamLayout,
         balloon_socket: str,
         plane: DataPlane,
+        balloon_queues: int = 4,
         on_end: Callable[[IncomingSession], None] | None = None,
     ) -> IncomingSession:
         """Listen (QEMU, and the receiver for fph mode) and start the watcher; on any failure nothing stays
@@ -155,7 +158,7 @@ class IncomingSession:
             raise
         session = cls(
             vm, mode, qmp_socket, uri, credential, plane.tls is not None, ram, receiver, balloon_socket,
-            qemu_pid=qemu_pid, on_end=on_end,
+            balloon_queues, qemu_pid=qemu_pid, on_end=on_end,
         )  # fmt: skip
         session._task = asyncio.create_task(session._watch(), name=f"fph-incoming-{vm}")
         log.info(
@@ -255,7 +258,9 @@ class IncomingSession:
             await conn.connect(timeout=5.0)
             try:
                 log.info("balloon re-plug requested", extra={"vm": self.vm, "socket": self.balloon_socket})
-                await plug_balloon(conn, BALLOON_DEVICE_ID, BALLOON_CHARDEV_ID, self.balloon_socket)
+                await plug_balloon(
+                    conn, BALLOON_DEVICE_ID, BALLOON_CHARDEV_ID, self.balloon_socket, self.balloon_queues
+                )
             finally:
                 await conn.close()
             self._note(f"fresh balloon plugged on {self.balloon_socket}")
@@ -316,7 +321,9 @@ class IncomingSession:
             self._note("the fresh balloon was already plugged")
             return
         try:
-            await plug_balloon(conn, BALLOON_DEVICE_ID, BALLOON_CHARDEV_ID, self.balloon_socket)
+            await plug_balloon(
+                conn, BALLOON_DEVICE_ID, BALLOON_CHARDEV_ID, self.balloon_socket, self.balloon_queues
+            )
             self._note(f"fresh balloon plugged on {self.balloon_socket}")
         except (QMPError, DestinationError) as exc:
             self._note(f"balloon re-plug FAILED: {exc} (the guest runs without fph's balloon)")
@@ -353,14 +360,18 @@ class IncomingSession:
         return self.state
 
 
-async def abandon_incoming(vm: str, qmp_socket: Path, balloon_socket: str = "") -> IncomingSession:
+async def abandon_incoming(
+    vm: str, qmp_socket: Path, balloon_socket: str = "", balloon_queues: int = 4
+) -> IncomingSession:
     """After a restart: a destination the dead daemon had prepared lost its receiver with it. Its QEMU's own
     word decides. Still waiting for the device state: the data connection broke, so its source keeps the
     guest; this QEMU is told to quit. Already holding the device state (the source handed over: it sends it
     only after every page landed, and stays stopped): the switchover is finished here, never undone: cont,
     then the fresh balloon the dead daemon may not have plugged (``balloon_socket``: its worker listens
     there; "" when this VM has none). Already running the guest: only that balloon."""
-    s = IncomingSession(vm, "", qmp_socket, "", "", False, balloon_socket=balloon_socket)
+    s = IncomingSession(
+        vm, "", qmp_socket, "", "", False, balloon_socket=balloon_socket, balloon_queues=balloon_queues
+    )
     s._closed.set()
     try:
         conn = QMPConnection(str(qmp_socket), "fph-daemon-incoming")

@@ -292,10 +292,11 @@ def fph_migration(
     target: Target,
     params: Params,
     security: DataPlaneSecurity,
+    balloon_queues: int = 4,
 ) -> FphMigration:
     """The source half: the destination daemon resumes its QEMU and plugs its balloon itself."""
     assert target.data_address is not None
-    balloon = None if control is None else Balloon(control, ring_ranges=ring_ranges)
+    balloon = None if control is None else Balloon(control, ring_ranges=ring_ranges, queues=balloon_queues)
     return FphMigration(
         src_qmp=str(src_qmp),
         dst_qmp=None,

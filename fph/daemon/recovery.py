@@ -74,6 +74,7 @@ async def roll_back(
     timeout: float = QMP_TIMEOUT_S,
     *,
     replug: bool = False,
+    balloon_queues: int = 4,
     destination_running: bool | None = None,
 ) -> Rollback:
     """``replug``: the source's balloon worker still holds QEMU's connection (adopted), so a balloon the
@@ -99,7 +100,7 @@ async def roll_back(
             src = QMPConnection(m.source_qmp, "fph-recovery-src")
             await src.connect(timeout)
             try:
-                await _roll_back_source(src, out, dest, replug)
+                await _roll_back_source(src, out, dest, replug, balloon_queues)
             finally:
                 await src.close()
     except (QMPError, OSError, TimeoutError) as exc:
@@ -152,7 +153,9 @@ async def _source_handed_over(src: QMPConnection) -> tuple[bool, str]:
     return status == "completed" and await _status(src) == "postmigrate", status
 
 
-async def _roll_back_source(src: QMPConnection, out: Rollback, dest: Destination, replug: bool) -> None:
+async def _roll_back_source(
+    src: QMPConnection, out: Rollback, dest: Destination, replug: bool, queues: int = 4
+) -> None:
     with contextlib.suppress(QMPError, ThrottleError):  # no vCPU threads visible: nothing was throttled
         pid, _tids = vcpu_threads(list(await src.execute("query-cpus-fast")))
         out.cleanup.extend(await asyncio.to_thread(release_stale_groups, pid))
@@ -192,7 +195,7 @@ async def _roll_back_source(src: QMPConnection, out: Rollback, dest: Destination
         children = await src.execute("qom-list", {"path": "/machine/peripheral"})
         if not any(c.get("name") == BALLOON_DEVICE_ID for c in children):
             try:
-                await add_balloon_device(src, BALLOON_DEVICE_ID, BALLOON_CHARDEV_ID)
+                await add_balloon_device(src, BALLOON_DEVICE_ID, BALLOON_CHARDEV_ID, queues)
                 out.cleanup.append("balloon re-added on the source")
             except QMPError as exc:
                 out.cleanup.append(f"balloon NOT re-added on the source: {exc}")

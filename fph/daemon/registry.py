@@ -159,6 +159,8 @@ class VmSpec:
     balloon_socket: Path | None
     memory_bytes: int
     write_log: Path | None
+    free_page_reporting: bool = False
+    """The balloon offers free page reporting (its worker runs with ``--reporting``)."""
 
     @classmethod
     def validate(cls, state_dir: Path, msg: Any) -> VmSpec:
@@ -182,7 +184,9 @@ class VmSpec:
         check_existing(qmp, "qmp_socket", stat.S_ISSOCK, "a socket", trusted_uids=uids)
         check_existing(ram, "ram_file", stat.S_ISREG, "a regular file", trusted_uids=uids)
         check_existing(wlog, "write_log", stat.S_ISREG, "a regular file", trusted_uids=uids)
-        return cls(name, qmp, ram, balloon, mem, wlog)
+        if msg.free_page_reporting and balloon is None:
+            raise InvalidArgument("free_page_reporting needs balloon_socket (fph's balloon reports)")
+        return cls(name, qmp, ram, balloon, mem, wlog, bool(msg.free_page_reporting))
 
 
 @dataclass
@@ -301,7 +305,11 @@ class Registry:
             if spec.balloon_socket is not None:
                 try:
                     rec.control = await asyncio.to_thread(
-                        self.workers.start, spec.name, str(spec.balloon_socket), rec.sink
+                        self.workers.start,
+                        spec.name,
+                        str(spec.balloon_socket),
+                        rec.sink,
+                        reporting=spec.free_page_reporting,
                     )
                 except WorkerError as e:
                     raise FailedPrecondition(f"cannot serve the balloon on {spec.balloon_socket}: {e}") from e
@@ -337,7 +345,11 @@ class Registry:
             if plugged is None or not plugged:
                 try:
                     rec.control = await asyncio.to_thread(
-                        self.workers.start, spec.name, str(spec.balloon_socket), rec.sink
+                        self.workers.start,
+                        spec.name,
+                        str(spec.balloon_socket),
+                        rec.sink,
+                        reporting=spec.free_page_reporting,
                     )
                 except Exception as exc:  # e.g. its directory is gone: this VM only, never the restart
                     rec.degraded = (

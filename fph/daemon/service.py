@@ -50,6 +50,7 @@ from fph.daemon.registry import (
 )
 from fph.daemon.state_file import PersistedMigration, PersistedState, PersistedVm, StateFile
 from fph.hint_receiver import HintState
+from fph.migration.destination import balloon_queues
 from fph.migration.fph_mode import FphReport
 from fph.qmp import QMPConnectError, QMPConnection, QMPError
 from fph.ram_layout import PAGE_SIZE
@@ -168,6 +169,7 @@ class Daemon:
                 memory_bytes=r.spec.memory_bytes,
                 write_log=str(r.spec.write_log or ""),
                 state=r.state,
+                free_page_reporting=r.spec.free_page_reporting,
             )
             for r in self.registry.vms.values()
         ]
@@ -211,12 +213,15 @@ class Daemon:
                 Path(v.balloon_socket) if v.balloon_socket else None,
                 v.memory_bytes,
                 Path(v.write_log) if v.write_log else None,
+                v.free_page_reporting,
             )
             state_now = "migrated" if v.state == "migrated" else "registered"  # nothing else survives
             restored = await self.registry.restore(spec, state_now)
             if v.state == "incoming":  # finished if it holds the guest (with a fresh balloon), else torn down
                 balloon = str(spec.balloon_socket) if restored.control is not None else ""
-                restored.incoming = await abandon_incoming(spec.name, spec.qmp_socket, balloon)
+                restored.incoming = await abandon_incoming(
+                    spec.name, spec.qmp_socket, balloon, balloon_queues(spec.free_page_reporting)
+                )
             log.info(
                 "vm restored",
                 extra={"vm": restored.name, "state": restored.state, "degraded": restored.degraded},
@@ -226,6 +231,7 @@ class Daemon:
             rb = await roll_back(
                 m,
                 replug=rec is not None and rec.control is not None,
+                balloon_queues=balloon_queues(rec is not None and rec.spec.free_page_reporting),
                 destination_running=self._abandoned_destination(m),
             )
             target = Target(m.destination_vm, "")
@@ -266,6 +272,7 @@ class Daemon:
                 balloon_socket=str(s.balloon_socket or ""),
                 memory_bytes=s.memory_bytes,
                 write_log=str(s.write_log or ""),
+                free_page_reporting=s.free_page_reporting,
             ),
             state=STATES[rec.state],
             balloon_connected=self.registry.connected(rec),
@@ -704,6 +711,7 @@ class MigrationService(pbg.MigrationServiceServicer):
                 ram_file=rec.spec.ram_file,
                 layout=rec.layout,
                 balloon_socket=str(rec.spec.balloon_socket or ""),
+                balloon_queues=balloon_queues(rec.spec.free_page_reporting),
                 plane=self.d.plane,
                 on_end=ended,
             )
@@ -762,6 +770,7 @@ class MigrationService(pbg.MigrationServiceServicer):
                 ring_ranges=(lambda: reg.ring_ranges(rec)) if rec.control else None,
                 target=target,
                 params=params,
+                balloon_queues=balloon_queues(rec.spec.free_page_reporting),
             )
         else:
             wl = None

@@ -30,6 +30,7 @@ class PersistedVm:
     memory_bytes: int
     write_log: str
     state: str
+    free_page_reporting: bool = False
 
 
 @dataclass(frozen=True)

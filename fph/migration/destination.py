@@ -19,6 +19,13 @@ BALLOON_CHARDEV_ID = "vu"
 """The QEMU ids of fph's balloon device and its chardev, unless a migration is told others."""
 BALLOON_DEVICE_ARGS = {"virtio-id": 5, "num_vqs": 4, "config_size": 16, "vq_size": 1024}
 
+
+def balloon_queues(reporting: bool) -> int:
+    """``num_vqs`` of the balloon device: the driver sizes its queue list from the features it acks, and
+    a back-end offering free page reporting needs a fifth queue (with 4 the guest's probe fails)."""
+    return 5 if reporting else 4
+
+
 FPH_INCOMING_CAPABILITIES = {"x-ignore-shared": True, "events": True}
 """fph mode: QEMU carries device state only; RAM (shared, in files) is fph's to move."""
 NATIVE_INCOMING_CAPABILITIES = {"x-ignore-shared": False, "events": True}
@@ -85,7 +92,9 @@ async def device_state_arrived(dst: QMPConnection) -> bool:
     return status == "active" and await arrived_by_fph(dst)
 
 
-async def plug_balloon(conn: QMPConnection, device_id: str, chardev_id: str, socket_path: str) -> None:
+async def plug_balloon(
+    conn: QMPConnection, device_id: str, chardev_id: str, socket_path: str, queues: int = 4
+) -> None:
     """A fresh fph balloon on ``conn``'s QEMU, connected to the back-end listening on ``socket_path``."""
     with contextlib.suppress(QMPError):  # a chardev of that id may be left from an earlier plug
         await conn.execute("chardev-remove", {"id": chardev_id})
@@ -103,10 +112,10 @@ async def plug_balloon(conn: QMPConnection, device_id: str, chardev_id: str, soc
         },
     )
     await _wait_chardev_connected(conn, chardev_id)
-    await add_balloon_device(conn, device_id, chardev_id)
+    await add_balloon_device(conn, device_id, chardev_id, queues)
 
 
-async def add_balloon_device(conn: QMPConnection, device_id: str, chardev_id: str) -> None:
+async def add_balloon_device(conn: QMPConnection, device_id: str, chardev_id: str, queues: int = 4) -> None:
     """The balloon device on an existing chardev (``device_del`` keeps the chardev and its back-end
     connection, so an unplugged balloon comes back this way)."""
     await conn.execute(
@@ -116,6 +125,7 @@ async def add_balloon_device(conn: QMPConnection, device_id: str, chardev_id: st
             "id": device_id,
             "chardev": chardev_id,
             **BALLOON_DEVICE_ARGS,
+            "num_vqs": queues,
         },
     )
 

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fph import dirty_bitmap
-from fph.balloon.spec import F_FREE_PAGE_HINT
+from fph.balloon.spec import F_FREE_PAGE_HINT, F_REPORTING
 from fph.dirty_bitmap import DirtyBitmap
 from fph.migration.convergence import ConvergenceError, Decision, Verdict
 from fph.migration.destination import (
@@ -111,6 +111,8 @@ class Balloon:
     """GPA ranges of the device's used rings: fph writes them, no guest store logs them."""
     destination_socket: str | None = None
     """A back-end already listening for the destination's fresh balloon (None: no re-plug)."""
+    queues: int = 4
+    """The device's ``num_vqs`` (5 with free page reporting), for a balloon fph adds back."""
 
 
 @dataclass
@@ -450,7 +452,7 @@ class FphMigration:
         b = self.balloon
         if dst is not None and b is not None and b.destination_socket:
             t = time.monotonic()
-            await plug_balloon(dst, b.device_id, b.chardev_id, b.destination_socket)
+            await plug_balloon(dst, b.device_id, b.chardev_id, b.destination_socket, b.queues)
             replug_ms = (time.monotonic() - t) * 1e3
         await self._hook(HookPoint.CLEANUP)
         self.phase = Phase.DONE
@@ -540,10 +542,16 @@ class FphMigration:
     async def _hinting_skipped(self) -> str | None:
         """Why hinting would not pay for this guest (see ``PrecopyConfig.hint_poisoned_guests``), or None."""
         view = getattr(self.balloon.control, "view_async", None) if self.balloon is not None else None
-        if view is None or self.config.hint_poisoned_guests:
+        if view is None:
             return None
         v = await view()
-        if v.poison_val:
+        if v.acked & F_REPORTING and not self.config.hint_reporting_guests:
+            return (
+                "the guest reports its free memory (free page reporting): fph punched it out of the RAM "
+                "file, and round 0 skips those holes unread; a hint run would take the blocks back from "
+                "the host (the driver zeroes each one it hints)"
+            )
+        if v.poison_val and not self.config.hint_poisoned_guests:
             return (
                 f"the guest poisons its free pages (value {v.poison_val:#x}): each is a FILL marker on the "
                 "wire, cheaper than a hint run and the re-poisoning of every block the guest gets back"
@@ -692,7 +700,7 @@ class FphMigration:
 
     async def _readd(self, src: QMPConnection) -> None:
         assert self.balloon is not None
-        await add_balloon_device(src, self.balloon.device_id, self.balloon.chardev_id)
+        await add_balloon_device(src, self.balloon.device_id, self.balloon.chardev_id, self.balloon.queues)
 
     # --------------------------------------------------------------------------------------- report
 

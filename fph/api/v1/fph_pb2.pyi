@@ -49,20 +49,22 @@ PHASE_SUCCEEDED: Phase
 PHASE_FAILED: Phase
 
 class VmSpec(_message.Message):
-    __slots__ = ("name", "qmp_socket", "ram_file", "balloon_socket", "memory_bytes", "write_log")
+    __slots__ = ("name", "qmp_socket", "ram_file", "balloon_socket", "memory_bytes", "write_log", "free_page_reporting")
     NAME_FIELD_NUMBER: _ClassVar[int]
     QMP_SOCKET_FIELD_NUMBER: _ClassVar[int]
     RAM_FILE_FIELD_NUMBER: _ClassVar[int]
     BALLOON_SOCKET_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     WRITE_LOG_FIELD_NUMBER: _ClassVar[int]
+    FREE_PAGE_REPORTING_FIELD_NUMBER: _ClassVar[int]
     name: str
     qmp_socket: str
     ram_file: str
     balloon_socket: str
     memory_bytes: int
     write_log: str
-    def __init__(self, name: _Optional[str] = ..., qmp_socket: _Optional[str] = ..., ram_file: _Optional[str] = ..., balloon_socket: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., write_log: _Optional[str] = ...) -> None: ...
+    free_page_reporting: bool
+    def __init__(self, name: _Optional[str] = ..., qmp_socket: _Optional[str] = ..., ram_file: _Optional[str] = ..., balloon_socket: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., write_log: _Optional[str] = ..., free_page_reporting: _Optional[bool] = ...) -> None: ...
 
 class Vm(_message.Message):
     __slots__ = ("spec", "state", "balloon_connected", "free_page_hint_negotiated", "plugin_arg", "migration_id", "degraded", "incoming", "balloon_worker_pid")
