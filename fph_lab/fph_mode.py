@@ -44,6 +44,8 @@ class FphPair(PairBase):
     mem_mib: int = 1024
     init_on_alloc: int | None = None
     balloon: bool = True
+    reporting: bool = False
+    """fph's source balloon offers free page reporting (the device gets its 5th queue)."""
     append: str = ""
     src: VM = field(init=False)
     dst: VM = field(init=False)
@@ -78,6 +80,7 @@ class FphPair(PairBase):
             mem_mib=self.mem_mib,
             balloon="fph" if self.balloon else "none",
             vhost_user_socket=self.src_socket if self.balloon else None,
+            balloon_queues=5 if self.reporting else 4,
             ram_backend="file",
             init_on_alloc=self.init_on_alloc,
             append=self.append,
@@ -86,7 +89,7 @@ class FphPair(PairBase):
 
     def start(self, ready_timeout: float = 180.0) -> float:
         if self.balloon:
-            self.control = self.hints.add_vm(self.src_socket)
+            self.control = self.hints.add_vm(self.src_socket, reporting=self.reporting)
             self.dst_control = self.hints.add_vm(self.dst_socket)
         self.src.start()
         self.dst.start()

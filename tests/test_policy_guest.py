@@ -14,6 +14,7 @@ import pytest
 from fph.balloon.free_page_hint import HintState
 from fph.migration.fph_mode import FphConfig, Phase
 from fph.migration_hook import HookEvent, HookPoint
+from fph.waiting import poll_until
 from fph_lab.fph_mode import FphPair
 from fph_lab.provision import Lab
 from tests.test_fph_migration_guest import PageCompare
@@ -123,3 +124,25 @@ def test_every_round_gives_the_blocks_back_before_the_unplug(plain: FphPair) -> 
     assert report.fph["hinted_bytes"] > 100 * MiB
     check = pair.check()
     assert check.ok, check.problems
+
+
+def test_a_guest_that_reports_its_free_memory_is_migrated_from_holes_without_a_hint_run(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """Free page reporting: what the guest freed is punched out of the source RAM file before the migration;
+    round 0 leaves those holes unread, no hint run is asked for, and every page still matches."""
+    with FphPair(lab, mem_mib=1024, reporting=True, keep_logs=tmp_path / "logs") as pair:
+        assert pair.control is not None
+        pair.src.guest.start_hold(32, 1)
+        pair.src.guest.memhog(400, 0)
+        assert poll_until(lambda: pair.control.view().counters.reported_bytes >= 300 * MiB, 60, 0.5), (
+            pair.control.view().counters
+        )
+        compare = PageCompare(pair)
+        report = asyncio.run(pair.migration(FphConfig(), hooks=(compare,)).run())
+        assert report.fph["hinting"].startswith("skipped: the guest reports its free memory"), report.fph
+        assert report.fph["hinted_bytes"] == 0
+        assert report.fph["zero_pages_unread"] * 4096 >= 300 * MiB, report.fph  # the holes, never read
+        assert compare.diff == []
+        check = pair.check()
+        assert check.ok, check.problems

@@ -343,7 +343,7 @@ class FphMigration:
         lap("warm_kernels")
         bitmap = DirtyBitmap(self.layout)
         unavailable = await self._hinting_unavailable()
-        skipped = None if unavailable is not None else await self._hinting_skipped()
+        skipped = None if unavailable is not None else await self._hinting_skipped(src_ram)
         lap("bitmap_and_balloon_view")
         if self.balloon is not None and unavailable is None and skipped is None:
             self.balloon.control.set_sink(bitmap)
@@ -539,17 +539,25 @@ class FphMigration:
                 "(QEMU cannot re-attach a back-end to a running vhost-user device)"
             )
 
-    async def _hinting_skipped(self) -> str | None:
-        """Why hinting would not pay for this guest (see ``PrecopyConfig.hint_poisoned_guests``), or None."""
+    async def _hinting_skipped(self, ram: RamFile | None = None) -> str | None:
+        """Why hinting would not pay for this guest (see ``PrecopyConfig.hint_poisoned_guests`` and
+        ``hint_reporting_guests``), or None."""
         view = getattr(self.balloon.control, "view_async", None) if self.balloon is not None else None
         if view is None:
             return None
         v = await view()
         if v.acked & F_REPORTING and not self.config.hint_reporting_guests:
+            t0 = time.monotonic()
+            behind = await self._reporting_behind(ram)
+            if behind is not None and behind > self._reporting_lag_bytes():
+                log.info("free page reporting behind: hinting", extra={"unreported_bytes": behind})
+                return None  # freed memory not yet reported (the guest reports every 2 s): hint it
+            seen = "" if behind is None else f", {behind >> 20} MiB of its free memory not yet punched"
             return (
                 "the guest reports its free memory (free page reporting): fph punched it out of the RAM "
                 "file, and round 0 skips those holes unread; a hint run would take the blocks back from "
-                "the host (the driver zeroes each one it hints)"
+                f"the host (the driver zeroes each one it hints){seen}, "
+                f"after {time.monotonic() - t0:.1f} s"
             )
         if v.poison_val and not self.config.hint_poisoned_guests:
             return (
@@ -557,6 +565,36 @@ class FphMigration:
                 "wire, cheaper than a hint run and the re-poisoning of every block the guest gets back"
             )
         return None
+
+    def _reporting_lag_bytes(self) -> int:
+        """Guest free memory not yet a hole in the RAM file that still skips the hint run: memory in runs
+        smaller than 2 MiB is never reported, so a little always stays."""
+        return max(128 << 20, self.layout.ram_bytes // 16)
+
+    async def _reporting_behind(self, ram: RamFile | None) -> int | None:
+        """The guest's free memory (fresh stats) that is not yet a hole in the source RAM file, once
+        reporting caught up or ``reporting_wait_s`` passed; None where it cannot be known."""
+        ctl = self.balloon.control if self.balloon is not None else None
+        request = getattr(ctl, "request_stats_async", None)
+        read = getattr(ctl, "guest_stats_async", None)
+        if ram is None or request is None or read is None:
+            return None
+        before = await read()
+        if await request():  # the guest refills its stats buffer at once
+            deadline = time.monotonic() + 1.0
+            while (await read()).updated == before.updated and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        free = (await read()).values.get("free_memory")
+        if free is None:
+            return None
+        deadline = time.monotonic() + self.config.reporting_wait_s
+        while True:
+            extents = await asyncio.to_thread(ram.data_extents)
+            holes = self.layout.ram_bytes - sum(length for _, length in extents)
+            behind = max(0, free - holes)
+            if behind <= self._reporting_lag_bytes() or time.monotonic() >= deadline:
+                return behind
+            await asyncio.sleep(0.25)
 
     async def _hinting_unavailable(self) -> str | None:
         """Why this guest cannot hint (it is then migrated without hints), or None if it can."""

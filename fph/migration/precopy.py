@@ -133,7 +133,10 @@ class PrecopyConfig(ConvergenceConfig):
     hint_reporting_guests: bool = False
     """A guest that reports its free memory (free page reporting, ``RegisterVm`` ``free_page_reporting``)
     is migrated without a hint run by default: its freed memory is already holes in the RAM file, which
-    round 0 skips unread, while a hint run would take those blocks back (the driver zeroes each one)."""
+    round 0 skips unread, while a hint run would take those blocks back (the driver zeroes each one). Unless
+    reporting is behind (the guest reports every 2 s): fph waits up to ``reporting_wait_s`` for the guest's
+    free memory (its stats) to be holes, and hints as usual if it is still not."""
+    reporting_wait_s: float = 3.0
     release_settle_s: float = 0.1
     """After DONE, how long to let the guest free its blocks before the sync that precedes round 0."""
 
