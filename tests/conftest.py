@@ -63,8 +63,17 @@ def fph_vm(vm_factory: Callable[..., VM], balloon_socket: str) -> Callable[..., 
     ``balloon_socket`` (``ctl = receiver.add_vm(balloon_socket)`` first), booted to the guest's ready
     line; stopped after the test."""
 
-    def boot(name: str, *, mem_mib: int = 1024, vm_class: type[VM] = VM, ready_s: float = 120) -> VM:
-        config = VMConfig(mem_mib=mem_mib, balloon="fph", vhost_user_socket=balloon_socket)
+    def boot(
+        name: str,
+        *,
+        mem_mib: int = 1024,
+        vm_class: type[VM] = VM,
+        ready_s: float = 120,
+        balloon_queues: int = 4,
+    ) -> VM:
+        config = VMConfig(
+            mem_mib=mem_mib, balloon="fph", vhost_user_socket=balloon_socket, balloon_queues=balloon_queues
+        )
         vm = vm_factory(config, name=name, vm_class=vm_class)
         vm.wait_ready(ready_s)
         return vm

@@ -134,7 +134,8 @@ def test_real_guest_hints(
     assert not balloon_bound(vm)
 
     # Re-plug on the same connection: the whole handshake again, fresh rings, a new round works.
-    props = dict(kv.split("=") for kv in FPH_DEVICE_ARGS.split(","))
+    device_args = FPH_DEVICE_ARGS.format(queues=vm.config.balloon_queues)
+    props = dict(kv.split("=") for kv in device_args.split(","))
     vm.qmp(
         "device_add",
         {
@@ -216,20 +217,13 @@ def test_real_guest_entry_point_sigterm(fph_vm: Callable[..., VM], balloon_socke
             proc.wait()
 
 
-class FiveQueueVM(VM):
-    """The lab VM with ``num_vqs=5``: room for the reporting queue."""
-
-    def command(self) -> list[str]:
-        return [a.replace("num_vqs=4", "num_vqs=5") for a in super().command()]
-
-
 def test_real_guest_free_page_reporting(fph_vm: Callable[..., VM], balloon_socket: str) -> None:
     """REPORTING: the guest reports free 2 MiB+ ranges by itself; fph discards them from the shared RAM file
     before returning each buffer; the guest keeps working, and hinting still works next to it."""
     rx = ThreadedHintReceiver()
     ctl = rx.add_vm(balloon_socket, reporting=True)
     try:
-        vm = fph_vm("fph-report", vm_class=FiveQueueVM)
+        vm = fph_vm("fph-report", balloon_queues=5)  # room for the reporting queue
         assert ctl.view().acked & F_REPORTING
         wait_until(
             lambda: ctl.view().counters.reported_bytes >= 256 * MiB, 30, "the guest to report free memory"
