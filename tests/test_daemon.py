@@ -435,7 +435,7 @@ def register_pair(d: RunningDaemon, state: Path, *, write_log: bool = False) -> 
 
 
 def test_accept_prepare_and_a_failing_migration_is_aborted(
-    daemon: RunningDaemon, state: Path, qemus: dict[str, FakeQMP]
+    make_daemon: Callable[..., RunningDaemon], daemon: RunningDaemon, state: Path, qemus: dict[str, FakeQMP]
 ) -> None:
     target = register_pair(daemon, state)
     assert target.vm == "dst" and target.migration_uri == "tcp:127.0.0.1:4444"
@@ -506,6 +506,24 @@ def test_accept_prepare_and_a_failing_migration_is_aborted(
     assert code == grpc.StatusCode.NOT_FOUND
     # the source is usable again after the failure
     assert daemon.vms.GetVm(pb.GetVmRequest(name="src")).state == pb.VM_STATE_REGISTERED
+    # a second failure: the first report stays readable by its id, and both survive a restart
+    with pytest.raises(grpc.RpcError):
+        list(daemon.migrations.Migrate(pb.MigrateRequest(vm="src", mode=pb.MODE_NATIVE, destination=target)))
+    last = daemon.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
+    assert last.migration_id != rep.migration_id
+    daemon.stop()
+    after = make_daemon()
+    assert after.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src")) == last
+    first = after.migrations.GetMigrationReport(
+        pb.GetMigrationReportRequest(vm="src", migration_id=rep.migration_id)
+    )
+    assert first.error == rep.error and first.end_time == rep.end_time
+    assert after.vms.GetVm(pb.GetVmRequest(name="src")).migration_id == last.migration_id
+    # they go with their VM
+    after.vms.UnregisterVm(pb.UnregisterVmRequest(name="src"))
+    after.vms.RegisterVm(pb.RegisterVmRequest(spec=spec(state, "src", balloon=False)))
+    code, _ = code_of(lambda: after.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src")))
+    assert code == grpc.StatusCode.NOT_FOUND
 
 
 def test_an_incoming_stream_that_fails_tears_the_destination_down(

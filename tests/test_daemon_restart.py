@@ -156,6 +156,10 @@ def test_an_interrupted_migration_is_rolled_back(
             assert report.cleanup[0] == COMPLETED, report.cleanup
             assert d.vms.GetVm(pb.GetVmRequest(name="src")).state == pb.VM_STATE_MIGRATED
         assert StateFile(state).load().migrations == []
+        # a second restart still knows how it ended (an orchestrator may ask only then)
+        d.stop()
+        again = make_daemon().migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
+        assert again == report
     finally:
         src.close()
         dst.close()

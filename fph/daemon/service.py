@@ -48,6 +48,7 @@ from fph.daemon.registry import (
     open_writelog,
     parse_host_port,
 )
+from fph.daemon.report_store import ReportStore
 from fph.daemon.state_file import PersistedMigration, PersistedState, PersistedVm, StateFile
 from fph.hint_receiver import HintState
 from fph.migration.destination import balloon_queues
@@ -156,6 +157,9 @@ class Daemon:
         self.metrics = Metrics(self.registry)
         self.socket_path = socket_path
         self.jobs: dict[str, MigrationJob] = {}
+        """Migrations running, and each VM's last one (the others' reports are in ``reports``)."""
+        self.reports = ReportStore(self.registry.state_dir)
+        """Finished migrations' reports, kept across restarts."""
         self.state_file = StateFile(self.registry.state_dir)
 
     def persist(self) -> None:
@@ -205,6 +209,7 @@ class Daemon:
         was running rolled back (``fph.daemon.recovery``); its report reads "aborted: back-end restarted",
         or "completed" if the guest already runs on the destination (never resumed on the source then)."""
         state = self.state_file.load()
+        self.reports.load()
         for v in state.vms:
             spec = VmSpec(
                 v.name,
@@ -239,6 +244,7 @@ class Daemon:
                 m.id, m.vm, m.mode, target, m.started, rb.cleanup, ABORTED, completed=rb.completed
             )
             self.jobs[job.id] = job
+            self.reports.save(report_message(job))
             if rec is not None:
                 rec.job = job
                 rec.state = "migrated" if rb.completed else "registered"
@@ -278,11 +284,29 @@ class Daemon:
             balloon_connected=self.registry.connected(rec),
             free_page_hint_negotiated=self.registry.negotiated(rec),
             plugin_arg=rec.plugin_arg,
-            migration_id=rec.job.id if rec.job is not None else "",
+            migration_id=self.last_migration_id(rec),
             degraded=rec.degraded,
             incoming=rec.incoming.summary() if rec.incoming is not None else "",
             balloon_worker_pid=rec.control.pid if rec.control is not None else 0,
         )
+
+    def last_migration_id(self, rec: VmRecord) -> str:
+        if rec.job is not None:
+            return rec.job.id
+        last = self.reports.latest(rec.name)
+        return "" if last is None else str(last.migration_id)
+
+    def job_ended(self, job: MigrationJob) -> None:
+        """Its report kept on disk; finished jobs of the VM before it leave memory (their reports stay)."""
+        self.reports.save(report_message(job))
+        for old in [k for k, j in self.jobs.items() if j.vm == job.vm and j.finished and j is not job]:
+            del self.jobs[old]
+
+    def forget_vm(self, name: str) -> None:
+        """An unregistered VM's jobs and reports go with it."""
+        for old in [k for k, j in self.jobs.items() if j.vm == name and j.finished]:
+            del self.jobs[old]
+        self.reports.forget_vm(name)
 
     async def close(self, timeout: float = 1.5, *, stop_workers: bool = False) -> None:
         """Cancel running migrations (each rolls back), then DONE to every guest holding hinted pages."""
@@ -326,6 +350,7 @@ class VmService(pbg.VmServiceServicer):
     @unary
     async def UnregisterVm(self, request: Any, context: Any) -> Any:
         done = await self.d.registry.unregister(request.name)
+        self.d.forget_vm(request.name)
         self.d.persist()
         return pb.UnregisterVmResponse(done_sent=done)
 
@@ -787,6 +812,7 @@ class MigrationService(pbg.MigrationServiceServicer):
                 rec.control.set_sink(rec.sink)  # the migration made its bitmap the sink
             rec.state = "migrated" if j.report is not None else "registered"
             self.d.metrics.ended(j)
+            self.d.job_ended(j)
             self.d.persist()
             log.info(
                 "migration ended", extra={"vm": j.vm, "migration": j.id, "phase": j.phase, "status": j.status}
@@ -831,10 +857,17 @@ class MigrationService(pbg.MigrationServiceServicer):
         rec = self.d.registry.get(request.vm)
         if request.migration_id:
             job = self.d.jobs.get(request.migration_id)
+            if job is None:
+                kept = self.d.reports.get(request.migration_id)
+                if kept is not None and kept.vm == rec.name:
+                    return kept
             if job is None or job.vm != rec.name:
                 raise NotFound(f"no migration {request.migration_id!r} of VM {rec.name!r}")
         elif rec.job is None:
-            raise NotFound(f"VM {rec.name!r} has not been migrated by this daemon")
+            kept = self.d.reports.latest(rec.name)
+            if kept is None:
+                raise NotFound(f"VM {rec.name!r} has not been migrated by this daemon")
+            return kept
         else:
             job = rec.job
         return report_message(job)
