@@ -230,6 +230,15 @@ def test_a_daemon_killed_in_round_0_is_rolled_back_by_its_successor(
     assert poll_until(lambda: dst2.status() == "running", 60, 0.2)
     check = check_destination(dst2, hb, src=src)
     assert check.ok, check.problems
+    # both reports outlive the daemon that wrote them
+    done = second.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
+    second.kill()
+    third = started.serve(state)
+    assert third.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src")) == done
+    aborted = third.migrations.GetMigrationReport(
+        pb.GetMigrationReportRequest(vm="src", migration_id=report.migration_id)
+    )
+    assert aborted.error == "aborted: back-end restarted", aborted
 
 
 PHASES = ("idle", "hint-run", "unplug")
