@@ -692,6 +692,12 @@ class DirtyBitmap:
             pages = np.sort(np.random.default_rng(seed).choice(pages, k, replace=False))
         return pages.astype(np.int64)
 
+    def dirty_flags(self) -> npt.NDArray[np.bool_]:
+        """One flag per page, true where the page is dirty now (a copy: the bitmap is unchanged)."""
+        with self._lock:
+            bits = np.unpackbits(self.dirty.view(np.uint8), bitorder="little", count=self.nbits)
+        return bits.view(np.bool_)
+
     def is_dirty(self, page: int) -> bool:
         return bool(self.dirty[page >> 6] >> np.uint64(page & 63) & np.uint64(1))
 

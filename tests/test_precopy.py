@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from fph.dirty_bitmap import DirtyBitmap
@@ -164,7 +165,7 @@ def migrate(
         pc.run_round()
     guest.stop.set()  # "stop" the VM
     writer.join()
-    pc.final_round()
+    pc.final_round(check_beside=verify)  # the check on its own thread while the final round sends
     if verify:
         pc.verify_and_resend()
     ack = channel.finish({"rounds": pc.round})
@@ -267,14 +268,52 @@ def no_log_precopy(src: RamFile, dst: RamFile) -> tuple[Precopy, RamSender, RamR
     return pc, channel, receiver
 
 
-def test_verify_resends_pages_changed_without_a_logged_store(ram_files: tuple[RamFile, RamFile]) -> None:
-    """TCG's page walker sets PTE A/D bits with no logged store: the switchover check finds them."""
+@pytest.mark.parametrize("check_beside", [False, True])
+def test_verify_resends_pages_changed_without_a_logged_store(
+    ram_files: tuple[RamFile, RamFile], check_beside: bool
+) -> None:
+    """TCG's page walker sets PTE A/D bits with no logged store: the switchover check finds them, also
+    when it runs beside the final round."""
     src, dst = ram_files
     pc, channel, receiver = no_log_precopy(src, dst)
     src.buf[5 * PAGE_SIZE + 8] ^= 0x20  # an "Accessed" bit in a page sent as data, not in any log
     pc.final_round()
-    assert pc.final_round().pages_data == 0
+    assert pc.final_round(check_beside=check_beside).pages_data == 0
     assert pc.verify_and_resend() == 1
+    assert (pc.result.verify_beside_final_ms > 0) == check_beside
+    channel.finish({})
+    assert receiver.wait(10).ok
+    assert np.array_equal(src.buf, dst.buf)
+
+
+def test_the_check_beside_the_final_round_reads_only_pages_that_round_does_not_send(
+    ram_files: tuple[RamFile, RamFile],
+) -> None:
+    """The final round sends the pages its harvest found dirty while the check reads every other page
+    sent before: no page is read by both, an unlogged change outside the log is still resent, and the
+    destination ends equal to the source."""
+    src, dst = ram_files
+    bitmap, channel, receiver = connected(src, dst)
+    log = np.zeros(bitmap.nwords, dtype=np.uint64)
+
+    def harvest() -> npt.NDArray[np.uint64]:
+        out = log.copy()
+        log[:] = 0
+        return out
+
+    pc = Precopy(bitmap, channel.ram, channel, harvest)
+    pc.start()
+    pc.run_round()
+    on_wire_before = int(np.count_nonzero(pc.on_wire))
+    logged = [7, 8, 9, 300]
+    for page in logged:  # the guest's last stores before stop: in the log
+        src.buf[page * PAGE_SIZE + 100] ^= 0x5A
+        log[page >> 6] |= np.uint64(1) << np.uint64(page & 63)
+    src.buf[20 * PAGE_SIZE + 8] ^= 0x20  # the walker's Accessed bit: in no log
+    final = pc.final_round(check_beside=True)
+    assert final.pages_data == len(logged)
+    assert pc.verify_and_resend() == 1
+    assert pc.result.verify_pages_checked == on_wire_before - len(logged)
     channel.finish({})
     assert receiver.wait(10).ok
     assert np.array_equal(src.buf, dst.buf)

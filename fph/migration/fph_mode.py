@@ -421,7 +421,8 @@ class FphMigration:
         self.phase = Phase.STOPPED
         log.info("source stopped for the final round", extra={"sync": self._sync + 1})
         await self._hook(HookPoint.BEFORE_SYNC)
-        final = await asyncio.to_thread(pc.final_round)
+        # the switchover check reads what the final round does not send, on a thread of its own meanwhile
+        final = await asyncio.to_thread(pc.final_round, check_beside=cfg.verify_sent)
         await self._hook(HookPoint.AFTER_SYNC)
         final_ms = (stop_window.mark("final_round") - t_stop) * 1e3
         if cfg.verify_sent:
@@ -793,6 +794,7 @@ class FphMigration:
             "pages_resent_by_check": pc.result.verify_pages_resent,
             "pages_checked_at_switchover": pc.result.verify_pages_checked,
             "switchover_check_ms": round(pc.result.verify_ms, 1),
+            "switchover_check_beside_final_round_ms": round(pc.result.verify_beside_final_ms, 1),
             "bytes_on_wire": wire,
             "qemu_device_state_bytes": qemu_bytes,
             "converged": pc.result.converged,

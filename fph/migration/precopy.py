@@ -16,7 +16,9 @@ Pages are sent as data, as zero markers, as fill markers (a page repeating one 8
 poisoned free page), or not at all when they are zero and the destination is known to hold zeros. Every
 page the destination now holds is fingerprinted; at switchover, with the guest stopped,
 ``verify_and_resend`` re-reads every page ever sent and resends those whose content no longer matches what
-was sent (the TCG write log misses PTE Accessed/Dirty bits set by the page walker, and device DMA).
+was sent (the TCG write log misses PTE Accessed/Dirty bits set by the page walker, and device DMA). The
+final round can start that check on a thread of its own as soon as its harvest is done: it reads only
+pages the final round does not send, so both run at once over memory that no longer changes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -179,6 +183,9 @@ class PrecopyResult:
     verify_pages_checked: int = 0
     verify_pages_resent: int = 0
     verify_ms: float = 0.0
+    """The switchover check in the stop window: after the final round, or all of it when it ran alone."""
+    verify_beside_final_ms: float = 0.0
+    """How long the check's reading took on its own thread while the final round sent (0: not run so)."""
     converged: bool = False
     hinting: str = "unavailable: no balloon"
     """``used``, or ``unavailable: <reason>`` (the migration went on without hints)."""
@@ -234,6 +241,8 @@ class Precopy:
         self._class = np.empty(MAX_FRAME_PAGES, dtype=np.uint8)
         self._fill = np.empty(MAX_FRAME_PAGES, dtype=np.uint64)
         self._bounce = np.empty(MAX_FRAME_PAGES * PAGE_SIZE, dtype=np.uint8)
+        self._check: futures.Future[tuple[list[npt.NDArray[np.int64]], int, float]] | None = None
+        """The switchover check started beside the final round: changed pages, pages checked, ms."""
 
     # ------------------------------------------------------------------------------------- rounds
 
@@ -497,30 +506,66 @@ class Precopy:
 
     # ---------------------------------------------------------------------------------- switchover
 
-    def final_round(self) -> RoundStats:
-        """With the guest stopped: close the epoch (no new id), harvest, send the rest."""
+    def final_round(self, *, check_beside: bool = False) -> RoundStats:
+        """With the guest stopped: close the epoch (no new id), harvest, send the rest.
+
+        ``check_beside``: once the harvest is done, the switchover check of every page sent before and not
+        dirty now starts on its own thread (``verify_and_resend`` takes its result). The two never touch
+        the same page: this round reads, sends and fingerprints only dirty pages, the check only the others
+        (the guest is stopped: none of them changes any more); the check's resends come after this round.
+        """
         rs = RoundStats(round=self.round)
         t0 = time.monotonic()
         _newly, rs.harvest_ms = self.sync(new_epoch=False)
         rs.dirty_at_start = self.bitmap.count_dirty()
+        if check_beside:
+            selected = self.on_wire & ~self.bitmap.dirty_flags()
+            pool = ThreadPoolExecutor(1, thread_name_prefix="fph-switchover-check")
+            self._check = pool.submit(self._timed_changed_pages, selected)
+            pool.shutdown(wait=False)  # the thread ends with the check
         ts = time.monotonic()
-        self._send_dirty(rs)
-        rs.send_ms = (time.monotonic() - ts) * 1e3
-        self.channel.end_round(self.round, {"pages": rs.pages_data, "final": True})
+        try:
+            self._send_dirty(rs)
+            rs.send_ms = (time.monotonic() - ts) * 1e3
+            self.channel.end_round(self.round, {"pages": rs.pages_data, "final": True})
+        except BaseException:
+            if self._check is not None:  # it reads guest RAM: let it end before the caller unmaps it
+                futures.wait([self._check])
+                self._check = None
+            raise
         rs.ms = (time.monotonic() - t0) * 1e3
         self.result.final = rs
         self.round += 1
         return rs
 
     def verify_and_resend(self) -> int:
-        """Re-read every page sent so far and resend those that changed since (the guest is stopped).
+        """Re-read every page sent so far and resend those that changed since (the guest is stopped): the
+        check the final round started beside itself, or all of it now.
 
         Pages skipped as zero were not sent: one that is no longer zero had a logged store (a PTE is
         written before the walker can set its A/D bits), so the final harvest already resent it.
         """
         t0 = time.monotonic()
-        sent = self.on_wire
-        checked = resent = 0
+        if self._check is not None:
+            changed, checked, self.result.verify_beside_final_ms = self._check.result()
+            self._check = None
+        else:
+            changed, checked = self._changed_pages(self.on_wire)
+        resent = 0
+        for pages in changed:  # one array per pass: a run never crosses a RAM region
+            for run_start, run_len in _runs(pages):
+                self._send_data(self.round, run_start, run_len)
+                resent += run_len
+        self.result.verify_pages_checked = checked
+        self.result.verify_pages_resent = resent
+        self.result.verify_ms = (time.monotonic() - t0) * 1e3
+        return resent
+
+    def _changed_pages(self, selected: npt.NDArray[np.uint8]) -> tuple[list[npt.NDArray[np.int64]], int]:
+        """Pages flagged in ``selected`` whose content is no longer what was sent (per pass of one RAM
+        region), and how many were read. Reads guest RAM and the selected pages' fingerprints only."""
+        found: list[npt.NDArray[np.int64]] = []
+        checked = 0
         for r in self.bitmap.layout:
             first = r.gpa >> PAGE_SHIFT
             n = r.size >> PAGE_SHIFT
@@ -528,16 +573,17 @@ class Precopy:
             for off in range(0, n, step):
                 k = min(step, n - off)
                 p0 = first + off
-                selected = sent[p0 : p0 + k]
-                changed = changed_pages(self.ram.pages(p0, k), selected, self.sent_hash[p0 : p0 + k])
-                checked += int(np.count_nonzero(selected))
-                for run_start, run_len in _runs(changed):
-                    self._send_data(self.round, p0 + run_start, run_len)
-                    resent += run_len
-        self.result.verify_pages_checked = checked
-        self.result.verify_pages_resent = resent
-        self.result.verify_ms = (time.monotonic() - t0) * 1e3
-        return resent
+                sel = selected[p0 : p0 + k]
+                found.append(p0 + changed_pages(self.ram.pages(p0, k), sel, self.sent_hash[p0 : p0 + k]))
+                checked += int(np.count_nonzero(sel))
+        return found, checked
+
+    def _timed_changed_pages(
+        self, selected: npt.NDArray[np.uint8]
+    ) -> tuple[list[npt.NDArray[np.int64]], int, float]:
+        t0 = time.monotonic()
+        changed, checked = self._changed_pages(selected)
+        return changed, checked, (time.monotonic() - t0) * 1e3
 
     # --------------------------------------------------------------------------------------- sending
 
