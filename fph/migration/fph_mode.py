@@ -51,6 +51,7 @@ from fph.migration.destination import (
 from fph.migration.hooks import HookDispatcher, HookEvent, HookListener, HookPoint
 from fph.migration.job_stats import FINAL_STATUSES, JobStatsView, figures_final, job_stats
 from fph.migration.precopy import HintControl, HintPolicy, Precopy, PrecopyConfig, RoundStats
+from fph.migration.reporting_wait import CatchUp, ReportingWait
 from fph.migration.throttle import ThrottleError, VcpuThrottle, vcpu_threads
 from fph.qmp import QMPConnection, QMPError
 from fph.ram_layout import PAGE_SIZE, RamLayout
@@ -588,12 +589,17 @@ class FphMigration:
         free = (await read()).values.get("free_memory")
         if free is None:
             return None
-        deadline = time.monotonic() + self.config.reporting_wait_s
+        t0 = time.monotonic()
+        wait: ReportingWait | None = None
         while True:
             extents = await asyncio.to_thread(ram.data_extents)
             holes = self.layout.ram_bytes - sum(length for _, length in extents)
             behind = max(0, free - holes)
-            if behind <= self._reporting_lag_bytes() or time.monotonic() >= deadline:
+            if wait is None:
+                wait = ReportingWait(behind, self._reporting_lag_bytes(), self.config.reporting_wait_s)
+            verdict, why = wait.verdict(behind, time.monotonic() - t0)
+            if verdict is not CatchUp.WAIT:
+                log.info("free page reporting wait", extra={"verdict": verdict.value, "why": why})
                 return behind
             await asyncio.sleep(0.25)
 
