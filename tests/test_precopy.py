@@ -154,7 +154,12 @@ def migrate(
         harvest,
         balloon,
         PrecopyConfig(
-            max_rounds=4, min_rounds=3, first_hint_wait_s=2, hint_policy=policy, first_hint_run=first_run
+            max_rounds=4,
+            min_rounds=3,
+            first_hint_wait_s=2,
+            hint_policy=policy,
+            first_hint_run=first_run,
+            check_beside_min_pages=0,
         ),
     )
     writer = threading.Thread(target=guest.run, args=(rate,), daemon=True)
@@ -278,6 +283,7 @@ def test_verify_resends_pages_changed_without_a_logged_store(
     pc, channel, receiver = no_log_precopy(src, dst)
     src.buf[5 * PAGE_SIZE + 8] ^= 0x20  # an "Accessed" bit in a page sent as data, not in any log
     pc.final_round()
+    pc.config.check_beside_min_pages = 0
     assert pc.final_round(check_beside=check_beside).pages_data == 0
     assert pc.verify_and_resend() == 1
     assert (pc.result.verify_beside_final_ms > 0) == check_beside
@@ -295,17 +301,19 @@ def test_the_check_beside_the_final_round_reads_only_pages_that_round_does_not_s
     src, dst = ram_files
     bitmap, channel, receiver = connected(src, dst)
     log = np.zeros(bitmap.nwords, dtype=np.uint64)
+    logged = [7, 8, 9, 300]
 
     def harvest() -> npt.NDArray[np.uint64]:
         out = log.copy()
         log[:] = 0
         return out
 
-    pc = Precopy(bitmap, channel.ram, channel, harvest)
+    pc = Precopy(
+        bitmap, channel.ram, channel, harvest, config=PrecopyConfig(check_beside_min_pages=len(logged))
+    )
     pc.start()
     pc.run_round()
     on_wire_before = int(np.count_nonzero(pc.on_wire))
-    logged = [7, 8, 9, 300]
     for page in logged:  # the guest's last stores before stop: in the log
         src.buf[page * PAGE_SIZE + 100] ^= 0x5A
         log[page >> 6] |= np.uint64(1) << np.uint64(page & 63)
