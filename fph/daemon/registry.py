@@ -189,6 +189,14 @@ class VmSpec:
         return cls(name, qmp, ram, balloon, mem, wlog, bool(msg.free_page_reporting))
 
 
+@dataclass(frozen=True)
+class BalloonLink:
+    connected: bool
+    """QEMU is connected to the VM's balloon socket."""
+    free_page_hint: bool
+    """The guest's driver negotiated FREE_PAGE_HINT."""
+
+
 @dataclass
 class VmRecord:
     spec: VmSpec
@@ -440,14 +448,17 @@ class Registry:
         self.check_worker(rec)
         return rec.spec.balloon_socket is not None and self.workers.connected(str(rec.spec.balloon_socket))
 
-    def negotiated(self, rec: VmRecord) -> bool:
+    def balloon_link(self, rec: VmRecord) -> BalloonLink:
+        """Whether QEMU is connected to the VM's balloon and the guest negotiated FREE_PAGE_HINT, from one
+        view of its worker (a request each)."""
         self.check_worker(rec)
-        if rec.control is None or rec.control.lost:
-            return False
+        if rec.spec.balloon_socket is None or rec.control is None or rec.control.lost:
+            return BalloonLink(False, False)
         try:
-            return bool(rec.control.view().acked & F_FREE_PAGE_HINT)
+            v = rec.control.view()
         except WorkerError:
-            return False
+            return BalloonLink(False, False)
+        return BalloonLink(v.connected, bool(v.acked & F_FREE_PAGE_HINT))
 
     def ring_ranges(self, rec: VmRecord) -> list[tuple[int, int]]:
         """GPA ranges of the balloon's used rings (fph writes them; no guest store logs them)."""

@@ -270,6 +270,7 @@ class Daemon:
 
     def vm_message(self, rec: VmRecord) -> Any:
         s = rec.spec
+        link = self.registry.balloon_link(rec)
         return pb.Vm(
             spec=pb.VmSpec(
                 name=s.name,
@@ -281,8 +282,8 @@ class Daemon:
                 free_page_reporting=s.free_page_reporting,
             ),
             state=STATES[rec.state],
-            balloon_connected=self.registry.connected(rec),
-            free_page_hint_negotiated=self.registry.negotiated(rec),
+            balloon_connected=link.connected,
+            free_page_hint_negotiated=link.free_page_hint,
             plugin_arg=rec.plugin_arg,
             migration_id=self.last_migration_id(rec),
             degraded=rec.degraded,
@@ -621,10 +622,10 @@ class MigrationService(pbg.MigrationServiceServicer):
                 out.append(
                     ("free_page_hint", False, "registered without balloon_socket: nothing will be hinted")
                 )
-            elif not reg.connected(rec):
+            elif not (link := reg.balloon_link(rec)).connected:
                 out.append(("free_page_hint", False, f"no QEMU connected to {rec.spec.balloon_socket}"))
             else:
-                ok = reg.negotiated(rec)
+                ok = link.free_page_hint
                 out.append(
                     ("free_page_hint", ok, "negotiated" if ok else "the guest driver did not negotiate it")
                 )
