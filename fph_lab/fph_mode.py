@@ -47,6 +47,10 @@ class FphPair(PairBase):
     reporting: bool = False
     """fph's source balloon offers free page reporting (the device gets its 5th queue)."""
     append: str = ""
+    extra_args: tuple[str, ...] = ()
+    """More QEMU arguments for both VMs (a shared read-only disk, say)."""
+    dst_extra_args: tuple[str, ...] | None = None
+    """The destination's instead (None: ``extra_args``), e.g. a NIC whose backend forwards no host port."""
     src: VM = field(init=False)
     dst: VM = field(init=False)
     hints: ThreadedHintReceiver = field(init=False)
@@ -69,8 +73,11 @@ class FphPair(PairBase):
             ram_backend="file",
             init_on_alloc=self.init_on_alloc,
             append=self.append,
+            extra_args=self.extra_args,
         )
-        self.dst_config = src_cfg.destination()
+        self.dst_config = src_cfg.destination(
+            extra_args=self.extra_args if self.dst_extra_args is None else self.dst_extra_args
+        )
         self.src = VM(self.lab, src_cfg, name="src")
         self.dst = VM(self.lab, self.dst_config, name="dst")
         self.src_socket = str(self.src.run_dir / "balloon.sock")
@@ -85,6 +92,7 @@ class FphPair(PairBase):
             init_on_alloc=self.init_on_alloc,
             append=self.append,
             plugins=(self.writelog.plugin_arg,),
+            extra_args=self.extra_args,
         )
 
     def start(self, ready_timeout: float = 180.0) -> float:

@@ -44,6 +44,19 @@ def test_idle_guest_switches_over_after_one_round() -> None:
     assert d.verdict is Verdict.SWITCH_OVER and d.predicted_downtime_ms < 300
 
 
+def test_fixed_costs_over_the_limit_switch_over_once_the_rest_is_settled() -> None:
+    """The switchover check of a large guest's zero pages can alone exceed the limit: more rounds cannot
+    lower it, so the policy switches over once what is left no longer shrinks, and says why (the report then
+    lists the actual downtime over the limit as an error); it neither fails nor throttles the guest."""
+    costs = FixedCosts(unplug_ms=0, final_harvest_ms=2, recheck_ms=400, device_state_ms=15)
+    c = Convergence(ConvergenceConfig(downtime_limit_ms=300), costs, bandwidth=128 * MiB)
+    first = c.after_round(measure(0.5, 128, pending_mib=200), elapsed_s=2)
+    assert first.verdict is Verdict.ITERATE  # 200 MiB left: one more round lowers the downtime
+    d = c.after_round(measure(0.5, 128, pending_mib=0.5), elapsed_s=3)
+    assert d.verdict is Verdict.SWITCH_OVER and d.throttle_pct == 0
+    assert "fixed costs alone" in d.reason and "400 ms" in d.reason, d.reason
+
+
 def test_prediction_counts_pending_and_what_the_guest_dirties_until_stop() -> None:
     costs = FixedCosts(unplug_ms=100, final_harvest_ms=0, recheck_ms=0, device_state_ms=0)
     c = Convergence(ConvergenceConfig(), costs, bandwidth=100 * MiB)

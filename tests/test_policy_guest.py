@@ -17,7 +17,7 @@ from fph.migration_hook import HookEvent, HookPoint
 from fph.waiting import poll_until
 from fph_lab.fph_mode import FphPair
 from fph_lab.provision import Lab
-from tests.test_fph_migration_guest import PageCompare
+from fph_lab.ram_compare import PageCompare
 
 pytestmark = pytest.mark.guest
 MiB = 1 << 20
