@@ -46,15 +46,25 @@ def test_idle_guest_switches_over_after_one_round() -> None:
 
 def test_fixed_costs_over_the_limit_switch_over_once_the_rest_is_settled() -> None:
     """The switchover check of a large guest's zero pages can alone exceed the limit: more rounds cannot
-    lower it, so the policy switches over once what is left no longer shrinks, and says why (the report then
-    lists the actual downtime over the limit as an error); it neither fails nor throttles the guest."""
+    lower it, so the limit bounds the rest (pages left, what the guest dirties until it stops); the policy
+    switches over once that fits and no longer shrinks, and says why (the report then lists the actual
+    downtime over the limit as an error); it neither fails nor throttles the guest for the fixed part."""
     costs = FixedCosts(unplug_ms=0, final_harvest_ms=2, recheck_ms=400, device_state_ms=15)
     c = Convergence(ConvergenceConfig(downtime_limit_ms=300), costs, bandwidth=128 * MiB)
     first = c.after_round(measure(0.5, 128, pending_mib=200), elapsed_s=2)
-    assert first.verdict is Verdict.ITERATE  # 200 MiB left: one more round lowers the downtime
+    assert first.verdict is Verdict.ITERATE  # 200 MiB left: 1.6 s more than the fixed costs
     d = c.after_round(measure(0.5, 128, pending_mib=0.5), elapsed_s=3)
     assert d.verdict is Verdict.SWITCH_OVER and d.throttle_pct == 0
     assert "fixed costs alone" in d.reason and "400 ms" in d.reason, d.reason
+
+
+def test_fixed_costs_over_the_limit_do_not_let_a_writer_through() -> None:
+    """With the fixed costs over the limit, a guest that keeps 100 MiB dirty (over the limit at the link's
+    rate) is still iterated and throttled, not switched over because its pages stopped shrinking."""
+    costs = FixedCosts(unplug_ms=0, final_harvest_ms=2, recheck_ms=400, device_state_ms=15)
+    c = Convergence(ConvergenceConfig(downtime_limit_ms=300), costs, bandwidth=128 * MiB)
+    verdicts = [c.after_round(measure(60, 128, pending_mib=100), elapsed_s=2 + i).verdict for i in range(5)]
+    assert Verdict.SWITCH_OVER not in verdicts and c.throttle_pct > 0, (verdicts, c.throttle_pct)
 
 
 def test_prediction_counts_pending_and_what_the_guest_dirties_until_stop() -> None:

@@ -79,8 +79,9 @@ def test_a_poisoned_guest_costs_fill_markers_not_data(poisoned: FphPair) -> None
 
 def test_the_cap_holds_and_a_writer_forces_iteration_then_convergence(plain: FphPair) -> None:
     """A guest rewriting ~31 MiB/s of a 256 MiB region under a 64 MiB/s cap and a 150 ms downtime limit:
-    fph iterates until the predicted downtime fits, every 100 ms window at the sender stays within 5% of
-    the cap, and the downtime is reported against its prediction (over the limit would be an error)."""
+    fph iterates until the predicted downtime fits (where the switchover check alone exceeds the limit:
+    until the rest fits it), every 100 ms window at the sender stays within 5% of the cap, and the downtime
+    is reported against its prediction (over the limit is an error)."""
     pair = plain
     pair.src.guest.fill(400)
     pair.src.guest.start_hold(32, 1)

@@ -205,15 +205,19 @@ class Convergence:
                 f"predicted downtime {predicted:.0f} ms fits the limit, but the pages left still shrink: "
                 "one more round while the guest runs",
             )
+        # Fixed costs over the limit (a large switchover check): no round lowers them, so the limit
+        # bounds what rounds can lower, the pages left and what the guest dirties until it stops.
         fixed = self.costs.downtime_ms()
         fixed_over = fixed + cfg.settled_margin_ms > cfg.downtime_limit_ms
-        if self.rounds >= cfg.min_rounds and fixed_over and (settled or not self._still_shrinking()):
-            return decide(
-                Verdict.SWITCH_OVER,
-                f"the switchover's fixed costs alone ({fixed:.0f} ms: device state, the check of "
-                f"{self.costs.recheck_ms:.0f} ms) exceed the limit of {cfg.downtime_limit_ms:.0f} ms; "
-                "more rounds cannot lower them",
-            )
+        if self.rounds >= cfg.min_rounds and fixed_over and predicted - fixed <= cfg.downtime_limit_ms:
+            if settled or last_chance or not self._still_shrinking():
+                return decide(
+                    Verdict.SWITCH_OVER,
+                    f"the switchover's fixed costs alone ({fixed:.0f} ms: device state, the check of "
+                    f"{self.costs.recheck_ms:.0f} ms) exceed the limit of {cfg.downtime_limit_ms:.0f} ms; "
+                    f"the rest ({predicted - fixed:.0f} ms) fits it and more rounds cannot lower them",
+                )
+            return decide(Verdict.ITERATE, f"the pages left still shrink: another round ({predicted:.0f} ms)")
         if elapsed_s >= cfg.time_budget_s or self.rounds >= cfg.max_rounds:
             return decide(
                 Verdict.FAIL,
