@@ -685,9 +685,7 @@ class DirtyBitmap:
     def sample_dirty(self, k: int, seed: int = 0) -> npt.NDArray[np.int64]:
         """Up to ``k`` dirty pages drawn uniformly (all of them if fewer), sorted; the bitmap is unchanged.
         Read-only: the convergence policy looks at what the next round will send, nothing more."""
-        with self._lock:
-            bits = np.unpackbits(self.dirty.view(np.uint8), bitorder="little", count=self.nbits)
-        pages = np.flatnonzero(bits)
+        pages = np.flatnonzero(self.dirty_flags())
         if pages.size > k:
             pages = np.sort(np.random.default_rng(seed).choice(pages, k, replace=False))
         return pages.astype(np.int64)

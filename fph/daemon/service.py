@@ -300,14 +300,16 @@ class Daemon:
     def job_ended(self, job: MigrationJob) -> None:
         """Its report kept on disk; finished jobs of the VM before it leave memory (their reports stay)."""
         self.reports.save(report_message(job))
-        for old in [k for k, j in self.jobs.items() if j.vm == job.vm and j.finished and j is not job]:
-            del self.jobs[old]
+        self._drop_finished_jobs(job.vm, keep=job)
 
     def forget_vm(self, name: str) -> None:
         """An unregistered VM's jobs and reports go with it."""
-        for old in [k for k, j in self.jobs.items() if j.vm == name and j.finished]:
-            del self.jobs[old]
+        self._drop_finished_jobs(name)
         self.reports.forget_vm(name)
+
+    def _drop_finished_jobs(self, vm: str, keep: MigrationJob | None = None) -> None:
+        for old in [k for k, j in self.jobs.items() if j.vm == vm and j.finished and j is not keep]:
+            del self.jobs[old]
 
     async def close(self, timeout: float = 1.5, *, stop_workers: bool = False) -> None:
         """Cancel running migrations (each rolls back), then DONE to every guest holding hinted pages."""
@@ -856,22 +858,16 @@ class MigrationService(pbg.MigrationServiceServicer):
     @unary
     async def GetMigrationReport(self, request: Any, context: Any) -> Any:
         rec = self.d.registry.get(request.vm)
-        if request.migration_id:
-            job = self.d.jobs.get(request.migration_id)
-            if job is None:
-                kept = self.d.reports.get(request.migration_id)
-                if kept is not None and kept.vm == rec.name:
-                    return kept
-            if job is None or job.vm != rec.name:
-                raise NotFound(f"no migration {request.migration_id!r} of VM {rec.name!r}")
-        elif rec.job is None:
-            kept = self.d.reports.latest(rec.name)
-            if kept is None:
-                raise NotFound(f"VM {rec.name!r} has not been migrated by this daemon")
+        mid = request.migration_id
+        job = self.d.jobs.get(mid) if mid else rec.job
+        if job is not None and job.vm == rec.name:
+            return report_message(job)
+        kept = self.d.reports.get(mid) if mid else self.d.reports.latest(rec.name)  # finished before
+        if kept is not None and kept.vm == rec.name:
             return kept
-        else:
-            job = rec.job
-        return report_message(job)
+        if mid:
+            raise NotFound(f"no migration {mid!r} of VM {rec.name!r}")
+        raise NotFound(f"VM {rec.name!r} has not been migrated by this daemon")
 
 
 def report_message(job: MigrationJob) -> Any:

@@ -195,29 +195,25 @@ class Convergence:
         def decide(verdict: Verdict, reason: str) -> Decision:
             return Decision(verdict, predicted, dirty_bps, wire_bps, self.throttle_pct, reason, page_pps)
 
-        settled = predicted <= self.costs.downtime_ms() + cfg.settled_margin_ms
-        last_chance = self.rounds + 1 >= cfg.max_rounds or elapsed_s >= cfg.time_budget_s
-        if self.rounds >= cfg.min_rounds and predicted <= cfg.downtime_limit_ms:
-            if settled or last_chance or not self._still_shrinking():
-                return decide(Verdict.SWITCH_OVER, f"predicted downtime {predicted:.0f} ms fits the limit")
-            return decide(
-                Verdict.ITERATE,
-                f"predicted downtime {predicted:.0f} ms fits the limit, but the pages left still shrink: "
-                "one more round while the guest runs",
-            )
-        # Fixed costs over the limit (a large switchover check): no round lowers them, so the limit
-        # bounds what rounds can lower, the pages left and what the guest dirties until it stops.
         fixed = self.costs.downtime_ms()
+        settled = predicted <= fixed + cfg.settled_margin_ms
+        last_chance = self.rounds + 1 >= cfg.max_rounds or elapsed_s >= cfg.time_budget_s
+        # Fixed costs over the limit (a large switchover check) are lowered by no round: the limit then
+        # bounds what rounds can lower, the pages left and what the guest dirties until it stops.
         fixed_over = fixed + cfg.settled_margin_ms > cfg.downtime_limit_ms
-        if self.rounds >= cfg.min_rounds and fixed_over and predicted - fixed <= cfg.downtime_limit_ms:
+        budget = fixed + cfg.downtime_limit_ms if fixed_over else cfg.downtime_limit_ms
+        if self.rounds >= cfg.min_rounds and predicted <= budget:
+            fits = (
+                f"predicted downtime {predicted:.0f} ms fits the limit"
+                if predicted <= cfg.downtime_limit_ms
+                else f"the switchover's fixed costs alone ({fixed:.0f} ms: device state, the check of "
+                f"{self.costs.recheck_ms:.0f} ms) exceed the limit of {cfg.downtime_limit_ms:.0f} ms; "
+                f"the rest ({predicted - fixed:.0f} ms) fits it"
+            )
             if settled or last_chance or not self._still_shrinking():
-                return decide(
-                    Verdict.SWITCH_OVER,
-                    f"the switchover's fixed costs alone ({fixed:.0f} ms: device state, the check of "
-                    f"{self.costs.recheck_ms:.0f} ms) exceed the limit of {cfg.downtime_limit_ms:.0f} ms; "
-                    f"the rest ({predicted - fixed:.0f} ms) fits it and more rounds cannot lower them",
-                )
-            return decide(Verdict.ITERATE, f"the pages left still shrink: another round ({predicted:.0f} ms)")
+                return decide(Verdict.SWITCH_OVER, fits)
+            shrinking = "but the pages left still shrink: one more round while the guest runs"
+            return decide(Verdict.ITERATE, f"{fits}, {shrinking}")
         if elapsed_s >= cfg.time_budget_s or self.rounds >= cfg.max_rounds:
             return decide(
                 Verdict.FAIL,

@@ -589,19 +589,21 @@ class FphMigration:
         free = (await read()).values.get("free_memory")
         if free is None:
             return None
-        t0 = time.monotonic()
-        wait: ReportingWait | None = None
-        while True:
+
+        async def behind_now() -> int:
             extents = await asyncio.to_thread(ram.data_extents)
-            holes = self.layout.ram_bytes - sum(length for _, length in extents)
-            behind = max(0, free - holes)
-            if wait is None:
-                wait = ReportingWait(behind, self._reporting_lag_bytes(), self.config.reporting_wait_s)
+            return max(0, free - (self.layout.ram_bytes - sum(length for _, length in extents)))
+
+        t0 = time.monotonic()
+        behind = await behind_now()
+        wait = ReportingWait(behind, self._reporting_lag_bytes(), self.config.reporting_wait_s)
+        while True:
             verdict, why = wait.verdict(behind, time.monotonic() - t0)
             if verdict is not CatchUp.WAIT:
                 log.info("free page reporting wait", extra={"verdict": verdict.value, "why": why})
                 return behind
             await asyncio.sleep(0.25)
+            behind = await behind_now()
 
     async def _hinting_unavailable(self) -> str | None:
         """Why this guest cannot hint (it is then migrated without hints), or None if it can."""
