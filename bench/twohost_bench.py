@@ -37,17 +37,29 @@ from fph.waiting import poll_until
 from fph_lab.check import check_destination
 from fph_lab.netlab import LinkConfig
 from fph_lab.provision import Lab, provision
+from fph_lab.run_state import RunStateWatch, stop_to_resume_ms
 from fph_lab.twohost import TwoHostRig
 from fph_lab.vm import VM
 from fph_lab.wire_rate import WireSampler
 from fph_lab.workload import HOLD_MIB, wait_allocation_settles
 
 MiB = 1 << 20
-MODES = {"fph": pb.MODE_FPH, "fph-reporting": pb.MODE_FPH, "native": pb.MODE_NATIVE, "none": pb.MODE_NONE}
+TCP_COUNTERS = ("RetransSegs", "TCPTimeouts", "TCPLossProbes", "TCPLostRetransmit")
+"""The source namespace's TCP counters recorded per run (deltas): a late tail is a retransmission."""
+MODES = {
+    "fph": pb.MODE_FPH,
+    "fph-reporting": pb.MODE_FPH,
+    "native": pb.MODE_NATIVE,
+    "native-prealloc": pb.MODE_NATIVE,
+    "none": pb.MODE_NONE,
+}
 """``fph-reporting``: fph mode with the balloon offering free page reporting (the guest's freed memory is
-punched out of the RAM file before the migration; round 0 skips those holes)."""
+punched out of the RAM file before the migration; round 0 skips those holes). ``native-prealloc``: native
+with the destination QEMU started with ``prealloc=on`` (its RAM allocated before the migration, as fph's
+destination daemon prepares its RAM file at PrepareIncoming; QEMU's default touches each page while it
+loads, on the guest's clock once the source has stopped)."""
 BRIEF = ("mode", "workload", "run", "bytes", "wire_bytes", "total_s", "resumed_wall_s", "downtime_ms",
-         "goodput_bps", "max_window_rate_bps", "destination_ok", "error")  # fmt: skip
+         "stop_to_resume_ms", "goodput_bps", "max_window_rate_bps", "destination_ok", "error")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -65,9 +77,12 @@ def boot(rig: TwoHostRig, mode: str, name: str, mem_mib: int) -> tuple[VM, VM]:
         src = rig.source_vm(name, mem_mib=mem_mib, reporting=mode == "fph-reporting")
         dst = rig.destination_vm(f"{name}-d", mem_mib=mem_mib)
     else:
-        hint = mode == "native"
+        hint = mode.startswith("native")
         src = rig.native_vm(name, mem_mib=mem_mib, free_page_hint=hint)
-        dst = rig.native_vm(f"{name}-d", side="dst", incoming=True, mem_mib=mem_mib, free_page_hint=hint)
+        dst = rig.native_vm(
+            f"{name}-d", side="dst", incoming=True, mem_mib=mem_mib, free_page_hint=hint,
+            prealloc=mode == "native-prealloc",
+        )  # fmt: skip
     src.wait_ready(300)
     return src, dst
 
@@ -98,6 +113,7 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
     phase = "boot"
     vms: list[VM] = []
     sampler: WireSampler | None = None
+    watches: tuple[RunStateWatch, ...] = ()
     try:
         src, dst = boot(rig, mode, name, w.mem_mib)
         vms += [src, dst]
@@ -111,9 +127,11 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
         target = rig.dst.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm=dst.name, mode=MODES[mode]))
         out["loadavg_1m"] = os.getloadavg()[0]
         phase = "migration"
+        watches = (RunStateWatch(src), RunStateWatch(dst))
         wire0 = rig.link.wire_bytes("src")
+        tcp0 = rig.link.tcp_counters("src")
         sampler = WireSampler(rig.link, "src").start()
-        t0 = time.monotonic()
+        t0, t_wall = time.monotonic(), time.time()
         req = pb.MigrateRequest(
             vm=src.name, mode=MODES[mode], destination=target, progress_interval_ms=500,
             bandwidth_bytes_per_second=bandwidth,
@@ -126,9 +144,19 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
             lambda: rig.dst.get_vm(dst.name).incoming, 120, 0.02, until=lambda s: not s.startswith("prepared")
         )
         out["resumed_wall_s"] = round(time.monotonic() - t0, 2)
+        for watch in watches:
+            watch.close()
+        stopped = stop_to_resume_ms(watches[0].events(), watches[1].events())
+        out["stop_to_resume_ms"] = None if stopped is None else round(stopped, 1)
+        out["run_state_events"] = {
+            side: [(e.name, e.status, round(e.t - t_wall, 4)) for e in watch.events()]
+            for side, watch in zip(("src", "dst"), watches, strict=True)
+        }
         series = sampler.stop()
         out["destination_incoming"] = incoming
         out["wire_bytes"] = rig.link.wire_bytes("src") - wire0
+        tcp1 = rig.link.tcp_counters("src")
+        out["src_tcp"] = {k: tcp1.get(k, 0) - tcp0.get(k, 0) for k in TCP_COUNTERS}
         out["wire_samples"] = series.relative(t0)
         out["max_window_rate_bps"] = series.max_window_rate_bps()
         out["max_window_rate_source"] = "source veth tx counter, 100 ms windows"
@@ -165,6 +193,8 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
     finally:
         if sampler is not None:
             sampler.close()
+        for watch in watches:
+            watch.close()
         for vm in vms:
             vm.stop()
         for host, vm_name in ((rig.src, name), (rig.dst, f"{name}-d")):
@@ -191,8 +221,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         row: dict[str, Any] = {"workload": w}
         for m, rs in by.items():
-            for k in ("bytes", "wire_bytes", "total_s", "resumed_wall_s", "downtime_ms", "goodput_bps",
-                      "lower_bound_bytes"):  # fmt: skip
+            for k in ("bytes", "wire_bytes", "total_s", "resumed_wall_s", "downtime_ms", "stop_to_resume_ms",
+                      "goodput_bps", "lower_bound_bytes"):  # fmt: skip
                 row[f"{m}_{k}_median"] = _median([r[k] for r in rs])
             row[f"{m}_ok_runs"] = len(rs)
             rates = [r["max_window_rate_bps"] for r in rs if r.get("max_window_rate_bps") is not None]
@@ -200,9 +230,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             over = [r["windows_over_cap"] for r in rs if r.get("windows_over_cap") is not None]
             row[f"{m}_windows_over_cap"] = sum(over) if over else None
         for fm in ("fph", "fph-reporting"):
-            for k in ("bytes", "total_s", "resumed_wall_s"):
-                f, n = row.get(f"{fm}_{k}_median"), row.get(f"native_{k}_median")
-                row[f"{fm}_over_native_{k}"] = round(f / n, 3) if f and n else None
+            for k in ("bytes", "total_s", "resumed_wall_s", "stop_to_resume_ms"):
+                for nm in ("native", "native-prealloc"):
+                    f, n = row.get(f"{fm}_{k}_median"), row.get(f"{nm}_{k}_median")
+                    row[f"{fm}_over_{nm}_{k}"] = round(f / n, 3) if f and n else None
         good, rate = row.get("fph_goodput_bps_median"), runs[0]["link_rate_bps"] / 8
         row["fph_goodput_over_link"] = round(good / rate, 3) if good and rate else None
         out.append(row)

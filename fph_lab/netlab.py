@@ -76,6 +76,18 @@ def leftover_namespaces(prefix: str = "fph-") -> list[str]:
     return sorted(n for n in names if n.startswith(prefix))
 
 
+def tcp_counters(proc_net: str) -> dict[str, int]:
+    """The ``Tcp:`` and ``TcpExt:`` counters of ``/proc/net/snmp`` and ``/proc/net/netstat`` text (each
+    section is a line of names followed by a line of values)."""
+    counters: dict[str, int] = {}
+    for head, values in itertools.pairwise(proc_net.splitlines()):
+        names, nums = head.split(), values.split()
+        section = names[:1] in (["Tcp:"], ["TcpExt:"]) and nums[:1] == names[:1] and len(nums) == len(names)
+        if section and all(v.lstrip("-").isdigit() for v in nums[1:]):
+            counters.update((k, int(v)) for k, v in zip(names[1:], nums[1:], strict=True))
+    return counters
+
+
 def _check_host() -> None:
     if os.geteuid() != 0:
         raise NetLabError(
@@ -216,6 +228,12 @@ class TwoHostLink:
         """Bytes the veth end of ``side`` has sent (``tx``) or received (``rx``) since setup."""
         out = _run(["ip", "-n", self.ns(side), "-s", "-j", "link", "show", "dev", self._dev[side]])
         return int(json.loads(out)[0]["stats64"][direction]["bytes"])
+
+    def tcp_counters(self, side: Side) -> dict[str, int]:
+        """``side``'s TCP counters (``/proc/net/snmp`` Tcp and ``/proc/net/netstat`` TcpExt, read inside its
+        namespace), e.g. ``RetransSegs``, ``TCPTimeouts``, ``TCPLossProbes``: why a stream's tail was late."""
+        files = ["cat", "/proc/net/snmp", "/proc/net/netstat"]
+        return tcp_counters(_run(self.exec_argv(self.ns(side), files)))
 
     # -- teardown
 

@@ -365,11 +365,13 @@ class TwoHostRig:
         incoming: bool = False,
         mem_mib: int | None = None,
         free_page_hint: bool = True,
+        prealloc: bool = False,
     ) -> VM:
         """A VM for QEMU's own migrations (modes native and none) on ``side``: QEMU's virtio-balloon
         (``free_page_hint`` on by default; off for mode none's baseline), RAM file, registered without a
         balloon socket or write log; ``incoming=True``: a destination (``-incoming defer``). Give source and
-        destination the same ``free_page_hint`` (one device configuration on both ends)."""
+        destination the same ``free_page_hint`` (one device configuration on both ends); ``prealloc``: QEMU
+        allocates the RAM file's pages at start (``VMConfig.prealloc``)."""
         mem = mem_mib or self.mem_mib
         cfg = VMConfig(
             mem_mib=mem,
@@ -378,6 +380,7 @@ class TwoHostRig:
             ram_backend="file",
             incoming=incoming,
             netns=self.host(side).ns,
+            prealloc=prealloc,
         )
         vm = self._new_vm(side, name, cfg)
         self._register(side, vm, balloon=False, write_log=False, mem_mib=mem)

@@ -53,6 +53,9 @@ class VMConfig:
     balloon_queues: int = 4
     """``num_vqs`` of the fph balloon: 5 for a back-end that offers free page reporting (``--reporting``)."""
     ram_backend: RamBackend = "memfd"
+    prealloc: bool = False
+    """QEMU allocates every page of guest RAM when it starts (``prealloc=on``): a migration destination
+    that then touches no new memory while it loads (see ``bench/twohost_bench.py``, mode native-prealloc)."""
     init_on_alloc: int | None = None
     append: str = ""
     plugins: tuple[str, ...] = ()
@@ -175,6 +178,8 @@ class VM:
             backend = f"memory-backend-memfd,id=mem,size={mem},share=on"
         else:
             backend = f"memory-backend-file,id=mem,size={mem},mem-path={self.ram_path},share=on"
+        if c.prealloc:
+            backend += ",prealloc=on"
         args = [
             "-name",
             self.name,

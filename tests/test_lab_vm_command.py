@@ -62,6 +62,10 @@ def test_no_balloon_and_destination(fake_lab: Lab, monkeypatch: pytest.MonkeyPat
     assert argv.endswith("-incoming defer")
     assert f"memory-backend-file,id=mem,size=512M,mem-path={vm.ram_path},share=on" in argv
     assert "init_on_alloc" not in argv  # the guest kernel's default
+    assert "prealloc" not in argv
+    vm.stop()
+    vm, argv = _argv(fake_lab, cfg.destination(prealloc=True), monkeypatch, tmp_path)
+    assert f"mem-path={vm.ram_path},share=on,prealloc=on" in argv
     vm.stop()
 
 

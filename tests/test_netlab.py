@@ -220,13 +220,25 @@ def test_vm_netns_prefixes_the_qemu_argv(
 # -- two hosts (root)
 
 
+def test_tcp_counters_parse_this_hosts_proc_net() -> None:
+    """The Tcp and TcpExt sections of the real files, and nothing from the other sections."""
+    text = Path("/proc/net/snmp").read_text() + Path("/proc/net/netstat").read_text()
+    counters = netlab.tcp_counters(text)
+    assert {"RetransSegs", "OutSegs", "TCPTimeouts", "TCPLossProbes"} <= counters.keys(), sorted(counters)
+    assert "InReceives" not in counters  # Ip: and Udp: are left out
+    assert counters["OutSegs"] >= 0 and counters["MaxConn"] == -1
+
+
 @pytest.mark.twohost
 @needs_root
 def test_shaped_link_holds_the_cap_and_unshaped_is_faster() -> None:
     cap = 200_000_000
     with TwoHostLink(LinkConfig(rate_bits_per_s=cap)) as link:
         _start_receiver(link)
+        before = link.tcp_counters("src")
         shaped = _transfer(link, 40 * MiB)
+        sent = link.tcp_counters("src")["OutSegs"] - before["OutSegs"]
+        assert sent >= 40 * MiB // 65536, f"the source namespace's own TCP counters: {sent} segments out"
     with TwoHostLink(LinkConfig(rate_bits_per_s=None)) as link:
         _start_receiver(link)
         unshaped = _transfer(link, 40 * MiB)

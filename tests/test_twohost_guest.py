@@ -39,6 +39,7 @@ from fph.waiting import poll_until
 from fph_lab.check import check_destination
 from fph_lab.netlab import LinkConfig, leftover_namespaces
 from fph_lab.provision import Lab
+from fph_lab.run_state import RunStateWatch, stop_to_resume_ms
 from fph_lab.twohost import TwoHostRig
 from fph_lab.vm import VM
 
@@ -192,8 +193,17 @@ def test_fph_migration_across_the_link_with_tls(rig: TwoHostRig) -> None:
     )
     assert prep.ready, prep.checks
     tx0 = rig.link.wire_bytes("src")
-    events, rep, wall = migrate(rig, "src1", pb.MODE_FPH, target)
+    watches = RunStateWatch(src), RunStateWatch(dst)
+    try:
+        events, rep, wall = migrate(rig, "src1", pb.MODE_FPH, target)
+    finally:
+        for watch in watches:
+            watch.close()
     tx = rig.link.wire_bytes("src") - tx0
+    # the report's downtime is the guest's: the source QEMU's STOP to the destination QEMU's RESUME
+    stopped = stop_to_resume_ms(watches[0].events(), watches[1].events())
+    downtime = rep.job_stats["downtime"]
+    assert stopped is not None and abs(stopped - downtime) <= max(20, 0.2 * downtime), (stopped, downtime)
 
     running = [e for e in events if e.phase == pb.PHASE_RUNNING]
     assert any(e.memory_processed > 0 for e in running), running[-3:]
@@ -223,7 +233,7 @@ def test_fph_migration_across_the_link_with_tls(rig: TwoHostRig) -> None:
         f"\nfph across the link: boot+workload {t_workload:.1f} s, migration {wall:.1f} s, "
         f"sent {js['memory_processed'] / MiB:.1f} MiB ({tx / MiB:.1f} MiB on the veth), "
         f"hinted {rep.fph['hinted_bytes'] / MiB:.0f} MiB, rounds {js['memory_iteration']}, "
-        f"downtime {js['downtime']} ms, total {time.monotonic() - t0:.1f} s"
+        f"downtime {js['downtime']} ms (STOP to RESUME {stopped:.0f} ms), total {time.monotonic() - t0:.1f} s"
     )
 
 
@@ -264,16 +274,25 @@ def test_native_migration_across_the_link(rig: TwoHostRig) -> None:
     target = prepare_incoming(rig, "ndst", pb.MODE_NATIVE)
     assert not target.data_address, target  # QEMU moves the RAM itself
     tx0 = rig.link.wire_bytes("src")
-    _, rep, wall = migrate(rig, "nsrc", pb.MODE_NATIVE, target)
-    # The source's QEMU completes once its last bytes are in its socket, not once they arrived: the
-    # destination's "resumed" (its QEMU read the whole stream) is when every byte has crossed the veth.
-    incoming_at_end = rig.dst.get_vm("ndst").incoming
-    assert poll_until(lambda: rig.dst.get_vm("ndst").incoming.startswith("resumed"), 30, 0.1), (
-        rig.dst.get_vm("ndst").incoming,
-        rig.dst.tail(),
-    )
+    watches = RunStateWatch(src), RunStateWatch(dst)
+    try:
+        _, rep, wall = migrate(rig, "nsrc", pb.MODE_NATIVE, target)
+        # The source's QEMU completes once its last bytes are in its socket, not once they arrived: the
+        # destination's "resumed" (its QEMU read the whole stream) is when every byte has crossed the veth.
+        incoming_at_end = rig.dst.get_vm("ndst").incoming
+        assert poll_until(lambda: rig.dst.get_vm("ndst").incoming.startswith("resumed"), 30, 0.1), (
+            rig.dst.get_vm("ndst").incoming,
+            rig.dst.tail(),
+        )
+    finally:
+        for watch in watches:
+            watch.close()
     tx = rig.link.wire_bytes("src") - tx0
     js = rep.job_stats
+    # QEMU's downtime ends when the source has written its last bytes: the guest stands still at least
+    # that long, and until the destination has loaded them and resumed
+    stopped = stop_to_resume_ms(watches[0].events(), watches[1].events())
+    assert stopped is not None and stopped >= js["downtime"] - 1, (stopped, js["downtime"])
     assert js["memory_processed"] > 0 and js["memory_iteration"] >= 1, dict(js)
     assert tx >= js["memory_processed"], (tx, js["memory_processed"])
     hb = src.guest.last_heartbeat()
@@ -282,7 +301,8 @@ def test_native_migration_across_the_link(rig: TwoHostRig) -> None:
     assert check.ok, (check.problems, rig.tails())
     print(
         f"\nnative across the link: migration {wall:.1f} s, sent {js['memory_processed'] / MiB:.1f} MiB "
-        f"({tx / MiB:.1f} MiB on the veth), downtime {js['downtime']} ms, destination {incoming_at_end!r} "
+        f"({tx / MiB:.1f} MiB on the veth), downtime {js['downtime']} ms (STOP to RESUME {stopped:.0f} ms), "
+        f"destination {incoming_at_end!r} "
         f"when the source said SUCCEEDED, total {time.monotonic() - t0:.1f} s"
     )
 
