@@ -6,9 +6,13 @@ Precopy round 0. Then, as with the guest stopped: ``--dirty`` pages that went on
 logged (the final round sends them) and ``--unlogged`` others change with no log entry (a page walker's
 Accessed bit: the check resends them). Timed: the final round plus the check with its resends, serial
 (``final_round()`` then ``verify_and_resend()``) against side by side (``final_round(check_beside=True)``),
-interleaved, ``--runs`` each; every destination is compared with its source.
+interleaved, ``--runs`` each; every destination is compared with its source. ``serial-threads``: the serial
+check on ``PrecopyConfig.check_threads`` threads. ``--zero-allocated``: the zero pages are written zeros,
+not holes (the pages a guest zeroed while it hinted them: round 0 reads them, the check re-reads them).
 
     python bench/switchover_bench.py --runs 8 --json bench/results/switchover_bench.json
+    python bench/switchover_bench.py --zero-allocated --dirty 20 --variants serial,serial-threads \
+        --runs 6 --json bench/results/switchover_bench-zero-allocated.json
 """
 
 from __future__ import annotations
@@ -37,15 +41,20 @@ from fph_lab.certs import LabPki, make_pki
 MiB = 1 << 20
 
 
-def make_source(path: Path, mem_mib: int, data_share: float, seed: int = 1) -> npt.NDArray[np.int64]:
-    """A RAM file whose pages are data (random bytes) with probability ``data_share``, else zero; returns
-    the data pages' file page indexes."""
+def make_source(
+    path: Path, mem_mib: int, data_share: float, seed: int = 1, zero_allocated: bool = False
+) -> npt.NDArray[np.int64]:
+    """A RAM file whose pages are data (random bytes) with probability ``data_share``, else zero (holes,
+    or with ``zero_allocated`` zeros written: pages a guest zeroed, which round 0 reads and the check
+    re-reads); returns the data pages' file page indexes."""
     npages = mem_mib * MiB // PAGE_SIZE
     rng = np.random.default_rng(seed)
     data_pages = np.flatnonzero(rng.random(npages) < data_share)
     with open(path, "wb") as f:
         f.truncate(mem_mib * MiB)
     ram = np.memmap(path, dtype=np.uint8, mode="r+", shape=(npages, PAGE_SIZE))
+    if zero_allocated:
+        ram[:] = 0
     ram[data_pages] = rng.integers(1, 255, (data_pages.size, PAGE_SIZE), dtype=np.uint8)
     ram.flush()
     del ram
@@ -59,9 +68,13 @@ def one(
     layout: RamLayout,
     data_pages: npt.NDArray[np.int64],
     args: argparse.Namespace,
-    beside: bool,
+    variant: str,
     trial: int,
 ) -> dict[str, Any]:
+    """One stop window: ``variant`` is ``serial`` (the check after the final round, one thread),
+    ``serial-threads`` (the same on ``PrecopyConfig.check_threads`` threads) or ``beside``."""
+    beside = variant == "beside"
+    threads = PrecopyConfig().check_threads if variant == "serial-threads" else 1
     with open(dst_path, "wb") as f:
         f.truncate(layout.ram_bytes)
     src = RamFile(src_path, layout, writable=True)
@@ -84,7 +97,8 @@ def one(
 
     try:
         sender.connect()
-        pc = Precopy(bitmap, src, sender, harvest, config=PrecopyConfig(bandwidth=args.bandwidth))
+        cfg = PrecopyConfig(bandwidth=args.bandwidth, check_threads=threads, check_beside_min_pages=0)
+        pc = Precopy(bitmap, src, sender, harvest, config=cfg)
         pc.start()
         pc.run_round()
         rng = np.random.default_rng(1000 + trial)
@@ -103,7 +117,7 @@ def one(
         rx = receiver.wait(60)
         equal = bool(np.array_equal(src.buf, dst.buf))
         return {
-            "mode": "beside" if beside else "serial",
+            "mode": variant,
             "trial": trial,
             "stop_window_pages_ms": round((t2 - t0) * 1e3, 2),
             "final_round_ms": round((t1 - t0) * 1e3, 2),
@@ -128,6 +142,8 @@ def main() -> None:
     ap.add_argument("--unlogged", type=int, default=4, help="pages changed with no log entry")
     ap.add_argument("--bandwidth", type=int, default=125_000_000, help="bytes/s (the 1 Gbit/s link's)")
     ap.add_argument("--runs", type=int, default=8)
+    ap.add_argument("--variants", default="serial,beside", help="of serial, serial-threads, beside")
+    ap.add_argument("--zero-allocated", action="store_true", help="zero pages written, not holes")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
     layout = RamLayout.pc(args.mem_mib * MiB)
@@ -135,19 +151,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fph-switchover-", dir="/dev/shm") as tmp:
         d = Path(tmp)
         pki = make_pki(d / "pki", {"src": "127.0.0.1", "dst": "127.0.0.1"})
-        data_pages = make_source(d / "src.ram", args.mem_mib, args.data_share)
+        data_pages = make_source(
+            d / "src.ram", args.mem_mib, args.data_share, zero_allocated=args.zero_allocated
+        )
+        variants = args.variants.split(",")
         for trial in range(args.runs):
-            for beside in (trial % 2 == 0, trial % 2 == 1):  # alternate which goes first
-                r = one(pki, d / "src.ram", d / "dst.ram", layout, data_pages, args, beside, trial)
+            shift = trial % len(variants)  # rotate which goes first
+            for variant in variants[shift:] + variants[:shift]:
+                r = one(pki, d / "src.ram", d / "dst.ram", layout, data_pages, args, variant, trial)
                 print(json.dumps(r), flush=True)
                 runs.append(r)
     summary: dict[str, Any] = {}
-    for mode in ("serial", "beside"):
+    for mode in variants:
         sel = [r["stop_window_pages_ms"] for r in runs if r["mode"] == mode]
         summary[f"{mode}_median_ms"] = statistics.median(sel)
         summary[f"{mode}_min_ms"] = min(sel)
         summary[f"{mode}_max_ms"] = max(sel)
-    summary["beside_over_serial"] = round(summary["beside_median_ms"] / summary["serial_median_ms"], 3)
+        if mode != "serial" and "serial" in variants:
+            summary[f"{mode}_over_serial"] = round(
+                summary[f"{mode}_median_ms"] / summary["serial_median_ms"], 3
+            )
     summary["all_ok"] = all(r["ok"] for r in runs)
     print(json.dumps(summary))
     out = {"args": {k: str(v) for k, v in vars(args).items()}, "host": platform.node(), "runs": runs,

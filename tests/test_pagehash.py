@@ -29,6 +29,20 @@ def test_changed_pages_reads_only_selected_pages() -> None:
     assert changed_pages(pages, np.ones(8, np.uint8), expected).tolist() == [2, 5]
 
 
+@settings(max_examples=300, deadline=None)
+@given(byte=st.integers(0, PAGE_SIZE - 1), value=st.integers(1, 255))
+def test_a_page_expected_zero_is_changed_by_any_non_zero_byte(byte: int, value: int) -> None:
+    """Pages the destination holds as zeros are checked with the zero test, not the fingerprint: one byte
+    anywhere (the last of a 512-byte block included) is a change; a zero page is not; and a page that was
+    sent with data and is zero now is still a change (its fingerprint is not the zero page's)."""
+    pages = np.zeros(3 * PAGE_SIZE, dtype=np.uint8)
+    pages[2 * PAGE_SIZE :] = np.random.default_rng(byte).integers(0, 256, PAGE_SIZE, dtype=np.uint8)
+    expected = page_hashes(pages)  # zero, zero, data
+    pages[byte] = value
+    pages[2 * PAGE_SIZE :] = 0
+    assert changed_pages(pages, np.ones(3, np.uint8), expected).tolist() == [0, 2]
+
+
 def test_copy_scan_copies_flags_and_fingerprints_in_one_pass() -> None:
     src = np.zeros(4 * PAGE_SIZE, dtype=np.uint8)
     src[PAGE_SIZE + 4095] = 7
