@@ -38,10 +38,24 @@ def measure(
     )
 
 
-def test_idle_guest_switches_over_after_one_round() -> None:
+def test_idle_guest_switches_over_once_the_pages_left_are_settled() -> None:
+    """An idle guest's round leaves 0.5 MiB (4 ms at the link's rate): that fits the limit, but one more
+    round while the guest runs takes it out of the stop window; after a short round, switch over."""
     c = Convergence(ConvergenceConfig(downtime_limit_ms=300), FixedCosts(), bandwidth=128 * MiB)
-    d = c.after_round(measure(0.5, 128), elapsed_s=2)
-    assert d.verdict is Verdict.SWITCH_OVER and d.predicted_downtime_ms < 300
+    first = c.after_round(measure(0.5, 128), elapsed_s=2)
+    assert first.verdict is Verdict.ITERATE and first.predicted_downtime_ms < 300, first.reason
+    assert "still shrink" in first.reason
+    d = c.after_round(measure(0.5, 128, pending_mib=0.01, interval=0.01), elapsed_s=2.01)
+    assert d.verdict is Verdict.SWITCH_OVER and d.predicted_downtime_ms < FixedCosts().downtime_ms() + 2
+
+
+def test_a_guest_that_keeps_its_pages_left_switches_over_when_they_stop_shrinking() -> None:
+    """A guest that dirties the same small amount every round: more rounds do not lower it, so the policy
+    switches over as soon as the pages left stop halving, even above the settled margin."""
+    c = Convergence(ConvergenceConfig(downtime_limit_ms=300), FixedCosts(), bandwidth=128 * MiB)
+    same = measure(1, 128, pending_mib=1, interval=0.5)
+    verdicts = [c.after_round(same, elapsed_s=i).verdict for i in range(3)]
+    assert verdicts[:2] == [Verdict.ITERATE, Verdict.SWITCH_OVER], verdicts
 
 
 def test_fixed_costs_over_the_limit_switch_over_once_the_rest_is_settled() -> None:
@@ -53,7 +67,7 @@ def test_fixed_costs_over_the_limit_switch_over_once_the_rest_is_settled() -> No
     c = Convergence(ConvergenceConfig(downtime_limit_ms=300), costs, bandwidth=128 * MiB)
     first = c.after_round(measure(0.5, 128, pending_mib=200), elapsed_s=2)
     assert first.verdict is Verdict.ITERATE  # 200 MiB left: 1.6 s more than the fixed costs
-    d = c.after_round(measure(0.5, 128, pending_mib=0.5), elapsed_s=3)
+    d = c.after_round(measure(0.5, 128, pending_mib=0.01, interval=0.01), elapsed_s=3)
     assert d.verdict is Verdict.SWITCH_OVER and d.throttle_pct == 0
     assert "fixed costs alone" in d.reason and "400 ms" in d.reason, d.reason
 
