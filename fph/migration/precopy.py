@@ -146,7 +146,11 @@ class PrecopyConfig(ConvergenceConfig):
     round 0 skips unread, while a hint run would take those blocks back (the driver zeroes each one). Unless
     reporting is behind (the guest reports every 2 s): fph waits up to ``reporting_wait_s`` for the guest's
     free memory (its stats) to be holes, and hints as usual if it is still not."""
-    reporting_wait_s: float = 3.0
+    reporting_wait_s: float = 5.0
+    """Two and a half reporting passes: with 3 s a 1 GiB guest 207-213 MiB behind, reporting 256 MiB per
+    pass, gave up after one pass (none left in the wait) in 2 of 3 runs and hinted: 5.9-6.5 s and 90-97 ms of
+    downtime, against 3.1 s and 40 ms in the run that caught up (``bench/results/twohost_bench-stop-to-
+    resume.txt``). A guest that cannot catch up is still given up on after its first whole pass."""
     release_settle_s: float = 0.1
     """After DONE, how long to let the guest free its blocks before the sync that precedes round 0."""
     check_zero_held: bool = True
