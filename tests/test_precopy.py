@@ -8,6 +8,7 @@ free and did not use again. A negative control (the write log ignored) must be c
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -19,7 +20,7 @@ import numpy.typing as npt
 import pytest
 
 from fph.dirty_bitmap import DirtyBitmap
-from fph.migration.precopy import Precopy, PrecopyConfig
+from fph.migration.precopy import Precopy, PrecopyConfig, sample_run_starts
 from fph.ram_layout import PAGE_SIZE, RamLayout, RamRange
 from fph.transfer.channel import ChannelError
 from fph.transfer.pagehash import page_hashes
@@ -344,6 +345,36 @@ def test_a_skipped_zero_page_filled_by_device_dma_is_resent(
     assert receiver.wait(10).ok
     lost = differing_pages(src, dst, SoftGuest(src, LAYOUT))
     assert lost == ([] if check_zero_held else [66 * MiB >> 12])  # file offset 50 MiB
+
+
+def test_sample_runs_are_spread_over_every_region_and_stay_inside_one() -> None:
+    spans = [(0, 12288), (16384, 4096)]  # this file's LAYOUT in pages: 48 MiB, a hole, 16 MiB
+    starts = sample_run_starts(spans, 16, 256)
+    assert len(starts) == 16 and starts[0] == 0 and starts[-1] == 16384 + 4096 - 256
+    assert all(a < b for a, b in itertools.pairwise(starts)), starts
+    for p in starts:
+        assert any(first <= p and p + 256 <= first + n for first, n in spans), p
+    assert sample_run_starts([(0, 100)], 16, 256) == []  # smaller than one run
+
+
+def test_the_check_estimate_is_timed_on_this_host(ram_files: tuple[RamFile, RamFile]) -> None:
+    """The predicted check time comes from a timed read of a sample of the pages it will read, and agrees
+    with the check's own time within a wide factor (a shared host's timing); nothing selected costs 0."""
+    src, dst = ram_files
+    pc, channel, receiver = no_log_precopy(src, dst)
+    selected = pc._check_selection()
+    assert pc._sampled_check_rate(selected) is not None  # 40 MiB of data pages: the sample holds some
+    assert pc._sampled_check_rate(np.zeros_like(selected)) is None
+    estimate = pc.recheck_estimate_ms()
+    t0 = time.perf_counter()
+    pc._changed_pages(selected)
+    actual = (time.perf_counter() - t0) * 1e3
+    assert actual / 10 <= estimate <= actual * 10, (estimate, actual)
+    pc.on_wire[:] = 0
+    pc.zero_held[:] = 0
+    assert pc.recheck_estimate_ms() == 0.0
+    channel.close()
+    receiver.stop()
 
 
 def test_receiver_failure_reaches_the_source(ram_files: tuple[RamFile, RamFile]) -> None:

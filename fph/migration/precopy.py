@@ -60,6 +60,11 @@ from fph.transfer.wire import MAX_FRAME_PAGES
 log = logging.getLogger(__name__)
 
 ZERO_PAGE_HASH = int(ZERO_PAGE_FINGERPRINT)
+CHECK_SAMPLE_RUNS = 16
+CHECK_SAMPLE_RUN_PAGES = 256
+"""The switchover check's rate is timed on 16 runs of 1 MiB (``Precopy._sampled_check_rate``)."""
+CHECK_THREADS_TIME = 0.8
+"""The check on 2 threads took 0.80-0.81x the serial time (``PrecopyConfig.check_threads_min_pages``)."""
 ZERO_READ, ZERO_HOLE = 1, 2
 """Why the destination holds a page as zeros that fph did not send (``Precopy.zero_held``)."""
 
@@ -490,12 +495,35 @@ class Precopy:
         return time.monotonic() - t0
 
     def recheck_estimate_ms(self) -> float:
-        """The switchover check re-reads every page that went on the wire and every page read as zero and
-        skipped, at about 8 GB/s (45-130 ms per GiB of pages measured on these hosts); holes cost nothing."""
-        pages = np.count_nonzero(self.on_wire)
-        if self.config.check_zero_held:
-            pages += np.count_nonzero(self.zero_held == ZERO_READ)
-        return float(pages) * PAGE_SIZE / 8e9 * 1e3
+        """The switchover check's time: the pages it will read (every page that went on the wire, every
+        page held as zeros that is not a hole) at the rate a timed read of a sample of them achieves now,
+        on this host (``_sampled_check_rate``; 8 GB/s when the sample is too small to time), times 0.8
+        when the check will read on its threads (``check_threads_min_pages``). A constant 8 GB/s predicted
+        497-547 ms for checks of 4 GiB that took 148-168 ms (``bench/results/twohost_bench-4g-check``)."""
+        selected = self._check_selection()
+        pages = int(np.count_nonzero(selected))
+        if pages == 0:
+            return 0.0
+        rate = self._sampled_check_rate(selected) or 8e9
+        ms = pages * PAGE_SIZE / rate * 1e3
+        if self.config.check_threads > 1 and pages >= self.config.check_threads_min_pages:
+            ms *= CHECK_THREADS_TIME
+        return ms
+
+    def _sampled_check_rate(self, selected: npt.NDArray[np.uint8]) -> float | None:
+        """Bytes/s of the check's kernel over ``CHECK_SAMPLE_RUNS`` runs of 1 MiB spread evenly over guest
+        RAM (reads, no sends), or None when they hold fewer than 256 selected pages."""
+        spans = [(r.gpa >> PAGE_SHIFT, r.size >> PAGE_SHIFT) for r in self.bitmap.layout]
+        run = CHECK_SAMPLE_RUN_PAGES
+        starts = sample_run_starts(spans, CHECK_SAMPLE_RUNS, run)
+        sampled = 0
+        t0 = time.perf_counter()
+        for p0 in starts:
+            sel = selected[p0 : p0 + run]
+            changed_pages(self.ram.pages(p0, sel.size), sel, self.sent_hash[p0 : p0 + sel.size])
+            sampled += int(np.count_nonzero(sel))
+        elapsed = time.perf_counter() - t0
+        return sampled * PAGE_SIZE / elapsed if sampled >= 256 and elapsed > 0 else None
 
     def decide(self, elapsed_s: float) -> Decision:
         """The convergence policy's verdict on the round that just ended (its sync included)."""
@@ -717,6 +745,23 @@ class Precopy:
             self.sent_hash[p : p + k] = hashes
             self.on_wire[p : p + k] = 1
             self.zero_held[p : p + k] = 0
+
+
+def sample_run_starts(spans: list[tuple[int, int]], runs: int, run: int) -> list[int]:
+    """First pages of ``runs`` runs of ``run`` pages spread evenly over the regions ``spans`` ((first page,
+    pages) each, in order), each run inside one region (a region shorter than ``run`` gives a shorter one)."""
+    total = sum(n for _, n in spans)
+    if total < run or runs < 1:
+        return []
+    starts = []
+    for i in range(runs):
+        at = (total - run) * i // max(1, runs - 1)
+        for first, n in spans:
+            if at < n:
+                starts.append(first + min(at, max(0, n - run)))
+                break
+            at -= n
+    return starts
 
 
 def _segments(plan: npt.NDArray[np.uint8]) -> list[tuple[int, int, int]]:
