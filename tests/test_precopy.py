@@ -9,6 +9,7 @@ free and did not use again. A negative control (the write log ignored) must be c
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import threading
 import time
@@ -362,7 +363,7 @@ def test_the_check_estimate_is_timed_on_this_host(ram_files: tuple[RamFile, RamF
     with the check's own time within a wide factor (a shared host's timing); nothing selected costs 0."""
     src, dst = ram_files
     pc, channel, receiver = no_log_precopy(src, dst)
-    selected = pc._check_selection()
+    selected, _punched = pc._check_selection()
     assert pc._sampled_check_rate(selected) is not None  # 40 MiB of data pages: the sample holds some
     assert pc._sampled_check_rate(np.zeros_like(selected)) is None
     estimate = pc.recheck_estimate_ms()
@@ -370,11 +371,49 @@ def test_the_check_estimate_is_timed_on_this_host(ram_files: tuple[RamFile, RamF
     pc._changed_pages(selected)
     actual = (time.perf_counter() - t0) * 1e3
     assert actual / 10 <= estimate <= actual * 10, (estimate, actual)
+    on_wire, zero_held = pc.on_wire.copy(), pc.zero_held.copy()
     pc.on_wire[:] = 0
     pc.zero_held[:] = 0
     assert pc.recheck_estimate_ms() == 0.0
-    channel.close()
-    receiver.stop()
+    pc.on_wire[:], pc.zero_held[:] = on_wire, zero_held
+    pc.final_round()
+    assert pc.verify_and_resend() == 0
+    channel.finish({})
+    assert receiver.wait(10).ok
+
+
+@pytest.mark.parametrize("check_beside", [False, True])
+def test_pages_reported_free_after_they_were_sent_go_as_zero_markers_unread(
+    ram_files: tuple[RamFile, RamFile], check_beside: bool
+) -> None:
+    """A reporting guest frees pages that round 0 sent with data, and its worker punches them out of the
+    RAM file (MADV_REMOVE, as ``GuestMemory.discard``). The switchover check must not read them (a read
+    would allocate each page again on the source): they go as zero markers, the file keeps its holes,
+    and the destination ends equal to the source."""
+    src, dst = ram_files
+    pc, channel, receiver = no_log_precopy(src, dst)
+    punched = range(8 * MiB, 12 * MiB)  # file offsets = GPA here: 1,024 pages sent with data
+    with open(src.path, "r+b") as f, mmap.mmap(f.fileno(), LAYOUT.ram_bytes) as mm:
+        mm.madvise(mmap.MADV_REMOVE, punched.start, len(punched))
+    holes_before = sum(n for _, n in src.hole_runs().tolist())  # (a read of a hole would fill it)
+    assert holes_before >= len(punched) // PAGE_SIZE
+    pc.config.check_beside_min_pages = 0
+    src.buf[0] ^= 1  # one logged store for the final round, so that the check can run beside it
+    pc.bitmap.merge_write_log(_log_of(pc.bitmap, [0]))
+    pc.final_round(check_beside=check_beside)
+    assert pc.verify_and_resend() == 0
+    assert pc.result.verify_pages_zeroed == len(punched) // PAGE_SIZE
+    assert sum(n for _, n in src.hole_runs().tolist()) == holes_before  # nothing read back in
+    channel.finish({})
+    assert receiver.wait(10).ok
+    assert np.array_equal(src.buf, dst.buf)
+
+
+def _log_of(bitmap: DirtyBitmap, pages: list[int]) -> npt.NDArray[np.uint64]:
+    log = np.zeros(bitmap.nwords, dtype=np.uint64)
+    for page in pages:
+        log[page >> 6] |= np.uint64(1) << np.uint64(page & 63)
+    return log
 
 
 def test_receiver_failure_reaches_the_source(ram_files: tuple[RamFile, RamFile]) -> None:

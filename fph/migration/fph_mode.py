@@ -800,6 +800,7 @@ class FphMigration:
             "zero_pages_skipped": zero_skipped,
             "zero_pages_unread": pc.result.pages_unread_holes,
             "pages_resent_by_check": pc.result.verify_pages_resent,
+            "pages_zeroed_by_check": pc.result.verify_pages_zeroed,
             "pages_checked_at_switchover": pc.result.verify_pages_checked,
             "switchover_check_ms": round(pc.result.verify_ms, 1),
             "switchover_check_beside_final_round_ms": round(pc.result.verify_beside_final_ms, 1),

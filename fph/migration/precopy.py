@@ -213,6 +213,8 @@ class PrecopyResult:
     pages_unread_holes: int = 0
     verify_pages_checked: int = 0
     verify_pages_resent: int = 0
+    verify_pages_zeroed: int = 0
+    """Pages sent with content that the guest then reported free (holes now): zero markers at switchover."""
     verify_ms: float = 0.0
     """The switchover check in the stop window: after the final round, or all of it when it ran alone."""
     verify_beside_final_ms: float = 0.0
@@ -277,6 +279,8 @@ class Precopy:
         self._bounce = np.empty(MAX_FRAME_PAGES * PAGE_SIZE, dtype=np.uint8)
         self._check: futures.Future[tuple[list[npt.NDArray[np.int64]], int, float]] | None = None
         """The switchover check started beside the final round: changed pages, pages checked, ms."""
+        self._punched: npt.NDArray[np.bool_] | None = None
+        """... and the pages sent with content that were holes when it started (zero markers)."""
 
     # ------------------------------------------------------------------------------------- rounds
 
@@ -500,7 +504,7 @@ class Precopy:
         on this host (``_sampled_check_rate``; 8 GB/s when the sample is too small to time), times 0.8
         when the check will read on its threads (``check_threads_min_pages``). A constant 8 GB/s predicted
         497-547 ms for checks of 4 GiB that took 148-168 ms (``bench/results/twohost_bench-4g-check``)."""
-        selected = self._check_selection()
+        selected, _punched = self._check_selection()
         pages = int(np.count_nonzero(selected))
         if pages == 0:
             return 0.0
@@ -584,7 +588,8 @@ class Precopy:
         _newly, rs.harvest_ms = self.sync(new_epoch=False)
         rs.dirty_at_start = self.bitmap.count_dirty()
         if check_beside and rs.dirty_at_start >= self.config.check_beside_min_pages:
-            selected = self._check_selection() & ~self.bitmap.dirty_flags()
+            selected, self._punched = self._check_selection()
+            selected &= ~self.bitmap.dirty_flags()
             pool = ThreadPoolExecutor(1, thread_name_prefix="fph-switchover-check")
             self._check = pool.submit(self._timed_changed_pages, selected)
             pool.shutdown(wait=False)  # the thread ends with the check
@@ -608,11 +613,12 @@ class Precopy:
         those that changed since (the guest is stopped): the check the final round started beside itself,
         or all of it now."""
         t0 = time.monotonic()
-        if self._check is not None:
+        if self._check is not None and self._punched is not None:
             changed, checked, self.result.verify_beside_final_ms = self._check.result()
-            self._check = None
+            punched = self._punched
+            self._check = self._punched = None
         else:
-            selected = self._check_selection()
+            selected, punched = self._check_selection()
             many = np.count_nonzero(selected) >= self.config.check_threads_min_pages
             changed, checked = self._changed_pages(selected, self.config.check_threads if many else 1)
         resent = 0
@@ -620,21 +626,29 @@ class Precopy:
             for run_start, run_len in _runs(pages):
                 self._send_data(self.round, run_start, run_len)
                 resent += run_len
+        for run_start, run_len in _runs(np.flatnonzero(punched)):  # RAM regions never touch: runs stay in one
+            self.channel.send_zeros(self.round, run_start, run_len)
+            self.sent_hash[run_start : run_start + run_len] = ZERO_PAGE_HASH
         self.result.verify_pages_checked = checked
         self.result.verify_pages_resent = resent
+        self.result.verify_pages_zeroed = int(np.count_nonzero(punched))
         self.result.verify_ms = (time.monotonic() - t0) * 1e3
         return resent
 
-    def _check_selection(self) -> npt.NDArray[np.uint8]:
-        """What the switchover check reads: every page that went on the wire, and every page the
-        destination holds as zeros unsent that is not a hole of the RAM file now (a hole is zero)."""
-        selected = self.on_wire.copy()
-        if self.config.check_zero_held:
-            held = self.zero_held != 0
-            for first, n in self.ram.hole_runs(self.ram.data_extents()).tolist():
-                held[first : first + n] = False  # still a hole: zero
-            selected |= held
-        return selected
+    def _check_selection(self) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+        """What the switchover check reads: every page that went on the wire and (``check_zero_held``)
+        every page the destination holds as zeros unsent, except the pages that are holes of the RAM file
+        now. A hole is zero, and reading one would allocate it on the source (a 4 GiB reporting guest's
+        check read 156k of them: 1.8 s, ~12 us a page on the two-host lab's host). Also returns the pages
+        sent with content that are holes now (the guest reported them free after they were sent and its
+        worker punched them out): they go as zero markers, unread."""
+        holes = np.zeros(self.bitmap.nbits, dtype=bool)
+        for first, n in self.ram.hole_runs(self.ram.data_extents()).tolist():
+            holes[first : first + n] = True
+        sent = self.on_wire != 0
+        selected = sent | (self.zero_held != 0) if self.config.check_zero_held else sent
+        punched = sent & holes & (self.sent_hash != ZERO_PAGE_HASH)
+        return (selected & ~holes).astype(np.uint8), punched
 
     def _changed_pages(
         self, selected: npt.NDArray[np.uint8], threads: int = 1
