@@ -390,7 +390,9 @@ class FphMigration:
                 unplug_ms = await self._unplug(src, pc, progress, res)
                 self.phase = Phase.ROUNDS
                 continue
-            decision = pc.decide(time.monotonic() - t_rounds)
+            # the decision reads guest RAM (the pages left's mix, the check's timed sample) and the RAM
+            # file's holes: on a thread, as the round, so the daemon's loop keeps serving meanwhile
+            decision = await asyncio.to_thread(pc.decide, time.monotonic() - t_rounds)
             if decision.throttle_pct != (res.throttle.pct if res.throttle else 0):
                 await self._throttle(src, res, decision.throttle_pct)
             if decision.verdict is Verdict.FAIL:
