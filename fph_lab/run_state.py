@@ -66,15 +66,14 @@ class RunStateWatch:
         await conn.connect()
         listener = conn.listener(("STOP", "RESUME", "MIGRATION"))
         self._connected.set()
+        stop = asyncio.ensure_future(self._stopping.wait())
         try:
-            while not self._stopping.is_set():
+            while True:
                 get = asyncio.ensure_future(listener.get())
-                stop = asyncio.ensure_future(self._stopping.wait())
-                done, _ = await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if get not in done:
+                await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
                     get.cancel()
                     break
-                stop.cancel()
                 ev: dict[str, Any] = dict(get.result())
                 ts = ev.get("timestamp") or {}
                 t = float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
@@ -82,6 +81,7 @@ class RunStateWatch:
                     status = str((ev.get("data") or {}).get("status", ""))
                     self._events.append(RunStateEvent(str(ev["event"]), t, status))
         finally:
+            stop.cancel()
             conn.remove_listener(listener)
             await conn.close()
 

@@ -277,10 +277,12 @@ class Precopy:
         self._class = np.empty(MAX_FRAME_PAGES, dtype=np.uint8)
         self._fill = np.empty(MAX_FRAME_PAGES, dtype=np.uint64)
         self._bounce = np.empty(MAX_FRAME_PAGES * PAGE_SIZE, dtype=np.uint8)
-        self._check: futures.Future[tuple[list[npt.NDArray[np.int64]], int, float]] | None = None
-        """The switchover check started beside the final round: changed pages, pages checked, ms."""
-        self._punched: npt.NDArray[np.bool_] | None = None
-        """... and the pages sent with content that were holes when it started (zero markers)."""
+        self._check: (
+            tuple[futures.Future[tuple[list[npt.NDArray[np.int64]], int, float]], npt.NDArray[np.bool_]]
+            | None
+        ) = None
+        """The switchover check started beside the final round (its changed pages, pages checked and ms),
+        and the pages sent with content that were holes when it started (zero markers)."""
 
     # ------------------------------------------------------------------------------------- rounds
 
@@ -517,9 +519,8 @@ class Precopy:
     def _sampled_check_rate(self, selected: npt.NDArray[np.uint8]) -> float | None:
         """Bytes/s of the check's kernel over ``CHECK_SAMPLE_RUNS`` runs of 1 MiB spread evenly over guest
         RAM (reads, no sends), or None when they hold fewer than 256 selected pages."""
-        spans = [(r.gpa >> PAGE_SHIFT, r.size >> PAGE_SHIFT) for r in self.bitmap.layout]
         run = CHECK_SAMPLE_RUN_PAGES
-        starts = sample_run_starts(spans, CHECK_SAMPLE_RUNS, run)
+        starts = sample_run_starts(self._page_spans(), CHECK_SAMPLE_RUNS, run)
         sampled = 0
         t0 = time.perf_counter()
         for p0 in starts:
@@ -588,10 +589,10 @@ class Precopy:
         _newly, rs.harvest_ms = self.sync(new_epoch=False)
         rs.dirty_at_start = self.bitmap.count_dirty()
         if check_beside and rs.dirty_at_start >= self.config.check_beside_min_pages:
-            selected, self._punched = self._check_selection()
+            selected, punched = self._check_selection()
             selected &= ~self.bitmap.dirty_flags()
             pool = ThreadPoolExecutor(1, thread_name_prefix="fph-switchover-check")
-            self._check = pool.submit(self._timed_changed_pages, selected)
+            self._check = pool.submit(self._timed_changed_pages, selected), punched
             pool.shutdown(wait=False)  # the thread ends with the check
         ts = time.monotonic()
         try:
@@ -600,7 +601,7 @@ class Precopy:
             self.channel.end_round(self.round, {"pages": rs.pages_data, "final": True})
         except BaseException:
             if self._check is not None:  # it reads guest RAM: let it end before the caller unmaps it
-                futures.wait([self._check])
+                futures.wait([self._check[0]])
                 self._check = None
             raise
         rs.ms = (time.monotonic() - t0) * 1e3
@@ -611,12 +612,11 @@ class Precopy:
     def verify_and_resend(self) -> int:
         """Re-read every page sent so far, and every page the destination holds as zeros unsent, and resend
         those that changed since (the guest is stopped): the check the final round started beside itself,
-        or all of it now."""
+        or all of it now. Pages sent that are holes now go as zero markers, unread."""
         t0 = time.monotonic()
-        if self._check is not None and self._punched is not None:
-            changed, checked, self.result.verify_beside_final_ms = self._check.result()
-            punched = self._punched
-            self._check = self._punched = None
+        if self._check is not None:
+            (check, punched), self._check = self._check, None
+            changed, checked, self.result.verify_beside_final_ms = check.result()
         else:
             selected, punched = self._check_selection()
             many = np.count_nonzero(selected) >= self.config.check_threads_min_pages
@@ -656,12 +656,10 @@ class Precopy:
         """Pages flagged in ``selected`` whose content is no longer what was sent (per pass of one RAM
         region), and how many were read. Reads guest RAM and the selected pages' fingerprints only; with
         ``threads`` > 1 the passes are split over that many threads (the kernel releases the GIL)."""
-        passes: list[tuple[int, int]] = []
-        for r in self.bitmap.layout:
-            first = r.gpa >> PAGE_SHIFT
-            n = r.size >> PAGE_SHIFT
-            step = 1 << 15  # 128 MiB of pages per pass
-            passes += [(first + off, min(step, n - off)) for off in range(0, n, step)]
+        step = 1 << 15  # 128 MiB of pages per pass
+        passes = [
+            (first + off, min(step, n - off)) for first, n in self._page_spans() for off in range(0, n, step)
+        ]
 
         def one_pass(span: tuple[int, int]) -> npt.NDArray[np.int64]:
             p0, k = span
@@ -674,6 +672,10 @@ class Precopy:
         else:
             found = [one_pass(span) for span in passes]
         return found, sum(int(np.count_nonzero(selected[p0 : p0 + k])) for p0, k in passes)
+
+    def _page_spans(self) -> list[tuple[int, int]]:
+        """(first page, pages) of each guest RAM region."""
+        return [(r.gpa >> PAGE_SHIFT, r.size >> PAGE_SHIFT) for r in self.bitmap.layout]
 
     def _timed_changed_pages(
         self, selected: npt.NDArray[np.uint8]
