@@ -104,6 +104,7 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
     assert rig.link is not None
     out: dict[str, Any] = {
         "mode": mode, "workload": w.name, "mem_mib": w.mem_mib, "run": index,
+        "init_on_alloc": rig.init_on_alloc,
         "link_rate_bps": rig.link.config.rate_bits_per_s or 0, "tls": rig.tls, "bandwidth_cap_bps": bandwidth,
         "bytes": None, "lower_bound_bytes": None, "wire_bytes": None, "total_s": None, "downtime_ms": None,
         "goodput_bps": None, "destination_ok": False, "error": None, "max_window_rate_bps": None,
@@ -254,6 +255,12 @@ def main() -> int:
         help="bytes/s given to Migrate, for every mode (default: the link's rate, as an operator who knows "
         "the link sets QEMU's max-bandwidth; 0: unlimited)",
     )
+    ap.add_argument(
+        "--init-on-alloc",
+        choices=("default", "0", "1"),
+        default="default",
+        help="the guests' init_on_alloc= (default: the guest kernel's, Debian: 1); recorded in every run",
+    )
     ap.add_argument("--quick", action="store_true", help="1 GiB guests, 1 run per mode")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument(
@@ -276,8 +283,13 @@ def main() -> int:
     runs: list[dict[str, Any]] = []
     link = LinkConfig(rate_bits_per_s=args.rate_bits or None)
     bandwidth = args.bandwidth if args.bandwidth >= 0 else args.rate_bits // 8
+    init_on_alloc = None if args.init_on_alloc == "default" else int(args.init_on_alloc)
     with TwoHostRig(
-        lab, link, tls=not args.no_tls, log_dir=args.json.parent / (args.json.stem + "-logs")
+        lab,
+        link,
+        tls=not args.no_tls,
+        log_dir=args.json.parent / (args.json.stem + "-logs"),
+        init_on_alloc=init_on_alloc,
     ) as rig:
         for wname in workloads:
             for i in range(runs_n):

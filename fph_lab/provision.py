@@ -34,7 +34,7 @@ MIRROR = "http://deb.debian.org/debian"
 QEMU_ACCEPT = re.compile(r"^11\.1\.\d+$")
 HOST_QEMU_MIN = (10, 2)
 VHOST_USER_DEVICE = "vhost-user-test-device-pci"
-GUEST_MODULES = ("virtio_pci", "virtio_balloon", "virtio_net")
+GUEST_MODULES = ("virtio_pci", "virtio_balloon", "virtio_net", "virtio_blk")
 GUEST_PROGRAMS = ("fill", "memhog", "hold", "dirty", "meminfo")
 HOST_PACKAGES = (
     "mmdebstrap",

@@ -12,6 +12,7 @@ import numpy as np
 
 from fph.migration_hook import HookEvent, HookPoint
 from fph.ram_layout import PAGE_SIZE
+from fph_lab.disk import page_digest
 from fph_lab.fph_mode import FphPair
 
 MiB = 1 << 20
@@ -42,3 +43,26 @@ class PageCompare:
             p = self.pair
             assert p.src.ram_path is not None and p.dst.ram_path is not None
             self.diff = differing_pages(p.src.ram_path, p.dst.ram_path, p.layout.ram_bytes)
+
+
+class BlockPagesCompare:
+    """COMPLETE hook: the pages of the source RAM that hold one of ``digests`` (blocks a device wrote
+    there, e.g. ``fph_lab.disk.ReadOnlyDisk.block_digests``), and those of them that differ at the
+    destination. A difference there is a lost write whatever the guest does with the rest of its memory."""
+
+    def __init__(self, pair: FphPair, digests: set[bytes]) -> None:
+        self.pair = pair
+        self.digests = digests
+        self.holding: list[int] | None = None
+        self.differing: list[int] | None = None
+
+    def __call__(self, event: HookEvent) -> None:
+        if event.point is not HookPoint.COMPLETE:
+            return
+        p = self.pair
+        assert p.src.ram_path is not None and p.dst.ram_path is not None
+        size = p.layout.ram_bytes
+        src = np.memmap(p.src.ram_path, dtype=np.uint8, mode="r", shape=(size,)).reshape(-1, PAGE_SIZE)
+        dst = np.memmap(p.dst.ram_path, dtype=np.uint8, mode="r", shape=(size,)).reshape(-1, PAGE_SIZE)
+        self.holding = [i for i in range(src.shape[0]) if page_digest(src[i].tobytes()) in self.digests]
+        self.differing = [i for i in self.holding if not np.array_equal(src[i], dst[i])]

@@ -143,7 +143,8 @@ class TwoHostRig:
     ``lab``: the provisioned lab; ``link_config``: the link (default 1 Gbit/s both ways); ``tls``: mutual
     TLS on the data plane with a lab PKI (else ``--data-tls off``); ``mem_mib``: the VMs' default RAM;
     ``log_dir``: where the daemons' logs go (and, at close, each VM's serial and QEMU logs), default the
-    temporary directory (removed at close); ``daemon_args``: extra ``fph serve`` flags for both daemons.
+    temporary directory (removed at close); ``daemon_args``: extra ``fph serve`` flags for both daemons;
+    ``init_on_alloc``: the guests' ``init_on_alloc=`` (None: the guest kernel's default, Debian: 1).
     """
 
     def __init__(
@@ -155,10 +156,12 @@ class TwoHostRig:
         mem_mib: int = 1024,
         log_dir: Path | None = None,
         daemon_args: tuple[str, ...] = (),
+        init_on_alloc: int | None = None,
     ) -> None:
         self.lab = lab
         self.tls = tls
         self.mem_mib = mem_mib
+        self.init_on_alloc = init_on_alloc
         self.daemon_args = daemon_args
         self.link: TwoHostLink | None = None
         self.pki: LabPki | None = None
@@ -331,12 +334,13 @@ class TwoHostRig:
         guest still boots: ``vm.wait_ready()``). ``reporting``: fph's balloon offers free page reporting
         (QEMU's device gets the 5th queue)."""
         mem = mem_mib or self.mem_mib
-        vm = self._new_vm(side, name, VMConfig(mem_mib=mem))
+        vm = self._new_vm(side, name, VMConfig(mem_mib=mem, init_on_alloc=self.init_on_alloc))
         reg = self._register(side, vm, balloon=True, write_log=True, mem_mib=mem, reporting=reporting)
         if not reg.plugin_arg:
             raise TwoHostError(f"RegisterVm({name}) gave no plugin_arg for the write log: {reg}")
         vm.config = VMConfig(
             mem_mib=mem,
+            init_on_alloc=self.init_on_alloc,
             balloon="fph",
             vhost_user_socket=reg.spec.balloon_socket,
             balloon_queues=5 if reporting else 4,
@@ -351,7 +355,12 @@ class TwoHostRig:
         with a balloon socket (where its daemon plugs a fresh balloon once the guest runs there)."""
         mem = mem_mib or self.mem_mib
         cfg = VMConfig(
-            mem_mib=mem, balloon="none", ram_backend="file", incoming=True, netns=self.host(side).ns
+            mem_mib=mem,
+            init_on_alloc=self.init_on_alloc,
+            balloon="none",
+            ram_backend="file",
+            incoming=True,
+            netns=self.host(side).ns,
         )
         vm = self._new_vm(side, name, cfg)
         self._register(side, vm, balloon=True, write_log=False, mem_mib=mem)
@@ -375,6 +384,7 @@ class TwoHostRig:
         mem = mem_mib or self.mem_mib
         cfg = VMConfig(
             mem_mib=mem,
+            init_on_alloc=self.init_on_alloc,
             balloon="native",
             free_page_hint=free_page_hint,
             ram_backend="file",
