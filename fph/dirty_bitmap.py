@@ -15,6 +15,16 @@ before the id is issued, every write made after the id is in the log and re-mark
 harvest; a hint clears the bitmap only, never the log. ``merge_write_log()`` therefore refuses to run
 while an epoch is open. (docs/protocol-model.md: this order is checked exhaustively.)
 
+Why a hint lasts only until the next harvest
+--------------------------------------------
+The write log sees the guest's CPU stores, not what devices write into guest RAM through QEMU. A guest that
+does not zero the pages it allocates (``init_on_alloc=0``) can take a hinted block back and have virtio-blk
+fill it with disk blocks without one store to it; had the hint kept that page out of the migration, the
+destination would hold zeros there (measured: 29,859-32,423 of 33,024 page cache pages of a 128 MiB disk
+read after DONE, ``tests/test_dma_guest.py``). So every harvest marks dirty again each page hinted free that
+the destination never got and no logged write made dirty (``stats.hinted_unwritten``): a hint only defers a
+page, and the page is read once, after which the switchover check covers it like every page read.
+
 The class is safe to call from several threads (one lock); the kernels release the GIL.
 """
 
@@ -91,6 +101,9 @@ class BitmapStats:
     hints_dropped_stale: int = 0
     hints_rejected_invalid: int = 0
     redirtied_after_hint: int = 0
+    hinted_unwritten: int = 0
+    """Pages hinted free, never sent, and not written by the next harvest: dirty again all the same (a
+    device's DMA into a reused block is in no write log; only a CPU store is)."""
     log_pages_marked: int = 0
     zero_pages_unread: int = 0
 
@@ -270,24 +283,31 @@ def _clear_ranges_sweep(
 
 
 @njit(cache=True, nogil=True)
-def _merge_log(words: Any, hinted: Any, fix_words: Any, fix_masks: Any, log: Any) -> Any:
-    """OR a write log into the bitmap; return (pages marked, newly dirty, re-dirtied after a hint).
+def _merge_log(words: Any, hinted: Any, sent: Any, fix_words: Any, fix_masks: Any, log: Any) -> Any:
+    """OR a write log into the bitmap, then mark dirty every page hinted free that the destination never got
+    and that is still clean; return (pages marked, newly dirty by the log, re-dirtied after a hint,
+    hinted pages not written).
 
     The main loop takes every word unmasked (one stream less from memory); the few words that are not
     all RAM (``fix_words``, RAM-mask ``fix_masks``) are fixed up after: their non-RAM bits, never dirty
-    before, are cleared again and taken out of the counts.
+    before, are cleared again and taken out of the counts. ``hinted`` holds RAM pages only.
     """
     marked = np.uint64(0)
     newly = np.uint64(0)
     redirtied = np.uint64(0)
+    unwritten = np.uint64(0)
     for w in range(words.shape[0]):
         lw = log[w]
         old = words[w]
+        h = hinted[w]
         fresh = lw & ~old
         marked += popcount64(lw)
         newly += popcount64(fresh)
-        redirtied += popcount64(fresh & hinted[w])
-        words[w] = old | lw
+        redirtied += popcount64(fresh & h)
+        now = old | lw
+        stale = h & ~sent[w] & ~now
+        unwritten += popcount64(stale)
+        words[w] = now | stale
     for i in range(fix_words.shape[0]):
         w = fix_words[i]
         m = fix_masks[i]
@@ -295,7 +315,7 @@ def _merge_log(words: Any, hinted: Any, fix_words: Any, fix_masks: Any, log: Any
         marked -= outside
         newly -= outside
         words[w] &= m
-    return marked, newly, redirtied
+    return marked, newly, redirtied, unwritten
 
 
 @njit(cache=True, nogil=True)
@@ -473,7 +493,8 @@ class DirtyBitmap:
         """Pages sent at least once in this migration."""
         self.hinted: Words = np.zeros(nwords, dtype=np.uint64)
         """Pages hinted free and not sent since: a write log bit that makes one dirty again counts in
-        ``redirtied_after_hint`` (once, until the page is sent)."""
+        ``redirtied_after_hint`` (once, until the page is sent); one the destination never got and no log
+        bit made dirty is marked dirty at the harvest all the same (``hinted_unwritten``)."""
         self.ram_mask: Words = _ram_mask(layout, nwords)
         self.known_zero_at_destination: Words = (
             self.ram_mask.copy() if destination_zeroed else np.zeros(nwords, dtype=np.uint64)
@@ -581,9 +602,18 @@ class DirtyBitmap:
     # ------------------------------------------------------------------------------------ write log
 
     def merge_write_log(self, log: npt.NDArray[np.uint64]) -> int:
-        """Mark every page written since the last harvest (a harvested log snapshot) dirty again.
+        """Mark every page written since the last harvest (a harvested log snapshot) dirty again; then
+        every page hinted free that the destination never got and no logged write made dirty.
 
-        Returns the number of pages newly dirty. Refused while a hint epoch is open.
+        A hint defers a page to the next harvest; it never takes it out of the migration. With
+        ``init_on_alloc=1`` the driver's zeroing of each block it hints is a logged write, so the log
+        re-marks every hinted page anyway (as a zero page: cheap, often not sent at all). A guest that does
+        not zero what it allocates (``init_on_alloc=0``) reuses a hinted block without a store, and a device
+        that fills it (virtio-blk reading into the page cache) writes through QEMU, which no write log sees:
+        only reading the page, and the switchover check of every page read, can carry that content.
+
+        Returns the number of pages the log made newly dirty (the guest's dirty rate; the hinted pages
+        marked again are counted in ``stats.hinted_unwritten``). Refused while a hint epoch is open.
         """
         if not isinstance(log, np.ndarray) or log.dtype != np.uint64 or log.ndim != 1:
             raise BitmapError(f"write log must be a 1-d uint64 array, got {type(log).__name__}")
@@ -595,12 +625,13 @@ class DirtyBitmap:
         with self._lock:
             if self.epoch is not None:
                 raise BitmapError(f"close hint epoch {self.epoch} before merging the write log")
-            marked, newly, redirtied = _merge_log(
-                self.dirty, self.hinted, self._fix_words, self._fix_masks, log
+            marked, newly, redirtied, unwritten = _merge_log(
+                self.dirty, self.hinted, self.sent, self._fix_words, self._fix_masks, log
             )
             self.stats.log_pages_marked += int(marked)
             self.stats.redirtied_after_hint += int(redirtied)
-            self._dirty_count += int(newly)
+            self.stats.hinted_unwritten += int(unwritten)
+            self._dirty_count += int(newly) + int(unwritten)
             return int(newly)
 
     # --------------------------------------------------------------------------------------- sender

@@ -73,6 +73,10 @@ class ModelBitmap:
                 newly += 1
                 self.stats.redirtied_after_hint += self.hinted[p]
             self.dirty[p] = 1
+        for p in self.hinted.search(1):  # hinted, never sent, still clean: dirty all the same
+            if not self.sent[p] and not self.dirty[p]:
+                self.dirty[p] = 1
+                self.stats.hinted_unwritten += 1
         return newly
 
     def mark_all(self) -> int:

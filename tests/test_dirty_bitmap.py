@@ -151,10 +151,13 @@ def test_write_log_rededirties_hinted_pages_and_ignores_holes() -> None:
     assert bm.merge_write_log(to_words({1, 2, 100, hole_page}, bm.nwords)) == 3
     assert bm.stats.log_pages_marked == 3
     assert bm.stats.redirtied_after_hint == 2
-    assert from_words(bm.dirty, bm.nbits) == {1, 2, 100}
+    # the hinted pages nothing wrote are dirty again too: the destination never got them
+    assert bm.stats.hinted_unwritten == 6
+    assert from_words(bm.dirty, bm.nbits) == {*range(8), 100}
+    assert bm.count_dirty() == bm.recount_dirty() == 9
     # hinted pages re-dirtied are no longer "hinted": a second write does not count twice
     bm.merge_write_log(to_words({1}, bm.nwords))
-    assert bm.stats.redirtied_after_hint == 2
+    assert bm.stats.redirtied_after_hint == 2 and bm.stats.hinted_unwritten == 6
 
 
 def test_take_runs_budget_cursor_and_sent_map() -> None:
@@ -170,7 +173,12 @@ def test_take_runs_budget_cursor_and_sent_map() -> None:
     assert from_words(bm.sent, bm.nbits) == set(range(1024)) - set(range(100, 150)) - set(range(600, 624))
     bm.merge_write_log(to_words({5, 700}, bm.nwords))
     assert bm.take_dirty_runs(PAGE).tolist() == [[5, 1]]
-    assert bm.take_dirty_runs(PAGE).tolist() == [[700, 1]]
+    # the hinted pages, never sent, come back at the harvest (hinted_unwritten) and leave as sent
+    assert bm.take_dirty_runs(10_000 * PAGE).tolist() == [[100, 50], [600, 24], [700, 1]]
+    assert bm.stats.hinted_unwritten == 74
+    assert from_words(bm.sent, bm.nbits) == set(range(1024))
+    bm.merge_write_log(to_words(set(), bm.nwords))
+    assert bm.count_dirty() == 0
     with pytest.raises(BitmapError):
         bm.take_dirty_runs(PAGE - 1)
 
@@ -251,6 +259,24 @@ def test_reuse_after_a_current_hint_is_caught_at_the_next_harvest() -> None:
     bm.merge_write_log(to_words(pending, bm.nwords))
     assert bm.is_dirty(8)
     assert bm.stats.redirtied_after_hint == 1
+
+
+def test_a_hinted_block_a_device_fills_without_a_store_is_read_after_the_next_harvest() -> None:
+    """init_on_alloc=0: the driver hints page 8 without writing it; DONE; the guest reuses it as a page
+    cache page that virtio-blk fills (no store, no log bit). The harvest marks it dirty all the same, and
+    once read it is the switchover check's. Page 9, sent before the hint, stays clean: the check has it."""
+    bm = DirtyBitmap(RamLayout.flat(64 * PAGE))
+    bm.mark_all()
+    assert bm.take_dirty_runs(PAGE).tolist() == [[0, 1]]
+    bm.skip_zero_pages(np.array([[9, 1]]))  # a hole of the source file: "sent" (the destination holds zeros)
+    bm.open_epoch(2)
+    assert bm.apply_hints(2, [(8 * PAGE, 2 * PAGE)]) == 1
+    assert not bm.is_dirty(8)
+    bm.close_epoch()
+    assert bm.merge_write_log(to_words(set(), bm.nwords)) == 0  # the guest's dirty rate: nothing written
+    assert bm.is_dirty(8) and not bm.is_dirty(9)
+    assert bm.stats.hinted_unwritten == 1 and bm.stats.redirtied_after_hint == 0
+    assert bm.count_dirty() == bm.recount_dirty() == 64 - 2 - 1 + 1
 
 
 def test_a_page_sent_before_its_hint_in_the_same_epoch_is_waste_and_a_later_write_still_counts() -> None:

@@ -795,6 +795,7 @@ class FphMigration:
             "stale_hints_dropped": st.hints_dropped_stale,
             "hints_rejected_invalid": st.hints_rejected_invalid,
             "redirtied_after_hint": st.redirtied_after_hint,
+            "hinted_pages_unwritten": st.hinted_unwritten,
             "hint_waste_pages": sum(r.hint_waste_pages for r in rounds),
             "first_hint_run": self.config.first_hint_run.value,
             "log_pages_marked": st.log_pages_marked,

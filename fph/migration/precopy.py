@@ -198,6 +198,9 @@ class RoundStats:
     hinted_pages: int = 0
     hint_bits_cleared: int = 0
     redirtied_after_hint: int = 0
+    hinted_unwritten: int = 0
+    """Pages hinted free that no logged write made dirty by the sync, dirty again all the same: a device
+    may have filled them without a store (``DirtyBitmap.merge_write_log``)."""
     hint_waste_pages: int = 0
     """Pages this round put on the wire and the guest then hinted free in the same run (overlap)."""
     harvest_ms: float = 0.0
@@ -373,11 +376,24 @@ class Precopy:
         rs.hinted_pages = after["hinted_pages"] - before["hinted_pages"]
         rs.hint_bits_cleared = after["hint_bits_cleared"] - before["hint_bits_cleared"]
         rs.redirtied_after_hint = after["redirtied_after_hint"] - before["redirtied_after_hint"]
+        rs.hinted_unwritten = after["hinted_unwritten"] - before["hinted_unwritten"]
+        self._note_unwritten_hints(rs)
         rs.ms = (time.monotonic() - t0) * 1e3
         self.result.rounds.append(rs)
         log.info("round %d: %s", self.round, rs)
         self.round += 1
         return rs
+
+    def _note_unwritten_hints(self, rs: RoundStats) -> None:
+        """Say so in the report when most of a run's hinted pages had to be read all the same: the guest
+        does not zero what it allocates, so hints save it nothing and free page reporting would."""
+        if self.result.hinting != "used" or rs.hinted_unwritten * 2 <= rs.hinted_pages:
+            return
+        self.result.hinting = (
+            f"used: {rs.hinted_unwritten} of {rs.hinted_pages} hinted pages were not written by the guest "
+            "(it does not zero what it allocates: init_on_alloc=0?) and were read all the same, as a device "
+            "may fill a reused page unseen; free page reporting would keep them off the wire"
+        )
 
     def _round0_hints(self, rs: RoundStats) -> float:
         """The first hint run, bounded; then the sync that merges what the guest wrote while it hinted

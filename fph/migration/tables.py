@@ -19,6 +19,7 @@ ROWS: tuple[tuple[str, str, float, str], ...] = (
 FPH_ROWS: tuple[tuple[str, str, float, str], ...] = (
     ("hinted (MiB)", "hinted_bytes", MiB, "{:.1f}"),
     ("re-dirtied after hint (pages)", "redirtied_after_hint", 1, "{:.0f}"),
+    ("hinted, unwritten, read anyway (pages)", "hinted_pages_unwritten", 1, "{:.0f}"),
     ("sent, then hinted (waste, pages)", "hint_waste_pages", 1, "{:.0f}"),
     ("stale hints dropped", "stale_hints_dropped", 1, "{:.0f}"),
     ("zero pages skipped", "zero_pages_skipped", 1, "{:.0f}"),
