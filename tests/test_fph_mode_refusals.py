@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 from fph.balloon.control import DeviceView
 from fph.balloon.counters import BalloonCounters
 from fph.balloon.spec import F_FREE_PAGE_HINT, F_REPORTING
+from fph.balloon.stats import GuestStats
 from fph.migration.fph_mode import (
     Balloon,
     BalloonDisconnectedError,
@@ -19,6 +22,7 @@ from fph.migration.fph_mode import (
     FphMigrationError,
 )
 from fph.ram_layout import RamLayout
+from fph.transfer.ram_file import RamFile
 from tests.fake_qmp import FakeQMP
 
 MiB = 1 << 20
@@ -79,11 +83,61 @@ class ViewOnly:
         )  # fmt: skip
 
 
+class ReportingGuest(ViewOnly):
+    """A reporting guest's balloon with a stats queue: ``free`` bytes free, fresh figures on request
+    unless ``answers`` is False (the guest still holds the buffer of an earlier request: old figures)."""
+
+    def __init__(self, free: int, answers: bool) -> None:
+        super().__init__(F_FREE_PAGE_HINT | F_REPORTING)
+        self.free, self.answers = free, answers
+        self.stats = GuestStats({"free_memory": free // 2}, time.monotonic() - 30)  # before the guest freed
+
+    async def request_stats_async(self) -> bool:
+        if self.answers:
+            self.stats = GuestStats({"free_memory": self.free}, time.monotonic())
+        return self.answers
+
+    async def guest_stats_async(self) -> GuestStats:
+        return self.stats
+
+
+@pytest.mark.parametrize(
+    ("free_mib", "answers", "skipped"),
+    [
+        (200, True, True),  # 192 MiB of holes: 8 MiB behind, within the lag that always stays
+        (600, True, False),  # 408 MiB not reported yet: the wait gives up and the run hints
+        (600, False, False),  # no fresh figures: the old ones (300 MiB free) would say caught up
+    ],
+)
+def test_the_reporting_wait_trusts_only_stats_the_guest_sent_after_it_began(
+    tmp_path: Path, free_mib: int, answers: bool, skipped: bool
+) -> None:
+    layout = RamLayout.pc(256 * MiB)
+    path = tmp_path / "src.ram"
+    path.write_bytes(b"")
+    os.truncate(path, layout.ram_bytes)
+    with RamFile(path, layout, writable=True) as ram:
+        ram.buf[: 64 * MiB] = 1  # 64 MiB of data, 192 MiB of holes (reported and punched)
+        mig = FphMigration(
+            src_qmp=str(tmp_path / "src.qmp"),
+            dst_qmp=None,
+            uri="tcp:127.0.0.1:1",
+            layout=layout,
+            src_ram=path,
+            receiver_address=("127.0.0.1", 1),
+            writelog=None,  # type: ignore[arg-type]  # never reached
+            balloon=Balloon(ReportingGuest(free_mib * MiB, answers)),  # type: ignore[arg-type]
+            config=FphConfig(reporting_wait_s=1.0),
+        )
+        reason = asyncio.run(mig._hinting_skipped(ram))
+    assert (reason is not None and "reports its free memory" in reason) if skipped else reason is None, reason
+
+
 @pytest.mark.parametrize(
     ("acked", "poison", "hint_reporting", "expected"),
     [
         (F_FREE_PAGE_HINT, 0, False, None),
-        (F_FREE_PAGE_HINT | F_REPORTING, 0, False, "reports its free memory"),
+        (F_FREE_PAGE_HINT | F_REPORTING, 0, False, None),  # no stats to judge reporting by: hint
         (F_FREE_PAGE_HINT | F_REPORTING, 0, True, None),
         (F_FREE_PAGE_HINT, 0xAA, False, "poisons its free pages"),
     ],

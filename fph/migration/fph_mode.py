@@ -553,14 +553,14 @@ class FphMigration:
         if v.acked & F_REPORTING and not self.config.hint_reporting_guests:
             t0 = time.monotonic()
             behind = await self._reporting_behind(ram)
-            if behind is not None and behind > self._reporting_lag_bytes():
-                log.info("free page reporting behind: hinting", extra={"unreported_bytes": behind})
-                return None  # freed memory not yet reported (the guest reports every 2 s): hint it
-            seen = "" if behind is None else f", {behind >> 20} MiB of its free memory not yet punched"
+            if behind is None or behind > self._reporting_lag_bytes():
+                log.info("free page reporting behind or unknown: hinting", extra={"unreported_bytes": behind})
+                return None  # freed memory not (known to be) reported yet (the guest reports every 2 s)
+            seen = f", {behind >> 20} MiB of its free memory not yet punched"
             return (
                 "the guest reports its free memory (free page reporting): fph punched it out of the RAM "
                 "file, and round 0 skips those holes unread; a hint run would take the blocks back from "
-                f"the host (the driver zeroes each one it hints){seen}, "
+                f"the host{seen}, "
                 f"after {time.monotonic() - t0:.1f} s"
             )
         if v.poison_val and not self.config.hint_poisoned_guests:
@@ -579,17 +579,9 @@ class FphMigration:
         """The guest's free memory (fresh stats) that is not yet a hole in the source RAM file, once
         reporting caught up or ``reporting_wait_s`` passed; None where it cannot be known."""
         ctl = self.balloon.control if self.balloon is not None else None
-        request = getattr(ctl, "request_stats_async", None)
-        read = getattr(ctl, "guest_stats_async", None)
-        if ram is None or request is None or read is None:
-            return None
-        before = await read()
-        if await request():  # the guest refills its stats buffer at once
-            deadline = time.monotonic() + 1.0
-            while (await read()).updated == before.updated and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-        free = (await read()).values.get("free_memory")
-        if free is None:
+        stats = await self._fresh_guest_stats(ctl)
+        free = None if stats is None else stats.values.get("free_memory")
+        if ram is None or free is None:
             return None
 
         async def behind_now() -> int:
@@ -602,10 +594,36 @@ class FphMigration:
         while True:
             verdict, why = wait.verdict(behind, time.monotonic() - t0)
             if verdict is not CatchUp.WAIT:
-                log.info("free page reporting wait", extra={"verdict": verdict.value, "why": why})
+                log.info(
+                    "free page reporting wait",
+                    extra={"verdict": verdict.value, "why": why, "guest_free_bytes": free},
+                )
                 return behind
             await asyncio.sleep(0.25)
             behind = await behind_now()
+
+    @staticmethod
+    async def _fresh_guest_stats(ctl: Any, timeout_s: float = 2.0) -> Any:
+        """Stats the guest wrote after this call began (it refills its buffer once the device hands it
+        back), or None if none came within ``timeout_s``. Older figures can predate what the guest just
+        freed: a 1 GiB guest's stats said 767 MiB free where ~880 MiB were, so the wait saw reporting
+        caught up, skipped the hint run and sent 200 MB of stale free memory (twohost_bench-ioa0)."""
+        request = getattr(ctl, "request_stats_async", None)
+        read = getattr(ctl, "guest_stats_async", None)
+        if request is None or read is None:
+            return None
+        t0 = time.monotonic()
+        requested = False
+        while True:
+            if not requested:  # False while the guest still holds the buffer of an earlier request
+                requested = await request()
+            stats = await read()
+            if stats.updated is not None and stats.updated > t0:
+                return stats
+            if time.monotonic() - t0 >= timeout_s:
+                log.warning("the guest sent no fresh stats", extra={"timeout_s": timeout_s})
+                return None
+            await asyncio.sleep(0.02)
 
     async def _hinting_unavailable(self) -> str | None:
         """Why this guest cannot hint (it is then migrated without hints), or None if it can."""
