@@ -266,6 +266,31 @@ def test_hinted_pages_written_without_a_log_bit_are_read_and_then_checked(
     assert differing_pages(src, dst, guest) == []
 
 
+def test_a_chunk_punched_while_the_rounds_run_goes_as_zeros_unread(
+    ram_files: tuple[RamFile, RamFile],
+) -> None:
+    """The guest reports 1 MiB of its data pages free after round 0 began and its worker punches it: the
+    round sends those 256 pages as zeros without reading them (a read would allocate the hole again), and
+    a page of it written later by a device still reaches the destination through the switchover check."""
+    src, dst = ram_files
+    bitmap, channel, receiver = connected(src, dst)
+    pc = Precopy(bitmap, channel.ram, channel, lambda: np.zeros(bitmap.nwords, dtype=np.uint64))
+    pc.start()
+    channel.ram.wait_populated()  # the background populate would fault the hole back in
+    first = 8 * MiB // PAGE_SIZE  # data: dirty since the start, sent by round 0's 256-page chunks
+    src._mm.madvise(mmap.MADV_REMOVE, 8 * MiB, 1 * MiB)
+    pc.run_round()
+    rs = pc.result.rounds[0]
+    assert rs.pages_hole_unread == 256
+    assert src.is_hole(first, 256) and not src.is_hole(first - 256, 256)
+    src.buf[8 * MiB + 5 * PAGE_SIZE] = 9  # a device fills page 5 of it: no log bit
+    pc.final_round()
+    assert pc.verify_and_resend() == 1
+    channel.finish({})
+    assert receiver.wait(10).ok
+    assert np.array_equal(src.buf, dst.buf)
+
+
 def connected(src: RamFile, dst: RamFile) -> tuple[DirtyBitmap, RamSender, RamReceiver]:
     """A fresh bitmap and a sender connected to a receiver on ``dst``."""
     bitmap = DirtyBitmap(LAYOUT)

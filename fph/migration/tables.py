@@ -24,6 +24,7 @@ FPH_ROWS: tuple[tuple[str, str, float, str], ...] = (
     ("stale hints dropped", "stale_hints_dropped", 1, "{:.0f}"),
     ("zero pages skipped", "zero_pages_skipped", 1, "{:.0f}"),
     ("zero pages left unread (holes)", "zero_pages_unread", 1, "{:.0f}"),
+    ("holes found by rounds, unread", "hole_pages_unread_in_rounds", 1, "{:.0f}"),
     ("resent by switchover check", "pages_resent_by_check", 1, "{:.0f}"),
     ("switchover check (ms)", "switchover_check_ms", 1, "{:.1f}"),
 )

@@ -9,6 +9,7 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,8 @@ class RamFile:
             fd = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
         except OSError as exc:
             raise RamFileError(f"cannot open guest RAM file {self.path}: {exc.strerror}") from None
+        self._seek_fd = fd
+        """Kept open for :meth:`is_hole` (one ``SEEK_DATA`` per chunk a round sends)."""
         try:
             size = os.fstat(fd).st_size
             if size < layout.ram_bytes:
@@ -53,8 +56,9 @@ class RamFile:
                 )
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             self._mm = mmap.mmap(fd, layout.ram_bytes, mmap.MAP_SHARED, prot)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         self.buf: npt.NDArray[np.uint8] = np.frombuffer(self._mm, dtype=np.uint8)
         if not writable:
             self.buf.flags.writeable = False
@@ -66,26 +70,36 @@ class RamFile:
     def data_extents(self) -> list[tuple[int, int]]:
         """(offset, length) of the parts of the file that hold data, from SEEK_DATA/SEEK_HOLE; the whole
         file where the file system cannot tell (then nothing counts as a hole)."""
-        size = self.layout.ram_bytes
-        fd = os.open(self.path, os.O_RDONLY)
+        return list(self._data_spans(0, self.layout.ram_bytes))
+
+    def _data_spans(self, off: int, n: int) -> Iterator[tuple[int, int]]:
+        """The parts of [off, off + n) that hold data now; the rest of it where the file system cannot
+        tell."""
+        end = off + n
+        pos = off
+        while pos < end:
+            try:
+                start = os.lseek(self._seek_fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: only holes from pos to the end of the file
+                    yield pos, end - pos
+                return
+            if start >= end:
+                return
+            stop = min(os.lseek(self._seek_fd, start, os.SEEK_HOLE), end)
+            yield start, stop - start
+            pos = stop
+
+    def is_hole(self, first_page: int, npages: int) -> bool:
+        """True if pages [first_page, +npages) (inside one RAM range) lie in one hole of the file: zero, and
+        written by nobody since the hole was made (a write, CPU or device, allocates the page). False where
+        the file system cannot tell."""
+        off = self.offset(first_page, npages)
         try:
-            extents: list[tuple[int, int]] = []
-            pos = 0
-            while pos < size:
-                try:
-                    start = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:
-                        break  # only holes from pos to the end
-                    return [(0, size)]
-                if start >= size:
-                    break
-                end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-                extents.append((start, end - start))
-                pos = end
-            return extents
-        finally:
-            os.close(fd)
+            data = os.lseek(self._seek_fd, off, os.SEEK_DATA)
+        except OSError as exc:
+            return exc.errno == errno.ENXIO  # no data from off to the end of the file
+        return data >= off + (npages << PAGE_SHIFT)
 
     def hole_runs(self, extents: list[tuple[int, int]] | None = None) -> npt.NDArray[np.int64]:
         """(first page, count) runs of guest pages inside file holes: never written, so zero.
@@ -128,14 +142,19 @@ class RamFile:
             for start, length in spans
             for off in range(start, start + length, _POPULATE_STEP)
         )
-        for off, n in steps:
+        for step_off, step_n in steps:
             if self._closing.is_set():
                 break
-            if _libc.madvise(base + off, n, advice) != 0:
-                err = ctypes.get_errno()
-                if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    break  # no populate advice here (old kernel, hugetlbfs quirks)
-                raise RamFileError(f"populating {self.path} at offset {off:#x}: {os.strerror(err)}")
+            # a source maps what holds data now: a hole punched since the extents were taken (a reporting
+            # guest frees memory while round 0 runs) would be allocated again by a read
+            parts = [(step_off, step_n)] if self.writable else self._data_spans(step_off, step_n)
+            for off, n in parts:
+                if _libc.madvise(base + off, n, advice) != 0:
+                    err = ctypes.get_errno()
+                    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        self.populate_s = time.monotonic() - t0
+                        return self.populate_s  # no populate advice here (old kernel, hugetlbfs quirks)
+                    raise RamFileError(f"populating {self.path} at offset {off:#x}: {os.strerror(err)}")
         self.populate_s = time.monotonic() - t0
         return self.populate_s
 
@@ -200,6 +219,9 @@ class RamFile:
         del self.buf
         with contextlib.suppress(BufferError):  # a caller still holds a view: the mapping goes with it
             self._mm.close()
+        if self._seek_fd >= 0:
+            os.close(self._seek_fd)
+            self._seek_fd = -1
 
     def __enter__(self) -> RamFile:
         return self
