@@ -66,7 +66,14 @@ from fph_lab.fph_mode import FphPair
 from fph_lab.pair import VMPair
 from fph_lab.provision import Lab, provision
 from fph_lab.vm import VM, VMConfig, count_qemu
-from fph_lab.workload import HOLD_MIB, MEMHOG_MIB, SETTLE_S, wait_allocation_settles
+from fph_lab.workload import (
+    CHURN_CMD,
+    HOLD_MIB,
+    MEMHOG_MIB,
+    SETTLE_S,
+    oom_kills,
+    wait_allocation_settles,
+)
 
 MIB = 1 << 20
 MODES = ("fph", "native", "none")
@@ -78,10 +85,7 @@ DIRTY_MIB = 256
 DIRTY_RATE = 51200  # pages/s = 200 MiB/s
 DIRTY_CAP = 128 * MIB
 DIRTY_PROBE_S = 3
-CHURN_MIB = 600
-CHURN_CMD = f"while true; do memhog {CHURN_MIB}; sleep 0.3; done &"
 NATIVE_TIMEOUT_S = 300.0  # fph's own time budget is 300 s too (ConvergenceConfig.time_budget_s)
-OOM_LINE = re.compile(r"Out of memory|oom-kill|Killed process")
 VIRTIO_BALLOON = re.compile(r"FPH-VIRTIO dev=\S+ id=0x0005 driver=(\S+)")
 
 
@@ -186,14 +190,6 @@ class RateSampler:
                 rate = (b - bj) / (t - tj)
                 best = rate if best is None else max(best, rate)
         return best
-
-
-def oom_kills(text: str) -> tuple[int, list[str]]:
-    """OOM kill events on a serial log: one kill prints several matching lines, so count the most
-    frequent pattern (``Killed process`` / ``oom-kill`` / ``Out of memory``); return the lines too."""
-    lines = [ln for ln in text.splitlines() if OOM_LINE.search(ln)]
-    per = [sum(1 for ln in lines if p in ln) for p in ("Killed process", "oom-kill", "Out of memory")]
-    return max(per), lines
 
 
 def dirty_probe(vm: VM) -> float | None:

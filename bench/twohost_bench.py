@@ -10,8 +10,10 @@ device state and protocol overhead together: the figure that met the link).
     python bench/twohost_bench.py --runs 3 --json bench/results/twohost_bench.json
     python bench/twohost_bench.py --quick --json /tmp/x.json          # 1 GiB, 1 run per mode
 
-Workloads: ``memhog-exit`` (1 GiB guest, ~700 MiB written and freed) and ``memhog-exit-4g`` (4 GiB guest,
-3 GiB written and freed).
+Workloads: ``memhog-exit`` (1 GiB guest, ~700 MiB written and freed), ``memhog-exit-4g`` (4 GiB guest,
+3 GiB written and freed) and ``churn`` (memhog-exit, then ``while true; do memhog 600; sleep 0.3; done &``
+from just before the migration through switchover; the guest's OOM kills are counted, ``guest_oom_kills``).
+``--init-on-alloc 0`` boots every guest without zeroing on allocation.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from fph_lab.run_state import RunStateWatch, stop_to_resume_ms
 from fph_lab.twohost import TwoHostRig
 from fph_lab.vm import VM
 from fph_lab.wire_rate import WireSampler
-from fph_lab.workload import HOLD_MIB, wait_allocation_settles
+from fph_lab.workload import CHURN_CMD, HOLD_MIB, oom_kills, wait_allocation_settles
 
 MiB = 1 << 20
 TCP_COUNTERS = ("RetransSegs", "TCPTimeouts", "TCPLossProbes", "TCPLostRetransmit")
@@ -59,7 +61,8 @@ with the destination QEMU started with ``prealloc=on`` (its RAM allocated before
 destination daemon prepares its RAM file at PrepareIncoming; QEMU's default touches each page while it
 loads, on the guest's clock once the source has stopped)."""
 BRIEF = ("mode", "workload", "run", "bytes", "wire_bytes", "total_s", "resumed_wall_s", "downtime_ms",
-         "stop_to_resume_ms", "goodput_bps", "max_window_rate_bps", "destination_ok", "error")  # fmt: skip
+         "stop_to_resume_ms", "goodput_bps", "max_window_rate_bps", "guest_oom_kills", "destination_ok",
+         "error")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,19 @@ class Workload:
     name: str
     mem_mib: int
     memhog_mib: int
+    churn: bool = False
+    """After the memhog: allocation bursts (``CHURN_CMD``) from just before the migration through
+    switchover; the guest's OOM kills are counted on both consoles."""
 
 
-WORKLOADS = {w.name: w for w in (Workload("memhog-exit", 1024, 700), Workload("memhog-exit-4g", 4096, 3072))}
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload("memhog-exit", 1024, 700),
+        Workload("memhog-exit-4g", 4096, 3072),
+        Workload("churn", 1024, 700, churn=True),
+    )
+}
 
 
 def boot(rig: TwoHostRig, mode: str, name: str, mem_mib: int) -> tuple[VM, VM]:
@@ -108,7 +121,7 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
         "link_rate_bps": rig.link.config.rate_bits_per_s or 0, "tls": rig.tls, "bandwidth_cap_bps": bandwidth,
         "bytes": None, "lower_bound_bytes": None, "wire_bytes": None, "total_s": None, "downtime_ms": None,
         "goodput_bps": None, "destination_ok": False, "error": None, "max_window_rate_bps": None,
-        "predicted_downtime_ms": None,
+        "predicted_downtime_ms": None, "guest_oom_kills": None,
     }  # fmt: skip
     name = f"{mode}-{w.name}-{index}".replace("memhog-exit", "mh")
     phase = "boot"
@@ -124,6 +137,10 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
         time.sleep(2.0)
         out["lower_bound_bytes"] = wait_allocation_settles(src.guest, limit_s=60)
         hb = src.guest.last_heartbeat()
+        churn_from = src.console.offset()
+        if w.churn:
+            src.console.run(CHURN_CMD)
+            time.sleep(0.5)
         phase = "prepare incoming"
         target = rig.dst.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm=dst.name, mode=MODES[mode]))
         out["loadavg_1m"] = os.getloadavg()[0]
@@ -188,6 +205,10 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
         check = check_destination(dst, src.guest.last_heartbeat() or hb, src=src)
         out["destination_ok"] = check.ok
         out["destination_problems"] = check.problems
+        if w.churn:
+            text = src.console.text(churn_from) + dst.console.text()
+            out["guest_oom_kills"], out["oom_lines"] = oom_kills(text)
+            out["churn_iterations"] = text.count("FPH-MEMHOG mib=")
     except (grpc.RpcError, Exception) as e:
         detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
         out["error"] = f"{phase}: {type(e).__name__}: {detail}"
@@ -297,7 +318,7 @@ def main() -> int:
                 for mode in order:
                     row = run_one(rig, WORKLOADS[wname], mode, i, bandwidth)
                     runs.append(row)
-                    brief = {k: row[k] for k in BRIEF}
+                    brief = {k: row.get(k) for k in BRIEF}  # a failed run lacks some
                     print(json.dumps(brief), flush=True)
                     args.json.write_text(json.dumps({"runs": runs}, indent=1, default=str))
     summary = summarize(runs)

@@ -5,8 +5,9 @@
 run programs in them with :meth:`TwoHostLink.popen` (or prefix an argv with :meth:`TwoHostLink.exec_argv`),
 cut the link with :meth:`TwoHostLink.set_link` and read what crossed it with :meth:`TwoHostLink.wire_bytes`.
 
-Needs root, ``ip`` and ``tc`` (iproute2) and the ``tbf`` qdisc. A process run with ``ip netns exec`` sees
-only its namespace's network; files and Unix sockets are shared, so keep each side's paths apart.
+Needs root, ``ip`` and ``tc`` (iproute2), ``nsenter`` (util-linux) and the ``tbf`` qdisc. A process run in a
+namespace (:func:`netns_argv`) sees only its namespace's network; files, Unix sockets and cgroups are shared,
+so keep each side's paths apart.
 :meth:`TwoHostLink.close` ends only the processes this object started (each by its PID: SIGTERM, then
 SIGKILL) and deletes both namespaces (the veth pair goes with them). It runs on every exit path of a
 ``with`` block, after a setup step that failed half-way, and at interpreter exit (``atexit``) for a link
@@ -37,6 +38,14 @@ _LIVE: dict[int, TwoHostLink] = {}
 
 class NetLabError(LabError):
     """The two-host link could not be set up or used (not root, iproute2 missing, a command failed)."""
+
+
+def netns_argv(ns: str, argv: list[str]) -> list[str]:
+    """``argv`` run in the named network namespace ``ns`` and nothing else: ``nsenter --net`` execs it (the
+    PID stays the program's). ``ip netns exec`` also gives the program a mount namespace with a fresh
+    ``/sys``, without the host's cgroup mounts: a daemon run that way found no cgroup ``cpu`` controller for
+    its vCPU throttle, so a guest that out-dirtied the link never converged (twohost_bench, churn)."""
+    return ["nsenter", f"--net={NETNS_DIR}/{ns}", "--", *argv]
 
 
 @dataclass(frozen=True)
@@ -205,10 +214,10 @@ class TwoHostLink:
     # -- use
 
     def exec_argv(self, ns: str, argv: list[str]) -> list[str]:
-        """``argv`` run in namespace ``ns`` (``ip netns exec`` execs it: the PID stays the program's)."""
+        """``argv`` run in namespace ``ns`` (:func:`netns_argv`)."""
         if ns not in (self.src_ns, self.dst_ns):
             raise ValueError(f"{ns!r} is not one of this link's namespaces ({self.src_ns}, {self.dst_ns})")
-        return ["ip", "netns", "exec", ns, *argv]
+        return netns_argv(ns, argv)
 
     def popen(self, ns: str, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` in namespace ``ns`` (``kw``: :class:`subprocess.Popen`'s); :meth:`close` ends it."""

@@ -27,6 +27,7 @@ from fph.qmp import QMPError, qmp_call
 from fph.waiting import poll_until
 from fph_lab.errors import LabError, VMError
 from fph_lab.guest import Guest
+from fph_lab.netlab import netns_argv
 from fph_lab.provision import Lab
 from fph_lab.serial import SerialConsole
 
@@ -65,8 +66,8 @@ class VMConfig:
     # QEMU exits when the process that started it dies (even by SIGKILL): no orphans after a killed test.
     # Linux ties this to the starting *thread*: start VMs from a thread that outlives them.
     exit_with_parent: bool = True
-    # Run QEMU in this network namespace (e.g. fph_lab.netlab's TwoHostLink.src_ns): argv prefixed with
-    # `ip netns exec NS`, which execs QEMU, so the PID start() records and stop() signals stays QEMU's.
+    # Run QEMU in this network namespace (e.g. fph_lab.netlab's TwoHostLink.src_ns): argv prefixed by
+    # fph_lab.netlab.netns_argv, which execs QEMU, so the PID start() records and stop() signals stays QEMU's.
     netns: str | None = None
 
     def destination(self, **changes: Any) -> VMConfig:
@@ -241,7 +242,7 @@ class VM:
             args += ["-incoming", "defer"]
         args += list(c.extra_args)
         argv = self.lab.qemu.command(*args)
-        return ["ip", "netns", "exec", c.netns, *argv] if c.netns else argv
+        return netns_argv(c.netns, argv) if c.netns else argv
 
     # -- life cycle
 

@@ -30,16 +30,19 @@ DEFAULT_INTERVAL_S = 0.1
 
 _SAMPLER = r"""
 import sys, time
-path, interval = sys.argv[1], float(sys.argv[2])
-with open(path, "rb", buffering=0) as f:
+dev, interval = sys.argv[1] + ":", float(sys.argv[2])
+with open("/proc/net/dev", "rb", buffering=0) as f:  # the reading process's namespace's devices
     due = time.monotonic()
     while True:
         f.seek(0)
-        sys.stdout.write(f"{time.monotonic():.6f} {int(f.read())}\n")
+        line = next(ln for ln in f.read().decode().splitlines() if ln.strip().startswith(dev))
+        sys.stdout.write(f"{time.monotonic():.6f} {int(line.split(':', 1)[1].split()[8])}\n")
         sys.stdout.flush()
         due += interval
         time.sleep(max(0.0, due - time.monotonic()))
 """
+"""Prints (time, tx bytes of the device) per interval. ``/proc/net/dev`` (not sysfs): a process in the
+namespace sees the host's ``/sys`` (fph_lab.netlab.netns_argv), its own network in ``/proc/net``."""
 
 
 @dataclass(frozen=True)
@@ -91,10 +94,9 @@ class WireSampler:
     def start(self) -> WireSampler:
         if self._proc is not None:
             raise LabError("wire sampler already started")
-        counter = f"/sys/class/net/{self._link.device(self._side)}/statistics/tx_bytes"
         self._proc = self._link.popen(
             self._link.ns(self._side),
-            [sys.executable, "-c", _SAMPLER, counter, str(self._interval)],
+            [sys.executable, "-c", _SAMPLER, self._link.device(self._side), str(self._interval)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

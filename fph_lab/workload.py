@@ -7,6 +7,7 @@ migration. Every workload keeps a 32 MiB checksummed region with a heartbeat (th
 
 from __future__ import annotations
 
+import re
 import time
 
 from fph_lab.guest import Guest, Heartbeat
@@ -17,6 +18,18 @@ HOLD_MIB = 32
 DIRTY_MIB = 64
 DIRTY_RATE = 4000
 SETTLE_S = 2.0
+CHURN_MIB = 600
+CHURN_CMD = f"while true; do memhog {CHURN_MIB}; sleep 0.3; done &"
+"""Bursts of allocation and freeing through a migration (run in the background, started just before it)."""
+OOM_LINE = re.compile(r"Out of memory|oom-kill|Killed process")
+
+
+def oom_kills(text: str) -> tuple[int, list[str]]:
+    """OOM kill events on a serial log: one kill prints several matching lines, so count the most
+    frequent pattern (``Killed process`` / ``oom-kill`` / ``Out of memory``); return the lines too."""
+    lines = [ln for ln in text.splitlines() if OOM_LINE.search(ln)]
+    per = [sum(1 for ln in lines if p in ln) for p in ("Killed process", "oom-kill", "Out of memory")]
+    return max(per), lines
 
 
 def wait_allocation_settles(guest: Guest, tolerance_bytes: int = 4 << 20, limit_s: float = 30.0) -> int:

@@ -210,9 +210,9 @@ def test_vm_netns_prefixes_the_qemu_argv(
     inside = VM(fake_lab, VMConfig(balloon="none", netns="fph-src-1-0"), name="t")
     assert plain.command()[0] == sys.executable
     argv = inside.command()
-    assert argv[:4] == ["ip", "netns", "exec", "fph-src-1-0"]
+    assert argv[:3] == ["nsenter", "--net=/run/netns/fph-src-1-0", "--"]
     # The rest is the same QEMU command line (only the run directory differs between the two VMs).
-    assert argv[4:] == [a.replace(str(plain.run_dir), str(inside.run_dir)) for a in plain.command()]
+    assert argv[3:] == [a.replace(str(plain.run_dir), str(inside.run_dir)) for a in plain.command()]
     for vm in (plain, inside):
         vm.stop()
 
@@ -287,7 +287,7 @@ def test_teardown_after_an_exception_ends_processes_and_namespaces() -> None:
         stubborn = link.popen(link.src_ns, _python(STUBBORN), stdout=subprocess.PIPE)
         assert stubborn.stdout is not None and stubborn.stdout.readline()
         pids = link.pids
-        # ip netns exec execs the program: the PID recorded is the program's own (what close() signals).
+        # nsenter execs the program: the PID recorded is the program's own (what close() signals).
         assert Path(f"/proc/{procs[0].pid}/comm").read_text().strip() == "sleep"
         raise RuntimeError("body failed")
     assert not names & set(leftover_namespaces())
@@ -351,9 +351,11 @@ def test_vm_in_a_namespace_runs_there_and_stop_ends_it(
         vm.proc = subprocess.Popen(vm.command(), env=fake_lab.qemu.environ())
         deadline = time.monotonic() + 5
         while Path(f"/proc/{vm.proc.pid}/exe").resolve() != Path(sys.executable).resolve():
-            assert time.monotonic() < deadline, "ip netns exec did not exec the program"
+            assert time.monotonic() < deadline, "nsenter did not exec the program"
             time.sleep(0.02)
         ns_inode = os.stat(f"{netlab.NETNS_DIR}/{link.src_ns}").st_ino
         assert os.stat(f"/proc/{vm.proc.pid}/ns/net").st_ino == ns_inode
+        # only the network is the namespace's: files and cgroup mounts (the vCPU throttle's) are the host's
+        assert os.stat(f"/proc/{vm.proc.pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
         assert vm.stop(timeout=0.5) == -15
         assert not Path(f"/proc/{vm.proc.pid}").exists()
