@@ -36,6 +36,7 @@ import numpy.typing as npt
 
 from fph import dirty_bitmap
 from fph.balloon.spec import F_FREE_PAGE_HINT, F_REPORTING
+from fph.balloon.stats import GuestStats
 from fph.dirty_bitmap import DirtyBitmap
 from fph.migration.convergence import ConvergenceError, Decision, Verdict
 from fph.migration.destination import (
@@ -603,7 +604,7 @@ class FphMigration:
             behind = await behind_now()
 
     @staticmethod
-    async def _fresh_guest_stats(ctl: Any, timeout_s: float = 2.0) -> Any:
+    async def _fresh_guest_stats(ctl: Any, timeout_s: float = 2.0) -> GuestStats | None:
         """Stats the guest wrote after this call began (it refills its buffer once the device hands it
         back), or None if none came within ``timeout_s``. Older figures can predate what the guest just
         freed: a 1 GiB guest's stats said 767 MiB free where ~880 MiB were, so the wait saw reporting
@@ -617,7 +618,7 @@ class FphMigration:
         while True:
             if not requested:  # False while the guest still holds the buffer of an earlier request
                 requested = await request()
-            stats = await read()
+            stats: GuestStats = await read()
             if stats.updated is not None and stats.updated > t0:
                 return stats
             if time.monotonic() - t0 >= timeout_s:
