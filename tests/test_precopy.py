@@ -291,6 +291,33 @@ def test_a_chunk_punched_while_the_rounds_run_goes_as_zeros_unread(
     assert np.array_equal(src.buf, dst.buf)
 
 
+def test_a_hole_a_device_fills_is_sent_by_the_next_round_not_by_the_check(
+    ram_files: tuple[RamFile, RamFile],
+) -> None:
+    """Pages that were holes at the start leave unread; a device then fills two of them (no log bit). The
+    harvest that ends round 0 finds them holding data, so round 1 sends them with the guest running and the
+    switchover check has nothing left to resend in the stop window."""
+    src, dst = ram_files
+    src._mm.madvise(mmap.MADV_REMOVE, 44 * MiB, 4 * MiB)  # 44-48 MiB: never written (a hole)
+    bitmap, channel, receiver = connected(src, dst)
+    pc = Precopy(bitmap, channel.ram, channel, lambda: np.zeros(bitmap.nwords, dtype=np.uint64))
+    pc.start()
+    assert pc.result.pages_unread_holes >= 1024
+    hole_page = 44 * MiB // PAGE_SIZE
+    src.buf[44 * MiB + 7] = 1  # a device writes into the hole: page hole_page holds data now
+    src.buf[46 * MiB] = 2
+    pc.run_round()
+    assert pc.result.holes_filled == 2
+    assert bitmap.is_dirty(hole_page) and bitmap.is_dirty(46 * MiB // PAGE_SIZE)
+    rs = pc.run_round()
+    assert rs.pages_data == 2
+    pc.final_round()
+    assert pc.verify_and_resend() == 0
+    channel.finish({})
+    assert receiver.wait(10).ok
+    assert np.array_equal(src.buf, dst.buf)
+
+
 def connected(src: RamFile, dst: RamFile) -> tuple[DirtyBitmap, RamSender, RamReceiver]:
     """A fresh bitmap and a sender connected to a receiver on ``dst``."""
     bitmap = DirtyBitmap(LAYOUT)

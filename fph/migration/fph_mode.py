@@ -822,6 +822,7 @@ class FphMigration:
             "zero_pages_skipped": zero_skipped,
             "zero_pages_unread": pc.result.pages_unread_holes,
             "hole_pages_unread_in_rounds": sum(r.pages_hole_unread for r in rounds),
+            "holes_filled": pc.result.holes_filled,
             "pages_resent_by_check": pc.result.verify_pages_resent,
             "pages_zeroed_by_check": pc.result.verify_pages_zeroed,
             "pages_checked_at_switchover": pc.result.verify_pages_checked,

@@ -216,6 +216,9 @@ class PrecopyResult:
     rounds: list[RoundStats] = field(default_factory=list)
     final: RoundStats | None = None
     pages_unread_holes: int = 0
+    holes_filled: int = 0
+    """Pages left unread as holes of the RAM file that held data at a later harvest, with or without a log
+    bit (a device fills them with none): marked dirty there, so a live round reads them, not the check."""
     verify_pages_checked: int = 0
     verify_pages_resent: int = 0
     verify_pages_zeroed: int = 0
@@ -314,12 +317,15 @@ class Precopy:
         *,
         new_epoch: bool,
         waste: tuple[RoundStats, npt.NDArray[np.uint8] | None] | None = None,
+        filled_holes: bool = True,
     ) -> tuple[int, float]:
         """Close the hint epoch, harvest the write log, and (if asked) issue a fresh id. The order is
         the safety argument: harvest before issue, so every write after the id is in the next log.
 
         ``waste``: the round and what was on the wire when it started (None: no epoch was open); the pages
-        it sent that the closed epoch then hinted are counted in the round's ``hint_waste_pages``."""
+        it sent that the closed epoch then hinted are counted in the round's ``hint_waste_pages``.
+        ``filled_holes``: pages left unread as holes that hold data now join the harvest (off for the final
+        sync: the switchover check reads those anyway)."""
         if self.hints is not None and self.bitmap.epoch is not None:  # a run of that epoch may be on
             self.hints.stop_hints()
         self.bitmap.close_epoch()
@@ -327,7 +333,10 @@ class Precopy:
             sent_now = self.on_wire > waste[1]  # put on the wire by this round
             waste[0].hint_waste_pages = self.bitmap.count_hinted(sent_now)
         t0 = time.monotonic()
-        newly = self.bitmap.merge_write_log(self.harvest())
+        log = self.harvest()
+        if filled_holes:
+            log = self._add_filled_holes(log)
+        newly = self.bitmap.merge_write_log(log)
         harvest_ms = (time.monotonic() - t0) * 1e3
         self._last_interval = t0 - self._last_harvest
         self._last_harvest = t0
@@ -604,7 +613,7 @@ class Precopy:
         """
         rs = RoundStats(round=self.round)
         t0 = time.monotonic()
-        _newly, rs.harvest_ms = self.sync(new_epoch=False)
+        _newly, rs.harvest_ms = self.sync(new_epoch=False, filled_holes=False)
         rs.dirty_at_start = self.bitmap.count_dirty()
         if check_beside and rs.dirty_at_start >= self.config.check_beside_min_pages:
             selected, punched = self._check_selection()
@@ -653,6 +662,30 @@ class Precopy:
         self.result.verify_ms = (time.monotonic() - t0) * 1e3
         return resent
 
+    def _holes_now(self) -> npt.NDArray[np.bool_]:
+        """One flag per page: a hole of the source RAM file now."""
+        holes = np.zeros(self.bitmap.nbits, dtype=bool)
+        for first, n in self.ram.hole_runs(self.ram.data_extents()).tolist():
+            holes[first : first + n] = True
+        return holes
+
+    def _add_filled_holes(self, log: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        """The harvested ``log`` plus every page left unread as a hole that holds data now. A CPU store
+        there is in the log already; a device's write (a reporting guest's free memory taken for a disk
+        read) is in no log, and would otherwise wait for the switchover check: a 128 MiB disk read into
+        such pages was resent whole in the stop window (tests/test_dma_guest.py)."""
+        held = self.zero_held == ZERO_HOLE
+        if not held.any():
+            return log
+        filled = held & ~self._holes_now()
+        n = int(np.count_nonzero(filled))
+        if n == 0:
+            return log
+        self.result.holes_filled += n
+        words = np.zeros(self.bitmap.nwords * 64, dtype=bool)
+        words[: filled.shape[0]] = filled
+        return log | np.packbits(words, bitorder="little").view(np.uint64)
+
     def _check_selection(self) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
         """What the switchover check reads: every page that went on the wire and (``check_zero_held``)
         every page the destination holds as zeros unsent, except the pages that are holes of the RAM file
@@ -660,9 +693,7 @@ class Precopy:
         check read 156k of them: 1.8 s, ~12 us a page on the two-host lab's host). Also returns the pages
         sent with content that are holes now (the guest reported them free after they were sent and its
         worker punched them out): they go as zero markers, unread."""
-        holes = np.zeros(self.bitmap.nbits, dtype=bool)
-        for first, n in self.ram.hole_runs(self.ram.data_extents()).tolist():
-            holes[first : first + n] = True
+        holes = self._holes_now()
         sent = self.on_wire != 0
         selected = sent | (self.zero_held != 0) if self.config.check_zero_held else sent
         punched = sent & holes & (self.sent_hash != ZERO_PAGE_HASH)
