@@ -451,12 +451,19 @@ def _plan_send(known_zero: Any, start: Any, zero_flags: Any, out: Any) -> Any:
 # ------------------------------------------------------------------------------------------ public API
 
 
+def pack_pages(flags: npt.NDArray[np.bool_], nwords: int) -> Words:
+    """One flag per page (at most ``nwords * 64``) as words of this layout: a write log's shape."""
+    pages = np.zeros(nwords * 64, dtype=bool)
+    pages[: flags.shape[0]] = flags
+    return np.packbits(pages, bitorder="little").view(np.uint64)
+
+
 def _ram_mask(layout: RamLayout, nwords: int) -> Words:
     """One bit per RAM page (holes and the tail of the last word clear), built once per bitmap."""
     pages = np.zeros(nwords * 64, dtype=bool)
     for r in layout:
         pages[r.gpa >> PAGE_SHIFT : r.end >> PAGE_SHIFT] = True
-    return np.packbits(pages, bitorder="little").view(np.uint64).copy()
+    return pack_pages(pages, nwords)
 
 
 def _partial_words(ram_mask: Words) -> tuple[npt.NDArray[np.int64], Words]:

@@ -83,23 +83,24 @@ class BitmapMachine(RuleBasedStateMachine):
         self.truth.last_harvest = self.truth.tick()  # round 0: the initial content is all "harvested"
 
     # ---------------------------------------------------------------------------------- the guest
+    def _written(self, data: st.DataObject, n: int) -> list[int]:
+        """Up to ``n`` RAM pages from a drawn one on: no longer holes (a write allocates a page)."""
+        start = data.draw(st.sampled_from(self.ram_pages))
+        pages = [p for p in range(start, start + n) if p in self.truth.last_write]
+        self.holes.difference_update(pages)
+        return pages
+
     @rule(data=st.data(), n=st.integers(1, 12))
     def guest_writes(self, data: st.DataObject, n: int) -> None:
-        start = data.draw(st.sampled_from(self.ram_pages))
-        for p in range(start, start + n):
-            if p in self.truth.last_write:
-                self.pending.add(p)
-                self.holes.discard(p)
-                self.truth.last_write[p] = self.truth.tick()
+        for p in self._written(data, n):
+            self.pending.add(p)
+            self.truth.last_write[p] = self.truth.tick()
 
     @rule(data=st.data(), n=st.integers(1, 12))
     def device_writes(self, data: st.DataObject, n: int) -> None:
         """QEMU fills pages the guest posted (a reused hinted block, say): no store, so no log bit."""
-        start = data.draw(st.sampled_from(self.ram_pages))
-        for p in range(start, start + n):
-            if p in self.truth.last_write:
-                self.holes.discard(p)
-                self.device_written[p] = self.truth.tick()
+        for p in self._written(data, n):
+            self.device_written[p] = self.truth.tick()
 
     @rule(data=st.data(), stale=st.booleans(), npages=st.integers(1, 20), nranges=st.integers(1, 4))
     def hint(self, data: st.DataObject, stale: bool, npages: int, nranges: int) -> None:

@@ -286,9 +286,7 @@ def test_a_chunk_punched_while_the_rounds_run_goes_as_zeros_unread(
     src.buf[8 * MiB + 5 * PAGE_SIZE] = 9  # a device fills page 5 of it: no log bit
     pc.final_round()
     assert pc.verify_and_resend() == 1
-    channel.finish({})
-    assert receiver.wait(10).ok
-    assert np.array_equal(src.buf, dst.buf)
+    finish_equal(channel, receiver, src, dst)
 
 
 def test_a_hole_a_device_fills_is_sent_by_the_next_round_not_by_the_check(
@@ -313,6 +311,11 @@ def test_a_hole_a_device_fills_is_sent_by_the_next_round_not_by_the_check(
     assert rs.pages_data == 2
     pc.final_round()
     assert pc.verify_and_resend() == 0
+    finish_equal(channel, receiver, src, dst)
+
+
+def finish_equal(channel: RamSender, receiver: RamReceiver, src: RamFile, dst: RamFile) -> None:
+    """FINISH, the destination's ACK, then both RAM files equal page for page."""
     channel.finish({})
     assert receiver.wait(10).ok
     assert np.array_equal(src.buf, dst.buf)
@@ -350,9 +353,7 @@ def test_verify_resends_pages_changed_without_a_logged_store(
     assert pc.final_round(check_beside=check_beside).pages_data == 0
     assert pc.verify_and_resend() == 1
     assert (pc.result.verify_beside_final_ms > 0) == check_beside
-    channel.finish({})
-    assert receiver.wait(10).ok
-    assert np.array_equal(src.buf, dst.buf)
+    finish_equal(channel, receiver, src, dst)
 
 
 def test_the_check_beside_the_final_round_reads_only_pages_that_round_does_not_send(
@@ -385,9 +386,7 @@ def test_the_check_beside_the_final_round_reads_only_pages_that_round_does_not_s
     assert final.pages_data == len(logged)
     assert pc.verify_and_resend() == 1
     assert pc.result.verify_pages_checked == on_wire_before - len(logged)
-    channel.finish({})
-    assert receiver.wait(10).ok
-    assert np.array_equal(src.buf, dst.buf)
+    finish_equal(channel, receiver, src, dst)
 
 
 @pytest.mark.parametrize("check_zero_held", [True, False])
@@ -465,9 +464,7 @@ def test_pages_reported_free_after_they_were_sent_go_as_zero_markers_unread(
     assert pc.verify_and_resend() == 0
     assert pc.result.verify_pages_zeroed == len(punched) // PAGE_SIZE
     assert sum(n for _, n in src.hole_runs().tolist()) == holes_before  # nothing read back in
-    channel.finish({})
-    assert receiver.wait(10).ok
-    assert np.array_equal(src.buf, dst.buf)
+    finish_equal(channel, receiver, src, dst)
 
 
 def _log_of(bitmap: DirtyBitmap, pages: list[int]) -> npt.NDArray[np.uint64]:
@@ -527,9 +524,7 @@ def test_holes_of_the_source_stay_unread_and_a_later_write_into_one_still_arrive
     pc.final_round()
     assert pc.verify_and_resend() == 1  # found: that hole holds data now; the others are not read
     assert pc.result.verify_pages_checked == 44 * MiB // PAGE_SIZE + 1 + 1
-    channel.finish({})
-    assert receiver.wait(10).ok
-    assert np.array_equal(src.buf, dst.buf)
+    finish_equal(channel, receiver, src, dst)
     sent = sum(r.pages_data + r.pages_zero_sent + r.pages_fill for r in [*pc.result.rounds, pc.result.final])
     assert sent == 44 * MiB // PAGE_SIZE + 1
     channel.close()
@@ -579,9 +574,7 @@ def test_a_guest_that_cannot_hint_is_migrated_without_hints(
     assert time.monotonic() - t0 < 3  # bounded: no 5 s wait for a run that never starts
     pc.final_round()
     pc.verify_and_resend()
-    channel.finish({})
-    assert receiver.wait(10).ok
-    assert np.array_equal(src.buf, dst.buf)
+    finish_equal(channel, receiver, src, dst)
     assert pc.result.hinting.startswith("unavailable: ")
     why = "did not start the requested hint run" if balloon_class is SilentBalloon else "FREE_PAGE_HINT"
     assert why in pc.result.hinting, pc.result.hinting

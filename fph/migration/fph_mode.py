@@ -579,10 +579,12 @@ class FphMigration:
     async def _reporting_behind(self, ram: RamFile | None) -> int | None:
         """The guest's free memory (fresh stats) that is not yet a hole in the source RAM file, once
         reporting caught up or ``reporting_wait_s`` passed; None where it cannot be known."""
+        if ram is None:
+            return None
         ctl = self.balloon.control if self.balloon is not None else None
         stats = await self._fresh_guest_stats(ctl)
         free = None if stats is None else stats.values.get("free_memory")
-        if ram is None or free is None:
+        if free is None:
             return None
 
         async def behind_now() -> int:

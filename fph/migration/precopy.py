@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from fph.dirty_bitmap import SEND_DATA, SEND_ZERO, SKIP_ZERO, DirtyBitmap
+from fph.dirty_bitmap import SEND_DATA, SEND_ZERO, SKIP_ZERO, DirtyBitmap, pack_pages
 from fph.kernels import PAGE_FILL, PAGE_ZERO, ZERO_PAGE_FINGERPRINT
 from fph.migration.convergence import (
     Convergence,
@@ -682,9 +682,7 @@ class Precopy:
         if n == 0:
             return log
         self.result.holes_filled += n
-        words = np.zeros(self.bitmap.nwords * 64, dtype=bool)
-        words[: filled.shape[0]] = filled
-        return log | np.packbits(words, bitorder="little").view(np.uint64)
+        return log | pack_pages(filled, self.bitmap.nwords)
 
     def _check_selection(self) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
         """What the switchover check reads: every page that went on the wire and (``check_zero_held``)
