@@ -389,6 +389,38 @@ def test_the_check_beside_the_final_round_reads_only_pages_that_round_does_not_s
     finish_equal(channel, receiver, src, dst)
 
 
+def test_the_live_check_sends_unlogged_changes_in_a_live_round_not_in_the_stop_window(
+    ram_files: tuple[RamFile, RamFile],
+) -> None:
+    """Device DMA with the guest running: a page sent as data and a zero page read and skipped are both
+    written with no log bit. The live check marks them dirty, the next live round sends them, and the check
+    in the stop window resends nothing; a change after the live check is still left to that check."""
+    src, dst = ram_files
+    pc, channel, receiver = no_log_precopy(src, dst)
+    src.buf[5 * PAGE_SIZE + 8] ^= 0x20  # a page sent as data
+    src.buf[50 * MiB + 16] = 0x40  # a zero page read and skipped
+    assert pc.live_check() == 2
+    assert pc.result.live_check_pages_changed == 2
+    assert pc.run_round().pages_data == 2
+    assert pc.live_check() == 0
+    pc.final_round()
+    assert pc.verify_and_resend() == 0
+    finish_equal(channel, receiver, src, dst)
+
+
+def test_the_live_check_refuses_an_open_hint_epoch(ram_files: tuple[RamFile, RamFile]) -> None:
+    """It marks pages dirty as a harvest does, and the bitmap merges nothing while a hint epoch is open."""
+    src, dst = ram_files
+    pc, channel, receiver = no_log_precopy(src, dst)
+    pc.bitmap.open_epoch(7)
+    with pytest.raises(RuntimeError, match="epoch 7 is open"):
+        pc.live_check()
+    pc.bitmap.close_epoch()
+    pc.final_round()
+    pc.verify_and_resend()
+    finish_equal(channel, receiver, src, dst)
+
+
 @pytest.mark.parametrize("check_zero_held", [True, False])
 def test_a_skipped_zero_page_filled_by_device_dma_is_resent(
     ram_files: tuple[RamFile, RamFile], check_zero_held: bool
