@@ -32,6 +32,7 @@ from typing import Any
 from fph.dirty_bitmap import DirtyBitmap, warm_up
 from fph.hint_receiver import BalloonControl, HintState, ThreadedHintReceiver
 from fph.ram_layout import RamLayout
+from fph.writelog.tcg import TcgWriteLog
 from fph_lab.provision import Lab, provision
 from fph_lab.sinks import BitmapSink
 from fph_lab.vm import VM, VMConfig
@@ -81,7 +82,12 @@ def hint_round(ctl: BalloonControl, sink: BitmapSink, name: str) -> dict[str, An
     }
 
 
-def run_boot(lab: Lab, init_on_alloc: int | None, fill_mib: int, raw_dir: Path) -> dict[str, Any]:
+def run_boot(
+    lab: Lab, init_on_alloc: int | None, fill_mib: int, raw_dir: Path, *, writelog: bool = False
+) -> dict[str, Any]:
+    """One boot. ``writelog``: QEMU runs with fph's TCG write-log plugin (RAM in a file), as in an fph
+    migration, so every store the guest's hint run makes (the driver zeroes each block it takes when
+    ``init_on_alloc=1``) pays the plugin's callback: the run's time with and without it."""
     label = "default" if init_on_alloc is None else str(init_on_alloc)
     load_before = os.getloadavg()[0]
     bitmap = DirtyBitmap(RamLayout.pc(GUEST_MIB * MiB))
@@ -91,11 +97,16 @@ def run_boot(lab: Lab, init_on_alloc: int | None, fill_mib: int, raw_dir: Path) 
         sock = f"{tmp}/vu.sock"
         sink = BitmapSink(bitmap)
         ctl = rx.add_vm(sock, sink)
-        vm = VM(
-            lab,
-            VMConfig(mem_mib=GUEST_MIB, balloon="fph", vhost_user_socket=sock, init_on_alloc=init_on_alloc),
-            name=f"hint-bench-{label}",
+        wlog = TcgWriteLog(Path(tmp) / "wlog.bin", RamLayout.pc(GUEST_MIB * MiB)) if writelog else None
+        config = VMConfig(
+            mem_mib=GUEST_MIB,
+            balloon="fph",
+            vhost_user_socket=sock,
+            init_on_alloc=init_on_alloc,
+            ram_backend="file" if wlog else "memfd",
+            plugins=(wlog.plugin_arg,) if wlog else (),
         )
+        vm = VM(lab, config, name=f"hint-bench-{label}{'-wlog' if wlog else ''}")
         try:
             vm.start()
             vm.wait_ready(180)
@@ -119,8 +130,11 @@ def run_boot(lab: Lab, init_on_alloc: int | None, fill_mib: int, raw_dir: Path) 
         finally:
             vm.stop()
             rx.close(timeout=2.0)
+            if wlog is not None:
+                wlog.close()
     return {
         "init_on_alloc": label,
+        "writelog": writelog,
         "guest_mib": GUEST_MIB,
         "fill_mib": fill_mib,
         "memfree_before_bytes": before,
@@ -159,6 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="sys.setswitchinterval for this process (Python's default is 5 ms: the device thread can wait "
         "that long for the GIL while another thread runs)",
     )
+    parser.add_argument(
+        "--writelog",
+        choices=["off", "on", "both"],
+        default="off",
+        help="boot with fph's TCG write-log plugin (on), without (off), or each in turn (both)",
+    )
+    parser.add_argument("--runs", type=int, default=1, help="boots per configuration, interleaved")
     parser.add_argument("--raw-dir", default=str(Path(__file__).parent / "results" / "hint_bench"))
     args = parser.parse_args(argv)
     if args.switch_interval_ms is not None:
@@ -169,10 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     warm_up()  # fph compiles the bitmap kernels at start; keep JIT time out of the per-hint figures
     configs = args.init_on_alloc or ["default", "0"]
     results = []
-    for c in configs:
-        res = run_boot(lab, None if c == "default" else int(c), args.fill_mib, raw_dir)
-        print(json.dumps({k: v for k, v in res.items() if k != "rounds"}), file=sys.stderr)
-        results.append(res)
+    logs = {"off": [False], "on": [True], "both": [False, True]}[args.writelog]
+    for _run in range(args.runs):
+        for c in configs:
+            for wl in logs:
+                res = run_boot(lab, None if c == "default" else int(c), args.fill_mib, raw_dir, writelog=wl)
+                print(json.dumps({k: v for k, v in res.items() if k != "rounds"}), file=sys.stderr)
+                results.append(res)
     out = {
         "bench": "hint_bench",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
