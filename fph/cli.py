@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fph.migration.convergence import OutDirtyPolicy
+
 MODES = ("fph", "native", "none")
 DEFAULT_SOCKET = "/run/fph/fph.sock"
 
@@ -196,6 +198,20 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--bandwidth", type=int, default=None, help="bytes/s (default unlimited)")
     m.add_argument("--downtime-ms", type=int)
     m.add_argument("--max-rounds", type=int)
+    m.add_argument(
+        "--out-dirty-policy",
+        choices=[p.value for p in OutDirtyPolicy],
+        default=OutDirtyPolicy.THROTTLE.value,
+        help="when the guest dirties memory faster than the link carries it: throttle its vCPUs "
+        "(native/none: QEMU's auto-converge), iterate until the time budget, or fail at once (fph mode "
+        "only); the source keeps running when a migration gives up",
+    )
+    m.add_argument(
+        "--time-budget-s",
+        type=int,
+        help="seconds before the migration gives up, source running (default: fph 300 s of rounds, "
+        "native/none 600 s)",
+    )
     m.add_argument("--json", type=Path, help="write the full report here")
     m.set_defaults(func=_migrate)
     return ap

@@ -574,6 +574,9 @@ def test_migrate_bad_inputs(daemon: RunningDaemon, state: Path, qemus: dict[str,
         {"downtime_limit_ms": 60001},
         {"max_rounds": 1001},
         {"progress_interval_ms": 10},
+        {"out_dirty_policy": 7},
+        {"out_dirty_policy": pb.OUT_DIRTY_POLICY_FAIL},  # QEMU's own migration has no such policy
+        {"time_budget_s": 86401},
         {"destination": None},
         {"destination": pb.IncomingTarget(**{**_fields(target), "migration_uri": "tcp:host.example:5"})},
         {"destination": pb.IncomingTarget(**{**_fields(target), "migration_uri": "tcp:1.2.3.4:0"})},
@@ -596,6 +599,8 @@ def test_migrate_bad_inputs(daemon: RunningDaemon, state: Path, qemus: dict[str,
     ):
         code, msg = migrate(**kw)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (kw, code, msg)
+        if "out_dirty_policy" in kw:
+            assert "out_dirty_policy" in msg, msg
     # a destination that wants TLS from a daemon without TLS files
     code, msg = migrate(destination=pb.IncomingTarget(**{**_fields(target), "tls": True}))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "tls_cert" in msg, msg

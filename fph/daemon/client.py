@@ -19,11 +19,17 @@ from google.protobuf.json_format import MessageToDict
 
 from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
+from fph.migration.convergence import OutDirtyPolicy
 
 if TYPE_CHECKING:
     pass
 
 MODE = {"fph": pb.MODE_FPH, "native": pb.MODE_NATIVE, "none": pb.MODE_NONE}
+OUT_DIRTY_POLICY = {
+    OutDirtyPolicy.THROTTLE.value: pb.OUT_DIRTY_POLICY_THROTTLE,
+    OutDirtyPolicy.ITERATE.value: pb.OUT_DIRTY_POLICY_ITERATE,
+    OutDirtyPolicy.FAIL.value: pb.OUT_DIRTY_POLICY_FAIL,
+}
 MiB = 1 << 20
 
 
@@ -205,6 +211,8 @@ def migrate(args: argparse.Namespace) -> int:
             bandwidth_bytes_per_second=a.bandwidth or 0,
             downtime_limit_ms=a.downtime_ms or 0,
             max_rounds=a.max_rounds or 0,
+            out_dirty_policy=OUT_DIRTY_POLICY[a.out_dirty_policy],
+            time_budget_s=a.time_budget_s or 0,
         )
         tty = sys.stdout.isatty()
         last = None

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fph.migration.convergence import DEFAULT_TIME_BUDGET_S, OutDirtyPolicy
 from fph.migration.fph_mode import Balloon, FphConfig, FphMigration, FphMigrationError, FphReport
+from fph.migration.native import DEFAULT_TIMEOUT_S
 from fph.migration_hook import HookEvent, HookPoint, MigrationReport, NativeMigration, job_stats
 from fph.qmp import MigrationCancelledError, QMPError
 from fph.ram_layout import PAGE_SIZE
@@ -59,6 +61,12 @@ class Params:
     downtime_limit_ms: int
     max_rounds: int
     interval_s: float
+    out_dirty_policy: OutDirtyPolicy = OutDirtyPolicy.THROTTLE
+    """fph mode: the convergence policy's; native and none: ``THROTTLE`` is QEMU's auto-converge, ``ITERATE``
+    runs without it (``FAIL`` is refused for them: QEMU has no such policy)."""
+    time_budget_s: float | None = None
+    """None: the mode's default (fph: 300 s of rounds, ``ConvergenceConfig``; native and none: 600 s for
+    the whole migration, ``NativeMigration.run``), after which the migration fails with the source running."""
 
 
 @dataclass
@@ -311,6 +319,8 @@ def fph_migration(
             max_rounds=params.max_rounds,
             downtime_limit_ms=float(params.downtime_limit_ms),
             bandwidth=params.bandwidth,
+            out_dirty_policy=params.out_dirty_policy,
+            time_budget_s=params.time_budget_s or DEFAULT_TIME_BUDGET_S,
         ),
     )
 
@@ -324,7 +334,12 @@ def native_migration(*, src_qmp: Path, target: Target, params: Params) -> Native
         downtime_limit_ms=params.downtime_limit_ms,
         # A VM that arrived by an fph migration keeps x-ignore-shared on (fph sets it on both ends): left on,
         # its RAM would not be sent and a plain destination fails loading device state (measured).
-        # auto-converge: a guest that out-dirties the link is throttled, as fph mode does by default;
-        # without it a churning 1 GiB guest did not converge in 600 s over 1 Gbit/s (twohost_bench churn).
-        capabilities={"x-ignore-shared": False, "auto-converge": True},
+        # auto-converge (the default policy, THROTTLE): a guest that out-dirties the link is throttled, as in
+        # fph mode; without it a churning 1 GiB guest did not converge in 600 s over 1 Gbit/s (twohost_bench
+        # churn).
+        capabilities={
+            "x-ignore-shared": False,
+            "auto-converge": params.out_dirty_policy is OutDirtyPolicy.THROTTLE,
+        },
+        timeout_s=params.time_budget_s or DEFAULT_TIMEOUT_S,
     )

@@ -51,6 +51,7 @@ from fph.daemon.registry import (
 from fph.daemon.report_store import ReportStore
 from fph.daemon.state_file import PersistedMigration, PersistedState, PersistedVm, StateFile
 from fph.hint_receiver import HintState
+from fph.migration.convergence import OutDirtyPolicy
 from fph.migration.destination import balloon_queues
 from fph.migration.fph_mode import FphReport
 from fph.qmp import QMPConnectError, QMPConnection, QMPError
@@ -62,6 +63,13 @@ T = TypeVar("T")
 
 MODES: dict[int, str] = {pb.MODE_FPH: "fph", pb.MODE_NATIVE: "native", pb.MODE_NONE: "none"}
 MODE_ENUM: dict[str, Any] = {v: k for k, v in MODES.items()}
+OUT_DIRTY_POLICIES: dict[int, OutDirtyPolicy] = {
+    pb.OUT_DIRTY_POLICY_UNSPECIFIED: OutDirtyPolicy.THROTTLE,
+    pb.OUT_DIRTY_POLICY_THROTTLE: OutDirtyPolicy.THROTTLE,
+    pb.OUT_DIRTY_POLICY_ITERATE: OutDirtyPolicy.ITERATE,
+    pb.OUT_DIRTY_POLICY_FAIL: OutDirtyPolicy.FAIL,
+}
+MAX_TIME_BUDGET_S = 86400
 PHASES = {
     PENDING: pb.PHASE_PENDING,
     PREPARING_TARGET: pb.PHASE_PREPARING_TARGET,
@@ -596,7 +604,30 @@ class MigrationService(pbg.MigrationServiceServicer):
         iv = request.progress_interval_ms
         if iv and not 50 <= iv <= 10000:
             raise InvalidArgument(f"progress_interval_ms {iv} out of range: 0 (default 500) or 50 .. 10000")
-        return Params(mode, bw or None, dt or 300, rounds or 30, (iv or 500) / 1e3)
+        policy = OUT_DIRTY_POLICIES.get(request.out_dirty_policy)
+        if policy is None:
+            raise InvalidArgument(
+                f"out_dirty_policy {request.out_dirty_policy} is not a known OutDirtyPolicy"
+            )
+        if policy is OutDirtyPolicy.FAIL and mode != "fph":
+            raise InvalidArgument(
+                f"out_dirty_policy FAIL is fph mode's: QEMU's own migration ({mode}) cannot tell when the "
+                "guest out-dirties the link; use THROTTLE (auto-converge) or ITERATE with a time_budget_s"
+            )
+        budget = request.time_budget_s
+        if budget and not 1 <= budget <= MAX_TIME_BUDGET_S:
+            raise InvalidArgument(
+                f"time_budget_s {budget} out of range: 0 (the mode's default) or 1 .. {MAX_TIME_BUDGET_S}"
+            )
+        return Params(
+            mode,
+            bw or None,
+            dt or 300,
+            rounds or 30,
+            (iv or 500) / 1e3,
+            out_dirty_policy=policy,
+            time_budget_s=float(budget) if budget else None,
+        )
 
     async def _checks(self, rec: VmRecord, mode: str, target: Target | None) -> list[tuple[str, bool, str]]:
         """Readiness checks; each says what was found or what to do."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from fph.ram_layout import PAGE_SIZE
 
+DEFAULT_TIME_BUDGET_S = 300.0
+
 
 class OutDirtyPolicy(enum.Enum):
     """What to do when the guest out-dirties the link."""
@@ -48,7 +50,7 @@ class ConvergenceConfig:
     downtime_limit_ms: float = 300.0
     """Switch over only when the predicted downtime is at most this."""
     out_dirty_policy: OutDirtyPolicy = OutDirtyPolicy.THROTTLE
-    time_budget_s: float = 300.0
+    time_budget_s: float = DEFAULT_TIME_BUDGET_S
     """Longest precopy (all rounds) before the migration gives up with the source running."""
     min_rounds: int = 1
     max_rounds: int = 1000

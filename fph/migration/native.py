@@ -27,6 +27,9 @@ UNLIMITED_BANDWIDTH = 1 << 40
 DEFAULT_DOWNTIME_LIMIT_MS = 300
 
 
+DEFAULT_TIMEOUT_S = 600.0
+
+
 class NativeMigration:
     """QEMU-native precopy between two QEMUs over QMP, with QEMU's own free page hinting if the source has
     ``virtio-balloon-pci,free-page-hint=on``.
@@ -51,6 +54,7 @@ class NativeMigration:
         downtime_limit_ms: int = DEFAULT_DOWNTIME_LIMIT_MS,
         capabilities: Mapping[str, bool] | None = None,
         hooks: Iterable[HookListener] = (),
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.src_qmp = src_qmp
         self.dst_qmp = dst_qmp
@@ -59,11 +63,15 @@ class NativeMigration:
         self.downtime_limit_ms = downtime_limit_ms
         self.capabilities = {"events": True, **(capabilities or {})}
         self.dispatcher = HookDispatcher(hooks)
+        self.timeout_s = timeout_s
+        """How long :meth:`run` lets the migration take before it cancels it (the source keeps running)."""
         self._src: QMPConnection | None = None
         self._cancel_requested = False
 
-    async def run(self, timeout: float = 600.0) -> MigrationReport:
-        """Run the migration to its end and return the report (see the class docstring for errors)."""
+    async def run(self, timeout: float | None = None) -> MigrationReport:
+        """Run the migration to its end and return the report (see the class docstring for errors).
+        ``timeout``: None is the constructor's ``timeout_s``."""
+        timeout = self.timeout_s if timeout is None else timeout
         src = QMPConnection(self.src_qmp, "fph-migration-src")
         dst = None if self.dst_qmp is None else QMPConnection(self.dst_qmp, "fph-migration-dst")
         await src.connect()
