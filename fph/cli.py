@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fph.daemon.migration_mode import MigrationMode
 from fph.migration.convergence import OutDirtyPolicy
 
-MODES = ("fph", "native", "none")
+MODES = tuple(m.value for m in MigrationMode)
 DEFAULT_SOCKET = "/run/fph/fph.sock"
 
 
@@ -153,12 +154,14 @@ def _add_daemon_parsers(sub: Any) -> None:
     )
     p = _with_socket(mig.add_parser("prepare", help="readiness checks and an estimate"))
     p.add_argument("vm")
-    p.add_argument("--mode", choices=MODES, default="fph")
+    p.add_argument("--mode", choices=MODES, default=MigrationMode.FPH.value)
     p = _with_socket(
         mig.add_parser("incoming", help="prepare an incoming VM as a target (destination daemon)")
     )
     p.add_argument("vm")
-    p.add_argument("--mode", choices=MODES, default="fph", help="the mode the source will migrate with")
+    p.add_argument(
+        "--mode", choices=MODES, default=MigrationMode.FPH.value, help="the mode the source will migrate with"
+    )
     _with_socket(mig.add_parser("cancel")).add_argument("vm")
     p = _with_socket(mig.add_parser("report"))
     p.add_argument("vm")
@@ -189,7 +192,7 @@ def parser() -> argparse.ArgumentParser:
     ).set_defaults(func=_client("status"))
     _add_daemon_parsers(sub)
     m = _with_socket(sub.add_parser("migrate", help="migrate a registered VM, with live progress"))
-    m.add_argument("--mode", choices=MODES, default="fph")
+    m.add_argument("--mode", choices=MODES, default=MigrationMode.FPH.value)
     m.add_argument("--vm", required=True, help="source VM name")
     m.add_argument(
         "--dest-vm", required=True, help="destination VM name (registered with the destination daemon)"

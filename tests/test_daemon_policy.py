@@ -10,6 +10,7 @@ import pytest
 
 from fph.daemon.client import OUT_DIRTY_POLICY
 from fph.daemon.jobs import Params, Target, fph_migration, native_migration
+from fph.daemon.migration_mode import MigrationMode
 from fph.migration.convergence import DEFAULT_TIME_BUDGET_S, OutDirtyPolicy
 from fph.migration.fph_mode import FphConfig
 from fph.migration.native import DEFAULT_TIMEOUT_S
@@ -19,7 +20,7 @@ from fph.transfer.security import DataPlaneSecurity
 TARGET = Target("dst", "tcp:127.0.0.1:4444", data_address=("127.0.0.1", 7070), credential="c")
 
 
-def params(mode: str, policy: OutDirtyPolicy, budget: float | None) -> Params:
+def params(mode: MigrationMode, policy: OutDirtyPolicy, budget: float | None) -> Params:
     return Params(mode, None, 300, 30, 0.5, out_dirty_policy=policy, time_budget_s=budget)
 
 
@@ -30,13 +31,13 @@ def test_native_mode_throttles_with_auto_converge_and_gives_up_after_the_budget(
     policy: OutDirtyPolicy, auto_converge: bool
 ) -> None:
     mig = native_migration(
-        src_qmp=Path("/run/none/qmp.sock"), target=TARGET, params=params("native", policy, 42)
+        src_qmp=Path("/run/none/qmp.sock"), target=TARGET, params=params(MigrationMode.NATIVE, policy, 42)
     )
     assert mig.capabilities["auto-converge"] is auto_converge
     assert mig.capabilities["x-ignore-shared"] is False
     assert mig.timeout_s == 42
     default = native_migration(
-        src_qmp=Path("/run/none/qmp.sock"), target=TARGET, params=params("none", policy, None)
+        src_qmp=Path("/run/none/qmp.sock"), target=TARGET, params=params(MigrationMode.NONE, policy, None)
     )
     assert default.timeout_s == DEFAULT_TIMEOUT_S
 
@@ -52,7 +53,7 @@ def test_fph_mode_takes_the_policy_and_the_budget_into_its_convergence_config(po
             control=None,
             ring_ranges=None,
             target=TARGET,
-            params=params("fph", policy, budget),
+            params=params(MigrationMode.FPH, policy, budget),
             security=DataPlaneSecurity("c"),
         ).config
 

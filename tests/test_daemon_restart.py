@@ -6,6 +6,7 @@ destination already holds the guest, finished there and reported completed (the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import socket
 from collections.abc import Callable, Iterator
@@ -16,9 +17,11 @@ import grpc
 import pytest
 
 from fph.api.v1 import fph_pb2 as pb
+from fph.daemon.migration_mode import MigrationMode
 from fph.daemon.recovery import COMPLETED
 from fph.daemon.server import DaemonConfig
-from fph.daemon.state_file import PersistedMigration, PersistedState, PersistedVm, StateFile
+from fph.daemon.state_file import PersistedMigration, PersistedState, PersistedVm, StateFile, StateFileError
+from fph.daemon.vm_state import VmState
 from tests.daemon_helper import RunningDaemon
 from tests.fake_qmp import FakeQMP
 
@@ -54,7 +57,7 @@ def vm(state: Path, name: str, *, balloon: bool = True) -> PersistedVm:
     return PersistedVm(
         name=name, qmp_socket=str(d / "qmp.sock"), ram_file=str(d / "ram"),
         balloon_socket=str(d / "balloon.sock") if balloon else "", memory_bytes=GiB, write_log="",
-        state="registered",
+        state=VmState.REGISTERED,
     )  # fmt: skip
 
 
@@ -140,7 +143,9 @@ def test_an_interrupted_migration_is_rolled_back(
     dst = FakeQMP(Path(dst_vm.qmp_socket), {"query-status": {"status": destination_status}, "quit": {},
                                             "query-migrate": {"status": "setup"}})  # fmt: skip
     try:
-        m = PersistedMigration("mig-1", "src", "fph", src_vm.qmp_socket, "dst", dst_vm.qmp_socket, 1.0)
+        m = PersistedMigration(
+            "mig-1", "src", MigrationMode.FPH, src_vm.qmp_socket, "dst", dst_vm.qmp_socket, 1.0
+        )
         StateFile(state).save(PersistedState([src_vm, dst_vm], [m]))
         d = make_daemon()
         report = d.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
@@ -185,7 +190,7 @@ def test_an_incoming_vm_of_the_dead_daemon_is_torn_down_unless_it_holds_the_gues
     """Its receiver died with the daemon. A QEMU still waiting for its source (which rolls back: the data
     connection broke) is told to quit; one that has loaded the device state (the source sent it only after
     every page landed, and stays stopped) is resumed; one that already runs the guest is left running."""
-    dst_vm = dataclasses.replace(vm(state, "dst", balloon=False), state="incoming")
+    dst_vm = dataclasses.replace(vm(state, "dst", balloon=False), state=VmState.INCOMING)
     status = {"inmigrate": "inmigrate", "loaded": "paused", "running": "running"}[destination_status]
     migration = {"inmigrate": "setup", "loaded": "completed", "running": "completed"}[destination_status]
     dst = FakeQMP(Path(dst_vm.qmp_socket), {"query-status": {"status": status}, "quit": {}, "cont": {},
@@ -222,7 +227,7 @@ def test_an_interrupted_migration_to_another_host_trusts_the_source_qemu(
     status = "active" if source_migration == "active" else "completed"
     src = FakeQMP(Path(src_vm.qmp_socket), {**replies, "qom-list": [], "query-migrate": {"status": status}})
     try:
-        m = PersistedMigration("mig-2", "src", "fph", src_vm.qmp_socket, "dst", "", 1.0)
+        m = PersistedMigration("mig-2", "src", MigrationMode.FPH, src_vm.qmp_socket, "dst", "", 1.0)
         StateFile(state).save(PersistedState([src_vm], [m]))
         d = make_daemon()
         report = d.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
@@ -236,3 +241,21 @@ def test_an_interrupted_migration_to_another_host_trusts_the_source_qemu(
             assert "cont" in src.commands and any("source resumed" in c for c in report.cleanup)
     finally:
         src.close()
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"), [("vms", "state", "flying"), ("migrations", "mode", "teleport")]
+)
+def test_a_state_file_with_an_unknown_state_or_mode_is_refused(
+    state: Path, section: str, key: str, value: str
+) -> None:
+    """A VM state or a migration mode the daemon does not know is a StateFileError naming it, at load."""
+    file = StateFile(state)
+    m = PersistedMigration("m-1", "src", MigrationMode.FPH, "", "dst", "", 1.0)
+    file.save(PersistedState([vm(state, "src")], [m]))
+    assert file.load() == PersistedState([vm(state, "src")], [m])  # states and modes round-trip
+    raw = json.loads(file.path.read_text())
+    raw[section][0][key] = value
+    file.path.write_text(json.dumps(raw))
+    with pytest.raises(StateFileError, match=value):
+        file.load()

@@ -19,12 +19,17 @@ from google.protobuf.json_format import MessageToDict
 
 from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
+from fph.daemon.migration_mode import MigrationMode
 from fph.migration.convergence import OutDirtyPolicy
 
 if TYPE_CHECKING:
     pass
 
-MODE = {"fph": pb.MODE_FPH, "native": pb.MODE_NATIVE, "none": pb.MODE_NONE}
+MODE = {
+    MigrationMode.FPH.value: pb.MODE_FPH,
+    MigrationMode.NATIVE.value: pb.MODE_NATIVE,
+    MigrationMode.NONE.value: pb.MODE_NONE,
+}
 OUT_DIRTY_POLICY = {
     OutDirtyPolicy.THROTTLE.value: pb.OUT_DIRTY_POLICY_THROTTLE,
     OutDirtyPolicy.ITERATE.value: pb.OUT_DIRTY_POLICY_ITERATE,

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fph.daemon.migration_mode import MigrationMode
 from fph.daemon.qemu_exit import ProcessExit, socket_owner_pid
 from fph.daemon.recovery import ABORTED
 from fph.migration.destination import (
@@ -80,7 +81,8 @@ class IncomingSession:
     ``data_address`` (None for native/none, where QEMU moves RAM itself)."""
 
     vm: str
-    mode: str
+    mode: MigrationMode | None
+    """None: a destination a dead daemon had prepared, re-adopted after a restart (``abandon_incoming``)."""
     qmp_socket: Path
     migration_uri: str
     credential: str
@@ -113,7 +115,7 @@ class IncomingSession:
         cls,
         *,
         vm: str,
-        mode: str,
+        mode: MigrationMode,
         qmp_socket: Path,
         ram_file: Path,
         layout: RamLayout,
@@ -126,7 +128,7 @@ class IncomingSession:
         open here (QEMU may be left listening: its migrate-incoming cannot be taken back)."""
         credential = new_credential()
         ram = receiver = None
-        if mode == "fph":
+        if mode is MigrationMode.FPH:
             ram = await asyncio.to_thread(RamFile, ram_file, layout, writable=True)
             try:
                 receiver = RamReceiver(
@@ -142,7 +144,7 @@ class IncomingSession:
                 ram.close()
                 raise
         try:
-            caps = FPH_INCOMING_CAPABILITIES if mode == "fph" else NATIVE_INCOMING_CAPABILITIES
+            caps = FPH_INCOMING_CAPABILITIES if mode is MigrationMode.FPH else NATIVE_INCOMING_CAPABILITIES
             conn = QMPConnection(str(qmp_socket), "fph-daemon-incoming")
             await conn.connect(timeout=5.0)
             try:
@@ -165,7 +167,7 @@ class IncomingSession:
             "incoming prepared",
             extra={
                 "vm": vm,
-                "mode": mode,
+                "mode": mode.value,
                 "uri": uri,
                 "data_address": session.data_address,
                 "tls": session.tls,
@@ -197,7 +199,8 @@ class IncomingSession:
             self._note("QEMU resumed: the guest runs here")
             if self.receiver is not None:
                 self.receiver.send_resumed({"resumed": True, "status": "running", "vm": self.vm})
-            if self.balloon_socket and self.mode == "fph":  # QEMU's own migrations carry their devices
+            # QEMU's own migrations carry their devices
+            if self.balloon_socket and self.mode is MigrationMode.FPH:
                 await self._replug()
         except Exception as exc:
             await self._fail(exc)
@@ -370,7 +373,7 @@ async def abandon_incoming(
     then the fresh balloon the dead daemon may not have plugged (``balloon_socket``: its worker listens
     there; "" when this VM has none). Already running the guest: only that balloon."""
     s = IncomingSession(
-        vm, "", qmp_socket, "", "", False, balloon_socket=balloon_socket, balloon_queues=balloon_queues
+        vm, None, qmp_socket, "", "", False, balloon_socket=balloon_socket, balloon_queues=balloon_queues
     )
     s._closed.set()
     try:

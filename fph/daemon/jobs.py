@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fph.daemon.migration_mode import MigrationMode
 from fph.migration.convergence import DEFAULT_TIME_BUDGET_S, OutDirtyPolicy
 from fph.migration.fph_mode import Balloon, FphConfig, FphMigration, FphMigrationError, FphReport
 from fph.migration.native import DEFAULT_TIMEOUT_S
@@ -56,7 +57,7 @@ class Target:
 
 @dataclass(frozen=True)
 class Params:
-    mode: str  # fph | native | none
+    mode: MigrationMode
     bandwidth: int | None
     downtime_limit_ms: int
     max_rounds: int
@@ -111,7 +112,7 @@ class MigrationJob:
         cls,
         job_id: str,
         vm: str,
-        mode: str,
+        mode: MigrationMode,
         target: Target,
         started: float,
         cleanup: list[str],
@@ -208,7 +209,7 @@ class MigrationJob:
         mig = self.migration
         assert mig is not None
         self.phase, self.status = RUNNING, "setup"
-        self.publish(f"{self.params.mode} migration of {self.vm} to {self.target.vm} started")
+        self.publish(f"{self.params.mode.value} migration of {self.vm} to {self.target.vm} started")
         mig.dispatcher.register(self._on_hook)
         ticker = asyncio.create_task(self._tick(isinstance(mig, NativeMigration)))
         try:

@@ -119,7 +119,7 @@ class Metrics:
         self.start_time.labels(job.vm).set(job.start_time)
 
     def ended(self, job: MigrationJob) -> None:
-        vm, mode = job.vm, job.params.mode
+        vm, mode = job.vm, job.params.mode.value
         self.migrations.labels(vm, mode, "succeeded" if job.report is not None else job.status).inc()
         self.end_time.labels(vm).set(job.end_time or time.time())
         if job.report is None:

@@ -25,6 +25,7 @@ import grpc
 
 from fph.balloon.worker_client import BalloonWorkers, WorkerBalloon, WorkerError
 from fph.daemon.incoming import IncomingSession
+from fph.daemon.vm_state import VmState
 from fph.hint_receiver import F_FREE_PAGE_HINT, CountingSink, HintStatus
 from fph.qmp import QMPConnection, QMPError
 from fph.ram_layout import RamLayout
@@ -206,7 +207,7 @@ class VmRecord:
     daemon."""
     sink: CountingSink = field(default_factory=CountingSink)
     plugin_arg: str = ""
-    state: str = "registered"
+    state: VmState = VmState.REGISTERED
     acknowledge_on_stop: bool = False
     hint_active: bool = False  # started through the API and not stopped through it
     hint_runs: int = 0
@@ -325,7 +326,7 @@ class Registry:
             log.info("vm registered", extra={"vm": spec.name, "balloon": str(spec.balloon_socket)})
             return rec
 
-    async def restore(self, spec: VmSpec, state: str) -> VmRecord:
+    async def restore(self, spec: VmSpec, state: VmState) -> VmRecord:
         """A VM of the previous daemon's saved state. Its balloon worker normally still runs (it outlives
         the daemon) and is adopted: QEMU's connection never dropped. Without a worker: if its QEMU runs
         and still has the balloon plugged, the connection dropped with the worker and QEMU 11.1 cannot

@@ -33,6 +33,7 @@ from fph.daemon.jobs import (
     native_migration,
 )
 from fph.daemon.metrics import Metrics
+from fph.daemon.migration_mode import MigrationMode
 from fph.daemon.recovery import ABORTED, roll_back
 from fph.daemon.registry import (
     Aborted,
@@ -50,6 +51,7 @@ from fph.daemon.registry import (
 )
 from fph.daemon.report_store import ReportStore
 from fph.daemon.state_file import PersistedMigration, PersistedState, PersistedVm, StateFile
+from fph.daemon.vm_state import VmState
 from fph.hint_receiver import HintState
 from fph.migration.convergence import OutDirtyPolicy
 from fph.migration.destination import balloon_queues
@@ -61,8 +63,12 @@ from fph.transfer.security import DataPlaneSecurity
 log = logging.getLogger("fph.daemon")
 T = TypeVar("T")
 
-MODES: dict[int, str] = {pb.MODE_FPH: "fph", pb.MODE_NATIVE: "native", pb.MODE_NONE: "none"}
-MODE_ENUM: dict[str, Any] = {v: k for k, v in MODES.items()}
+MODES: dict[int, MigrationMode] = {
+    pb.MODE_FPH: MigrationMode.FPH,
+    pb.MODE_NATIVE: MigrationMode.NATIVE,
+    pb.MODE_NONE: MigrationMode.NONE,
+}
+MODE_ENUM: dict[MigrationMode, Any] = {v: k for k, v in MODES.items()}
 OUT_DIRTY_POLICIES: dict[int, OutDirtyPolicy] = {
     pb.OUT_DIRTY_POLICY_UNSPECIFIED: OutDirtyPolicy.THROTTLE,
     pb.OUT_DIRTY_POLICY_THROTTLE: OutDirtyPolicy.THROTTLE,
@@ -78,11 +84,11 @@ PHASES = {
     SUCCEEDED: pb.PHASE_SUCCEEDED,
     "failed": pb.PHASE_FAILED,
 }
-STATES = {
-    "registered": pb.VM_STATE_REGISTERED,
-    "migrating": pb.VM_STATE_MIGRATING,
-    "migrated": pb.VM_STATE_MIGRATED,
-    "incoming": pb.VM_STATE_INCOMING,
+STATES: dict[VmState, Any] = {
+    VmState.REGISTERED: pb.VM_STATE_REGISTERED,
+    VmState.MIGRATING: pb.VM_STATE_MIGRATING,
+    VmState.MIGRATED: pb.VM_STATE_MIGRATED,
+    VmState.INCOMING: pb.VM_STATE_INCOMING,
 }
 MAX_BANDWIDTH = 100 << 30
 MIN_BANDWIDTH = 1 << 20
@@ -228,9 +234,11 @@ class Daemon:
                 Path(v.write_log) if v.write_log else None,
                 v.free_page_reporting,
             )
-            state_now = "migrated" if v.state == "migrated" else "registered"  # nothing else survives
+            # nothing else survives a restart
+            state_now = VmState.MIGRATED if v.state is VmState.MIGRATED else VmState.REGISTERED
             restored = await self.registry.restore(spec, state_now)
-            if v.state == "incoming":  # finished if it holds the guest (with a fresh balloon), else torn down
+            # finished if it holds the guest (with a fresh balloon), else torn down
+            if v.state is VmState.INCOMING:
                 balloon = str(spec.balloon_socket) if restored.control is not None else ""
                 restored.incoming = await abandon_incoming(
                     spec.name, spec.qmp_socket, balloon, balloon_queues(spec.free_page_reporting)
@@ -255,7 +263,7 @@ class Daemon:
             self.reports.save(report_message(job))
             if rec is not None:
                 rec.job = job
-                rec.state = "migrated" if rb.completed else "registered"
+                rec.state = VmState.MIGRATED if rb.completed else VmState.REGISTERED
             log.warning(
                 "migration completed before the restart" if rb.completed else "migration rolled back",
                 extra={"vm": m.vm, "migration": m.id, "cleanup": rb.cleanup},
@@ -408,7 +416,7 @@ class HintingService(pbg.HintingServiceServicer):
             raise FailedPrecondition(
                 f"VM {rec.name!r} is migrating ({rec.job.id}): the migration drives hinting; wait or cancel"
             )
-        if rec.state == "migrated":
+        if rec.state is VmState.MIGRATED:
             raise FailedPrecondition(f"VM {rec.name!r} was migrated away; its guest runs elsewhere")
 
     @unary
@@ -551,15 +559,15 @@ class MigrationService(pbg.MigrationServiceServicer):
 
     # -- helpers
 
-    def _mode(self, mode: int) -> str:
+    def _mode(self, mode: int) -> MigrationMode:
         if mode not in MODES:
             raise InvalidArgument("mode is required: MODE_FPH, MODE_NATIVE or MODE_NONE")
         return MODES[mode]
 
-    def _target(self, msg: Any, mode: str) -> Target:
+    def _target(self, msg: Any, mode: MigrationMode) -> Target:
         """The destination daemon's IncomingTarget, checked: addresses only, no path of the other host."""
         name = check_name(msg.vm, "destination vm")
-        fph = mode == "fph"
+        fph = mode is MigrationMode.FPH
         if msg.mode != MODE_ENUM[mode]:
             raise InvalidArgument(
                 f"the destination was prepared for {pb.Mode.Name(msg.mode)}, this migration is "
@@ -588,7 +596,7 @@ class MigrationService(pbg.MigrationServiceServicer):
             )
         return Target(name, uri, data, msg.credential, bool(msg.tls), msg.daemon_socket)
 
-    def _params(self, request: Any, mode: str) -> Params:
+    def _params(self, request: Any, mode: MigrationMode) -> Params:
         bw = request.bandwidth_bytes_per_second
         if bw and not MIN_BANDWIDTH <= bw <= MAX_BANDWIDTH:
             raise InvalidArgument(
@@ -609,10 +617,10 @@ class MigrationService(pbg.MigrationServiceServicer):
             raise InvalidArgument(
                 f"out_dirty_policy {request.out_dirty_policy} is not a known OutDirtyPolicy"
             )
-        if policy is OutDirtyPolicy.FAIL and mode != "fph":
+        if policy is OutDirtyPolicy.FAIL and mode is not MigrationMode.FPH:
             raise InvalidArgument(
-                f"out_dirty_policy FAIL is fph mode's: QEMU's own migration ({mode}) cannot tell when the "
-                "guest out-dirties the link; use THROTTLE (auto-converge) or ITERATE with a time_budget_s"
+                f"out_dirty_policy FAIL is fph mode's: QEMU's own migration ({mode.value}) cannot tell when "
+                "the guest out-dirties the link; use THROTTLE (auto-converge) or ITERATE with a time_budget_s"
             )
         budget = request.time_budget_s
         if budget and not 1 <= budget <= MAX_TIME_BUDGET_S:
@@ -629,7 +637,9 @@ class MigrationService(pbg.MigrationServiceServicer):
             time_budget_s=float(budget) if budget else None,
         )
 
-    async def _checks(self, rec: VmRecord, mode: str, target: Target | None) -> list[tuple[str, bool, str]]:
+    async def _checks(
+        self, rec: VmRecord, mode: MigrationMode, target: Target | None
+    ) -> list[tuple[str, bool, str]]:
         """Readiness checks; each says what was found or what to do."""
         out: list[tuple[str, bool, str]] = []
         reg = self.d.registry
@@ -637,7 +647,7 @@ class MigrationService(pbg.MigrationServiceServicer):
             memdevs = await qmp_query(rec.spec.qmp_socket, "query-memdev")
             out.append(("qmp", True, f"{rec.spec.qmp_socket} answers"))
             shared = [m for m in memdevs if m.get("share") and int(m.get("size", 0)) == rec.spec.memory_bytes]
-            if mode == "fph":
+            if mode is MigrationMode.FPH:
                 out.append(
                     (
                         "shared_ram",
@@ -650,7 +660,7 @@ class MigrationService(pbg.MigrationServiceServicer):
             out.append(("qmp", False, str(e)))
         except QMPError as e:
             out.append(("qmp", False, f"QEMU refused query-memdev: {e}"))
-        if mode == "fph":
+        if mode is MigrationMode.FPH:
             if rec.control is None:
                 out.append(
                     ("free_page_hint", False, "registered without balloon_socket: nothing will be hinted")
@@ -704,9 +714,9 @@ class MigrationService(pbg.MigrationServiceServicer):
             f"{where} (prepared by the destination daemon{' with TLS' if target.tls else ''})",
         )
 
-    async def _estimate(self, rec: VmRecord, mode: str) -> tuple[int, str]:
+    async def _estimate(self, rec: VmRecord, mode: MigrationMode) -> tuple[int, str]:
         total = rec.spec.memory_bytes
-        if mode == "none" or rec.control is None:
+        if mode is MigrationMode.NONE or rec.control is None:
             return total, "all guest RAM (no hinting)"
         ctl = rec.control
         gs = await ctl.guest_stats_async()
@@ -738,9 +748,9 @@ class MigrationService(pbg.MigrationServiceServicer):
     async def PrepareIncoming(self, request: Any, context: Any) -> Any:
         rec = self.d.registry.get(request.vm)
         mode = self._mode(request.mode)
-        if rec.state != "registered" or (rec.job is not None and not rec.job.finished):
+        if rec.state is not VmState.REGISTERED or (rec.job is not None and not rec.job.finished):
             raise FailedPrecondition(
-                f"VM {rec.name!r} is {rec.state}: only an idle registered VM can be a target"
+                f"VM {rec.name!r} is {rec.state.value}: only an idle registered VM can be a target"
             )
         st = await qmp_query(rec.spec.qmp_socket, "query-status")
         if st.get("status") != "inmigrate":
@@ -748,7 +758,7 @@ class MigrationService(pbg.MigrationServiceServicer):
                 f"VM {rec.name!r}: QEMU status {st.get('status')!r}; a target runs with -incoming defer "
                 "and has not received a migration yet"
             )
-        if mode == "fph" and rec.control is not None and self.d.registry.connected(rec):
+        if mode is MigrationMode.FPH and rec.control is not None and self.d.registry.connected(rec):
             raise FailedPrecondition(
                 f"VM {rec.name!r} already has a QEMU on its balloon socket: an fph target is started "
                 "without the balloon (this daemon plugs a fresh one once the guest runs here)"
@@ -758,8 +768,8 @@ class MigrationService(pbg.MigrationServiceServicer):
         await asyncio.to_thread(rec.drop_incoming)
 
         def ended(s: IncomingSession) -> None:
-            if rec.incoming is s and rec.state == "incoming":
-                rec.state = "registered"
+            if rec.incoming is s and rec.state is VmState.INCOMING:
+                rec.state = VmState.REGISTERED
                 self.d.persist()
 
         try:
@@ -777,7 +787,7 @@ class MigrationService(pbg.MigrationServiceServicer):
         except (QMPError, OSError, RuntimeError) as e:
             raise FailedPrecondition(f"VM {rec.name!r}: cannot prepare it as a destination: {e}") from e
         rec.incoming = session
-        rec.state = "incoming"
+        rec.state = VmState.INCOMING
         self.d.persist()  # a restarted daemon tears down what this one prepared (abandon_incoming)
         return pb.IncomingTarget(
             daemon_socket=self.d.socket_path,
@@ -803,8 +813,8 @@ class MigrationService(pbg.MigrationServiceServicer):
         params = self._params(request, mode)
         if rec.job is not None and not rec.job.finished:
             raise FailedPrecondition(f"VM {rec.name!r} is already migrating ({rec.job.id})")
-        if rec.state != "registered":
-            raise FailedPrecondition(f"VM {rec.name!r} is {rec.state}: it cannot be migrated from here")
+        if rec.state is not VmState.REGISTERED:
+            raise FailedPrecondition(f"VM {rec.name!r} is {rec.state.value}: it cannot be migrated from here")
         if rec.degraded:
             raise FailedPrecondition(f"VM {rec.name!r} is degraded: {rec.degraded}")
         checks = await self._checks(rec, mode, target)
@@ -814,7 +824,7 @@ class MigrationService(pbg.MigrationServiceServicer):
             if not ok and not (name == "free_page_hint" and rec.control is None):
                 raise FailedPrecondition(f"not ready ({name}): {detail}")
         job = MigrationJob(rec.name, params, target, rec.spec.memory_bytes)
-        if mode == "fph":
+        if mode is MigrationMode.FPH:
             assert rec.spec.write_log is not None
             wl = await asyncio.to_thread(open_writelog, rec.spec.write_log, rec.layout)
             reg = self.d.registry
@@ -835,7 +845,7 @@ class MigrationService(pbg.MigrationServiceServicer):
             wl = None
             migration = native_migration(src_qmp=rec.spec.qmp_socket, target=target, params=params)
         rec.job = job
-        rec.state = "migrating"
+        rec.state = VmState.MIGRATING
         self.d.jobs[job.id] = job
 
         def on_end(j: MigrationJob) -> None:
@@ -844,7 +854,7 @@ class MigrationService(pbg.MigrationServiceServicer):
                     wl.close()
             if rec.control is not None:
                 rec.control.set_sink(rec.sink)  # the migration made its bitmap the sink
-            rec.state = "migrated" if j.report is not None else "registered"
+            rec.state = VmState.MIGRATED if j.report is not None else VmState.REGISTERED
             self.d.metrics.ended(j)
             self.d.job_ended(j)
             self.d.persist()
@@ -855,7 +865,7 @@ class MigrationService(pbg.MigrationServiceServicer):
         job.on_progress = lambda j, p: self.d.metrics.live(j, p.stats)
         job.start(migration, str(rec.spec.qmp_socket), on_end)
         self.d.persist()
-        log.info("migration started", extra={"vm": rec.name, "migration": job.id, "mode": mode})
+        log.info("migration started", extra={"vm": rec.name, "migration": job.id, "mode": mode.value})
         return job
 
     @streaming

@@ -8,17 +8,22 @@ reads it to know its VMs again and to roll back what a crash interrupted (``fph.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fph.daemon.migration_mode import MigrationMode
+from fph.daemon.vm_state import VmState
+
 VERSION = 1
 
 
 class StateFileError(ValueError):
-    """The state file exists but cannot be used (not JSON, another version, missing fields)."""
+    """The state file exists but cannot be used (not JSON, another version, missing fields, an unknown state
+    or mode)."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ class PersistedVm:
     balloon_socket: str
     memory_bytes: int
     write_log: str
-    state: str
+    state: VmState
     free_page_reporting: bool = False
 
 
@@ -39,7 +44,7 @@ class PersistedMigration:
 
     id: str
     vm: str
-    mode: str
+    mode: MigrationMode
     source_qmp: str
     destination_vm: str
     destination_qmp: str
@@ -70,15 +75,25 @@ class StateFile:
             raise StateFileError(f"{self.path}: not an fph state file of version {VERSION}")
         try:
             return PersistedState(
-                vms=[PersistedVm(**v) for v in raw.get("vms", [])],
-                migrations=[PersistedMigration(**m) for m in raw.get("migrations", [])],
+                vms=[PersistedVm(**{**v, "state": VmState(v.get("state"))}) for v in raw.get("vms", [])],
+                migrations=[
+                    PersistedMigration(**{**m, "mode": MigrationMode(m.get("mode"))})
+                    for m in raw.get("migrations", [])
+                ],
             )
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise StateFileError(f"{self.path}: {exc}") from exc
 
     def save(self, state: PersistedState) -> None:
         body: dict[str, Any] = {"version": VERSION, **asdict(state)}
-        write_atomically(self.path, json.dumps(body, indent=1).encode())
+        write_atomically(self.path, json.dumps(body, indent=1, default=_enum_value).encode())
+
+
+def _enum_value(obj: object) -> object:
+    """States and modes go into the file by their names."""
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    raise TypeError(f"{type(obj).__name__} is not a state file value")
 
 
 def write_atomically(path: Path, data: bytes) -> None:
