@@ -101,6 +101,35 @@ def destination(d: RunningDaemon, lab: Lab, vms: list[VM], name: str, extra: tup
     return vm
 
 
+def fph_source(d: RunningDaemon, lab: Lab, vms: list[VM]) -> VM:
+    """The source VM "src" registered for fph mode (its balloon behind the daemon's worker, RAM in a file,
+    the write-log plugin the daemon names), started."""
+    src = VM(lab, VMConfig(mem_mib=MEM_MIB), name="src")
+    vms.append(src)
+    vm = register(d, src, balloon=True, write_log=True)
+    assert vm.plugin_arg
+    src.config = VMConfig(
+        mem_mib=MEM_MIB,
+        balloon="fph",
+        vhost_user_socket=vm.spec.balloon_socket,
+        ram_backend="file",
+        plugins=(vm.plugin_arg,),
+    )
+    src.start()
+    return src
+
+
+def source_runs_on(d: RunningDaemon, src: VM) -> None:
+    """After a migration that failed or was cancelled: the source QEMU runs, the daemon has it registered
+    again, and its guest's heartbeat goes on with the same checksummed region."""
+    assert src.status() == "running"
+    assert d.vms.GetVm(pb.GetVmRequest(name=src.name)).state == pb.VM_STATE_REGISTERED
+    hb0 = src.guest.last_heartbeat()
+    time.sleep(2.5)
+    hb1 = src.guest.last_heartbeat()
+    assert hb0 is not None and hb1 is not None and hb1.seq > hb0.seq and hb1.ok, (hb0, hb1)
+
+
 def migrate(d: RunningDaemon, src: str, mode: int, target: Any, **kw: Any) -> tuple[list[Any], Any, float]:
     t0 = time.monotonic()
     events = list(
@@ -131,18 +160,7 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
 ) -> None:
     d = daemon
     t_start = time.monotonic()
-    src = VM(lab, VMConfig(mem_mib=MEM_MIB), name="src")
-    vms.append(src)
-    vm = register(d, src, balloon=True, write_log=True)
-    assert vm.plugin_arg
-    src.config = VMConfig(
-        mem_mib=MEM_MIB,
-        balloon="fph",
-        vhost_user_socket=vm.spec.balloon_socket,
-        ram_backend="file",
-        plugins=(vm.plugin_arg,),
-    )
-    src.start()
+    src = fph_source(d, lab, vms)
     dst = destination(d, lab, vms, "dst")
     dstc = destination(d, lab, vms, "dstc")  # the target of the cancelled migration
     src.wait_ready(180)
@@ -193,13 +211,7 @@ def test_daemon_drives_hinting_and_fph_none_native_migrations(
     assert rep.status == "cancelled" and rep.cleanup and all("FAILED" not in c for c in rep.cleanup), (
         rep.cleanup
     )
-    assert (
-        src.status() == "running" and d.vms.GetVm(pb.GetVmRequest(name="src")).state == pb.VM_STATE_REGISTERED
-    )
-    hb0 = src.guest.last_heartbeat()
-    time.sleep(2.5)
-    hb1 = src.guest.last_heartbeat()
-    assert hb0 is not None and hb1 is not None and hb1.seq > hb0.seq and hb1.ok
+    source_runs_on(d, src)
     # the rollback told the destination QEMU to quit
     assert poll_until(lambda: not dstc.alive(), 10, 0.1), (
         "the cancelled migration's destination QEMU is still running"
@@ -337,3 +349,29 @@ def _code(call: Any) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value.code()
+
+
+def test_an_out_dirtying_guest_with_policy_fail_is_refused_and_keeps_running(
+    lab: Lab, state: Path, daemon: RunningDaemon, vms: list[VM]
+) -> None:
+    """MigrateRequest ``out_dirty_policy`` FAIL through the daemon: a guest rewriting up to 200 MiB/s under a
+    16 MiB/s cap fails the migration once fph sees it out-dirty the link (ABORTED, the policy named), the
+    source VM runs on, registered, its guest's heartbeat going, and the destination can be prepared again."""
+    d = daemon
+    src = fph_source(d, lab, vms)
+    dst = destination(d, lab, vms, "dst")
+    src.wait_ready(180)
+    src.guest.start_hold(32, 1)
+    src.guest.start_dirty(256, 51200)
+    target = d.migrations.PrepareIncoming(pb.PrepareIncomingRequest(vm="dst", mode=pb.MODE_FPH))
+    with pytest.raises(grpc.RpcError) as info:
+        migrate(
+            d, "src", pb.MODE_FPH, target,
+            bandwidth_bytes_per_second=16 * MiB, out_dirty_policy=pb.OUT_DIRTY_POLICY_FAIL, time_budget_s=120,
+        )  # fmt: skip
+    assert info.value.code() == grpc.StatusCode.ABORTED, info.value
+    assert "policy 'fail'" in info.value.details(), info.value.details()
+    rep = d.migrations.GetMigrationReport(pb.GetMigrationReportRequest(vm="src"))
+    assert rep.phase == pb.PHASE_FAILED and "policy 'fail'" in rep.error, rep
+    source_runs_on(d, src)
+    assert poll_until(lambda: not dst.alive(), 10, 0.1), "the failed migration's destination QEMU still runs"
