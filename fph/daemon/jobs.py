@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 from fph.daemon.migration_mode import MigrationMode
 from fph.migration.convergence import DEFAULT_TIME_BUDGET_S, OutDirtyPolicy
-from fph.migration.fph_mode import Balloon, FphConfig, FphMigration, FphMigrationError, FphReport
+from fph.migration.fph_mode import Balloon, FphConfig, FphMigration, FphMigrationError, FphReport, Phase
 from fph.migration.native import DEFAULT_TIMEOUT_S
 from fph.migration_hook import HookEvent, HookPoint, MigrationReport, NativeMigration, job_stats
 from fph.qmp import MigrationCancelledError, QMPError
@@ -29,15 +30,19 @@ from fph.transfer.security import DataPlaneSecurity
 
 log = logging.getLogger("fph.daemon")
 
-PENDING, PREPARING_TARGET, TARGET_READY, RUNNING, SUCCEEDED, FAILED = (
-    "pending",
-    "preparing-target",
-    "target-ready",
-    "running",
-    "succeeded",
-    "failed",
-)
-FINAL_PHASES = frozenset({SUCCEEDED, FAILED})
+
+class JobPhase(enum.Enum):
+    """A migration job's phase: KubeVirt's VirtualMachineInstanceMigration phases (the API's ``Phase``)."""
+
+    PENDING = "pending"
+    PREPARING_TARGET = "preparing-target"
+    TARGET_READY = "target-ready"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+FINAL_PHASES = frozenset({JobPhase.SUCCEEDED, JobPhase.FAILED})
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class Params:
 
 @dataclass
 class Progress:
-    phase: str
+    phase: JobPhase
     status: str
     fph_phase: str = ""
     time_elapsed_ms: float = 0.0
@@ -91,7 +96,7 @@ class MigrationJob:
         self.params = params
         self.target = target
         self.memory_total = memory_total
-        self.phase = PENDING
+        self.phase = JobPhase.PENDING
         self.status = "none"
         self.start_time = time.time()
         self.end_time = 0.0
@@ -104,7 +109,7 @@ class MigrationJob:
         self._t0 = time.monotonic()
         self._subscribers: list[asyncio.Queue[Progress]] = []
         self._native_stats: dict[str, int] = {}
-        self.last = Progress(PENDING, "none")
+        self.last = Progress(JobPhase.PENDING, "none")
         self.on_progress: Callable[[MigrationJob, Progress], None] | None = None  # e.g. live metrics
 
     @classmethod
@@ -127,9 +132,9 @@ class MigrationJob:
         job.id, job.start_time, job.end_time = job_id, started, time.time()
         job.cleanup = list(cleanup)
         if completed:
-            job.phase, job.status = SUCCEEDED, "completed"
+            job.phase, job.status = JobPhase.SUCCEEDED, "completed"
         else:
-            job.phase, job.status, job.error = FAILED, "failed", error
+            job.phase, job.status, job.error = JobPhase.FAILED, "failed", error
         job.last = job.snapshot(error if not completed else "; ".join(cleanup[:1]))
         return job
 
@@ -208,14 +213,14 @@ class MigrationJob:
     async def _run(self, src_qmp: str, on_end: Callable[[MigrationJob], None]) -> None:
         mig = self.migration
         assert mig is not None
-        self.phase, self.status = RUNNING, "setup"
+        self.phase, self.status = JobPhase.RUNNING, "setup"
         self.publish(f"{self.params.mode.value} migration of {self.vm} to {self.target.vm} started")
         mig.dispatcher.register(self._on_hook)
         ticker = asyncio.create_task(self._tick(isinstance(mig, NativeMigration)))
         try:
             self.report = await mig.run()
             self.status = self.report.status
-            self.phase = SUCCEEDED
+            self.phase = JobPhase.SUCCEEDED
             self.end_time = time.time()
             self.publish(
                 f"completed: {self.report.bytes / (1 << 20):.1f} MiB sent, "
@@ -237,7 +242,7 @@ class MigrationJob:
             on_end(self)
 
     def _failed(self, exc: BaseException, cleanup: list[str]) -> None:
-        self.phase = FAILED
+        self.phase = JobPhase.FAILED
         self.status = "cancelled" if self.cancel_requested else "failed"
         self.error = str(exc)
         self.cleanup = list(cleanup)
@@ -250,7 +255,7 @@ class MigrationJob:
             self.status = "setup"
         elif event.point in (HookPoint.BEFORE_SYNC, HookPoint.AFTER_SYNC):
             self.status = "active"
-            if isinstance(self.migration, FphMigration) and self.migration.phase.value == "stopped":
+            if isinstance(self.migration, FphMigration) and self.migration.phase is Phase.STOPPED:
                 self.status = "device"
         elif event.point is HookPoint.COMPLETE:
             self.status = "device"

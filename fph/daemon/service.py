@@ -20,11 +20,8 @@ from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
 from fph.daemon.incoming import DataPlane, IncomingSession, IncomingState, abandon_incoming
 from fph.daemon.jobs import (
-    PENDING,
-    PREPARING_TARGET,
-    RUNNING,
-    SUCCEEDED,
-    TARGET_READY,
+    FINAL_PHASES,
+    JobPhase,
     MigrationJob,
     Params,
     Progress,
@@ -76,13 +73,13 @@ OUT_DIRTY_POLICIES: dict[int, OutDirtyPolicy] = {
     pb.OUT_DIRTY_POLICY_FAIL: OutDirtyPolicy.FAIL,
 }
 MAX_TIME_BUDGET_S = 86400
-PHASES = {
-    PENDING: pb.PHASE_PENDING,
-    PREPARING_TARGET: pb.PHASE_PREPARING_TARGET,
-    TARGET_READY: pb.PHASE_TARGET_READY,
-    RUNNING: pb.PHASE_RUNNING,
-    SUCCEEDED: pb.PHASE_SUCCEEDED,
-    "failed": pb.PHASE_FAILED,
+PHASES: dict[JobPhase, Any] = {
+    JobPhase.PENDING: pb.PHASE_PENDING,
+    JobPhase.PREPARING_TARGET: pb.PHASE_PREPARING_TARGET,
+    JobPhase.TARGET_READY: pb.PHASE_TARGET_READY,
+    JobPhase.RUNNING: pb.PHASE_RUNNING,
+    JobPhase.SUCCEEDED: pb.PHASE_SUCCEEDED,
+    JobPhase.FAILED: pb.PHASE_FAILED,
 }
 STATES: dict[VmState, Any] = {
     VmState.REGISTERED: pb.VM_STATE_REGISTERED,
@@ -859,7 +856,8 @@ class MigrationService(pbg.MigrationServiceServicer):
             self.d.job_ended(j)
             self.d.persist()
             log.info(
-                "migration ended", extra={"vm": j.vm, "migration": j.id, "phase": j.phase, "status": j.status}
+                "migration ended",
+                extra={"vm": j.vm, "migration": j.id, "phase": j.phase.value, "status": j.status},
             )
 
         job.on_progress = lambda j, p: self.d.metrics.live(j, p.stats)
@@ -876,11 +874,11 @@ class MigrationService(pbg.MigrationServiceServicer):
             while True:
                 p = await q.get()
                 yield _progress_message(job, p)
-                if p.phase in (SUCCEEDED, "failed"):
+                if p.phase in FINAL_PHASES:
                     break
         finally:
             job.unsubscribe(q)
-        if job.phase == "failed":
+        if job.phase is JobPhase.FAILED:
             what = "cancelled" if job.cancel_requested else "failed"
             raise Aborted(
                 f"migration {job.id} {what}: {job.error}; "
