@@ -82,6 +82,23 @@ def hint_round(ctl: BalloonControl, sink: BitmapSink, name: str) -> dict[str, An
     }
 
 
+def monotone_runs(mib: list[int], step: int = 4) -> list[list[int]]:
+    """Hinted blocks' guest-physical addresses (MiB) in the order they arrived, as [first, last] runs of
+    neighbouring blocks: the order in which a hint run covers memory, against the address order in which
+    round 0 sends it."""
+    runs: list[list[int]] = []
+    for m in mib:
+        if (
+            runs
+            and abs(m - runs[-1][1]) == step
+            and (runs[-1][0] == runs[-1][1] or (m - runs[-1][1]) * (runs[-1][1] - runs[-1][0]) > 0)
+        ):
+            runs[-1][1] = m
+        else:
+            runs.append([m, m])
+    return runs
+
+
 def run_boot(
     lab: Lab, init_on_alloc: int | None, fill_mib: int, raw_dir: Path, *, writelog: bool = False
 ) -> dict[str, Any]:
@@ -113,6 +130,7 @@ def run_boot(
             vm.guest.fill(fill_mib)
             before = memfree(vm)
             r1 = hint_round(ctl, sink, "first")
+            first_order = [gpa >> 20 for _epoch, ranges in sink.calls for gpa, _n in ranges]
             held = memfree(vm)
             vm.guest.memhog(200)
             r2 = hint_round(ctl, sink, "after_stop")
@@ -140,6 +158,7 @@ def run_boot(
         "memfree_before_bytes": before,
         "memfree_drop_bytes": before - held,
         "rounds": [r1, r2, r3],
+        "first_run_order": monotone_runs(first_order),
         "blocks": r1["blocks"],
         "hinted_bytes": r1["hinted_bytes"],
         "round_ms": r1["round_ms"],
