@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -21,9 +21,6 @@ from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
 from fph.daemon.migration_mode import MigrationMode
 from fph.migration.convergence import OutDirtyPolicy
-
-if TYPE_CHECKING:
-    pass
 
 MODE = {
     MigrationMode.FPH.value: pb.MODE_FPH,

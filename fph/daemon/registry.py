@@ -26,7 +26,7 @@ import grpc
 from fph.balloon.worker_client import BalloonWorkers, WorkerBalloon, WorkerError
 from fph.daemon.incoming import IncomingSession
 from fph.daemon.vm_state import VmState
-from fph.hint_receiver import F_FREE_PAGE_HINT, CountingSink, HintStatus
+from fph.hint_receiver import F_FREE_PAGE_HINT, CountingSink, HintState, HintStatus
 from fph.qmp import QMPConnection, QMPError
 from fph.ram_layout import RamLayout
 
@@ -247,7 +247,7 @@ async def _release(ctl: WorkerBalloon, timeout: float = 2.0) -> None:
     (its VM shows why at the next call)."""
     with contextlib.suppress(WorkerError):
         st = await ctl.status_async()
-        if st.held_bytes or st.state.value in ("requested", "start"):
+        if st.held_bytes or st.state in (HintState.REQUESTED, HintState.START):
             await ctl.done_and_wait_async(timeout)
 
 
@@ -386,7 +386,7 @@ class Registry:
             if rec.control is not None:
                 ctl = rec.control
                 st = await ctl.status_async()
-                if st.held_bytes or st.state.value in ("requested", "start"):
+                if st.held_bytes or st.state in (HintState.REQUESTED, HintState.START):
                     # let the guest read DONE before the connection goes (bounded, as at shutdown)
                     await ctl.done_and_wait_async(2.0)
                     done = True
