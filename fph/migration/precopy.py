@@ -224,7 +224,6 @@ class PrecopyResult:
     holes_filled: int = 0
     """Pages left unread as holes of the RAM file that held data at a later harvest, with or without a log
     bit (a device fills them with none): marked dirty there, so a live round reads them, not the check."""
-    live_check_pages_checked: int = 0
     live_check_pages_changed: int = 0
     """Pages the check run live before switchover found changed since sent with no log bit: marked dirty."""
     live_check_ms: float = 0.0
@@ -632,7 +631,6 @@ class Precopy:
         found = int(np.count_nonzero(flags))
         if found:
             self.bitmap.merge_write_log(pack_pages(flags, self.bitmap.nwords))
-        self.result.live_check_pages_checked += checked
         self.result.live_check_pages_changed += found
         self.result.live_check_ms += (time.monotonic() - t0) * 1e3
         log.info("live check: %d of %d pages changed with no log bit", found, checked)
