@@ -127,6 +127,8 @@ def run_boot(
         try:
             vm.start()
             vm.wait_ready(180)
+            if wlog is not None:
+                wlog.start()  # armed, as in an fph migration (the plugin logs nothing until then)
             vm.guest.fill(fill_mib)
             before = memfree(vm)
             r1 = hint_round(ctl, sink, "first")

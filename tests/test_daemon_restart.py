@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import socket
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,10 @@ from fph.daemon.recovery import COMPLETED
 from fph.daemon.server import DaemonConfig
 from fph.daemon.state_file import PersistedMigration, PersistedState, PersistedVm, StateFile, StateFileError
 from fph.daemon.vm_state import VmState
+from fph.ram_layout import GiB, RamLayout
+from fph.writelog.tcg import TcgWriteLog
 from tests.daemon_helper import RunningDaemon
 from tests.fake_qmp import FakeQMP
-
-GiB = 1 << 30
 
 
 @pytest.fixture
@@ -92,6 +94,30 @@ def test_vms_come_back_after_a_restart(make_daemon: Callable[[], RunningDaemon],
     assert listening(vms["vm1"].spec.balloon_socket)  # no QEMU runs it yet: its balloon is served again
     second.vms.UnregisterVm(pb.UnregisterVmRequest(name="vm2"))
     assert [v.name for v in StateFile(state).load().vms] == ["vm1"]
+
+
+def test_a_restarted_daemon_disarms_the_write_log_its_predecessor_left_armed(
+    make_daemon: Callable[[], RunningDaemon], state: Path
+) -> None:
+    """The first daemon died during an fph migration: the plugin stays armed (every guest store pays a
+    callback) until someone asks otherwise. The restarted daemon asks, since no migration runs now."""
+    first = make_daemon()
+    v = vm(state, "vm1", balloon=False)
+    wlog = state / "vm1" / "wlog.bin"
+    spec = pb.VmSpec(name=v.name, qmp_socket=v.qmp_socket, ram_file=v.ram_file, memory_bytes=v.memory_bytes,
+                     write_log=str(wlog))  # fmt: skip
+    first.vms.RegisterVm(pb.RegisterVmRequest(spec=spec))
+    first.stop()
+    dead_migration = TcgWriteLog(wlog, RamLayout.pc(GiB), create=False)
+    with open(wlog, "r+b") as f:  # a plugin attached (what its install does)
+        f.seek(48)
+        f.write(struct.pack("<II", os.getpid(), 1))
+    dead_migration.prepare()  # armed, and never closed: its daemon died
+    assert dead_migration.header().arm_request & 1
+    second = make_daemon()
+    assert [x.spec.name for x in second.vms.ListVms(pb.ListVmsRequest()).vms] == ["vm1"]
+    assert not dead_migration.header().arm_request & 1
+    dead_migration.close()
 
 
 def test_a_running_vm_whose_balloon_dropped_is_degraded(

@@ -29,6 +29,7 @@ from fph.writelog.errors import (
     RamMappingNotFoundError,
     SoftDirtyUnavailableError,
     VcpuControlError,
+    WriteLogArmTimeoutError,
     WriteLogError,
     WriteLogFormatError,
     WriteLogStateError,
@@ -70,9 +71,21 @@ def fake_attach(path: Path) -> None:
         f.write(struct.pack("<II", os.getpid(), 1))
 
 
+def ack_arm_request(path: Path) -> None:
+    """What the plugin does at the next block a vCPU runs: puts fph's arm request in effect."""
+    with open(path, "r+b") as f:
+        f.seek(112)
+        request = f.read(8)
+        f.seek(120)
+        f.write(request)
+
+
 def attached_log(tmp_path: Path, layout: RamLayout) -> TcgWriteLog:
+    """A log whose (fake) plugin is attached and has already answered the arm request start() makes."""
     wl = TcgWriteLog(tmp_path / "wlog.bin", layout)
     fake_attach(wl.path)
+    wl.prepare()
+    ack_arm_request(wl.path)
     return wl
 
 
@@ -187,7 +200,7 @@ def test_header_validation_rejects_bad_files(
     if damage == "magic":
         _corrupt(path, 0, b"NOTALOG!")
     elif damage == "version":
-        _corrupt(path, 8, struct.pack("<I", 2))
+        _corrupt(path, 8, struct.pack("<I", 1))  # the version before arm requests
     elif damage == "size":
         os.truncate(path, HEADER_SIZE + 100)
     elif damage == "other-guest":
@@ -226,12 +239,62 @@ def test_start_requires_an_attached_plugin_and_harvest_requires_start(tmp_path: 
     with pytest.raises(PluginNotAttachedError, match=r"-plugin .*log="):
         wl.start()
     fake_attach(wl.path)
+    wl.prepare()
+    ack_arm_request(wl.path)
     wl.start()
     wl.close()
     with pytest.raises(WriteLogStateError, match="closed"):
         wl.harvest()
     assert isinstance(PluginNotAttachedError("x"), WriteLogError)
     assert isinstance(WriteLogError("x"), RuntimeError)
+
+
+def test_start_waits_for_the_plugin_to_arm_and_close_disarms_only_its_own_request(tmp_path: Path) -> None:
+    layout = RamLayout.flat(16 * MiB)
+    wl = TcgWriteLog(tmp_path / "w.bin", layout)
+    fake_attach(wl.path)
+    assert not wl.header().armed and wl.header().arm_request == 0
+    wl.prepare()  # asks, does not wait
+    assert wl.header().arm_request == (1 << 1) | 1 and not wl.header().armed
+    answer = threading.Timer(0.05, ack_arm_request, (wl.path,))  # the plugin answers at a later block
+    answer.start()
+    wl.start()
+    answer.join()
+    assert wl.header().armed and wl.arm_ms is not None and wl.arm_ms >= 40
+    assert wl.describe()["armed"] is True
+    later = TcgWriteLog(wl.path, layout, create=False)  # the next migration's consumer of the same log
+    later.prepare()
+    ack_arm_request(later.path)
+    later.start()
+    wl.close()  # not its request any more: the log stays armed for `later`
+    assert later.header().arm_request == (2 << 1) | 1
+    later.close()
+    h = LogHeader.parse(wl.path.read_bytes()[:HEADER_SIZE])
+    assert h.arm_request == 3 << 1 and h.armed  # disarm asked; the plugin puts it in effect at its next block
+
+
+def test_disarm_any_withdraws_whatever_arming_is_in_effect(tmp_path: Path) -> None:
+    layout = RamLayout.flat(16 * MiB)
+    armer = attached_log(tmp_path, layout)
+    armer.start()
+    restarted = TcgWriteLog(armer.path, layout, create=False)  # e.g. a restarted daemon: not its request
+    assert restarted.disarm_any() and restarted.header().arm_request == 2 << 1
+    assert not restarted.disarm_any()  # nothing armed is asked any more
+    restarted.close()
+    armer.close()  # its own request is gone: it leaves the log alone
+    assert LogHeader.parse(armer.path.read_bytes()[:HEADER_SIZE]).arm_request == 2 << 1
+
+
+def test_start_refuses_when_the_plugin_never_arms(tmp_path: Path) -> None:
+    """A paused guest runs no block, so its plugin never answers: start() fails, it never goes on blind."""
+    wl = TcgWriteLog(tmp_path / "w.bin", RamLayout.flat(16 * MiB), arm_timeout_s=0.05)
+    fake_attach(wl.path)
+    with pytest.raises(WriteLogArmTimeoutError, match=r"did not arm within 0.05 s.*paused"):
+        wl.start()
+    assert not wl.started
+    with pytest.raises(WriteLogStateError, match="call start"):
+        wl.harvest()
+    wl.close()
 
 
 # ----------------------------------------------------------------------------------- harvest semantics

@@ -337,6 +337,8 @@ class Registry:
             with contextlib.suppress(Exception):
                 wl = await asyncio.to_thread(open_writelog, spec.write_log, rec.layout, False)
                 rec.plugin_arg = wl.plugin_arg
+                if wl.disarm_any():  # the dead daemon's migration had armed it: no migration runs now
+                    log.info("write-log plugin disarmed", extra={"vm": spec.name})
                 wl.close()
         if spec.balloon_socket is not None:
             try:

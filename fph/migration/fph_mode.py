@@ -318,6 +318,7 @@ class FphMigration:
 
         await self._refuse_a_disconnected_balloon()  # before anything on either QEMU changes
         await self._hook(HookPoint.SETUP)
+        self.writelog.prepare()  # the TCG plugin retranslates the guest's code meanwhile; start() waits
         lap("checks_and_hooks")
         receiver: RamReceiver | None = None
         if self.dst_ram_path is not None:
@@ -349,7 +350,7 @@ class FphMigration:
         lap("bitmap_and_balloon_view")
         if self.balloon is not None and unavailable is None and skipped is None:
             self.balloon.control.set_sink(bitmap)
-        self.writelog.start()
+        await asyncio.to_thread(self.writelog.start)
         self.device_log.start()
         lap("write_logs")
 

@@ -84,9 +84,10 @@ class HarvestStats:
 class WriteLog(abc.ABC):
     """A source of "pages written since the last harvest" for one guest.
 
-    Life cycle: construct, ``start()`` (arms tracking for all pages: writes before it are not reported,
-    so round 0 must copy everything after it), ``harvest()`` per precopy round and once more with the
-    vCPUs stopped (``vcpus_stopped=True``), ``close()``. Usable as a context manager.
+    Life cycle: construct, optionally ``prepare()`` (begins arming without waiting), ``start()`` (arms
+    tracking for all pages: writes before it are not reported, so round 0 must copy everything after it),
+    ``harvest()`` per precopy round and once more with the vCPUs stopped (``vcpus_stopped=True``),
+    ``close()`` (disarms what ``start()`` armed). Usable as a context manager.
     """
 
     kind: str = "abstract"
@@ -111,6 +112,9 @@ class WriteLog(abc.ABC):
     def _harvest(self, vcpus_stopped: bool) -> tuple[Words, float]:
         """Return (words, seconds the vCPUs were stopped for it)."""
 
+    def _prepare(self) -> None:  # noqa: B027 - optional hook
+        """Begin arming without waiting (default: nothing to begin)."""
+
     def _close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (default: nothing)."""
 
@@ -118,6 +122,13 @@ class WriteLog(abc.ABC):
         return {}
 
     # -- public API
+
+    def prepare(self) -> None:
+        """Begin arming, without waiting, where arming takes time (the TCG plugin retranslates the guest's
+        code): a caller with other setup to do lets it run meanwhile. ``start()`` still must be called."""
+        self._check_open()
+        if not self.started:
+            self._prepare()
 
     def start(self) -> None:
         """Arm tracking for all pages; everything written from now on shows up in a harvest."""

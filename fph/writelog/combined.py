@@ -36,6 +36,10 @@ class CombinedWriteLog(WriteLog):
         self.logs = tuple(logs)
         self.atomic = all(lg.atomic for lg in logs)
 
+    def _prepare(self) -> None:
+        for lg in self.logs:
+            lg.prepare()
+
     def _start(self) -> None:
         for lg in self.logs:
             if not lg.started:

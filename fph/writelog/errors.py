@@ -20,6 +20,11 @@ class PluginNotAttachedError(WriteLogError):
     """The log file was never attached by a QEMU plugin: QEMU was started without the ``-plugin`` argument."""
 
 
+class WriteLogArmTimeoutError(WriteLogError):
+    """The plugin did not arm in time: no vCPU ran guest code since fph asked (a paused guest), or its
+    QEMU is gone. Nothing was migrated with a blind log."""
+
+
 class WriteLogStateError(WriteLogError):
     """A call in the wrong state: harvest before ``start()``, after ``close()``, or mismatched sizes."""
 

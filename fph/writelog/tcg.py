@@ -4,12 +4,17 @@ Why a plugin: under TCG (the lab, CI) nothing else reports guest writes to a sha
 sets a bit per guest-physical page on every instrumented store with an atomic OR in a shared log file,
 and fph harvests it with one atomic exchange per word, without stopping the guest.
 
+The plugin logs only while armed: a store callback costs the guest several times its store speed, so a
+guest runs without any between migrations. ``start()`` arms it and waits until the plugin says every
+vCPU runs code that logs (it retranslates all guest code: milliseconds, or up to a halted vCPU's next
+interrupt); ``close()`` disarms it.
+
 Usage::
 
     log = TcgWriteLog(run_dir / "wlog.bin", RamLayout.pc(mem))   # creates the log file
     VMConfig(ram_backend="file", plugins=(log.plugin_arg,))       # -plugin <so>,log=<file>,ram=<span>
     ... start QEMU ...
-    log.start()                                                   # checks the plugin attached, clears
+    log.start()                                                   # checks the plugin attached, arms
     bitmap.merge_write_log(log.harvest())
 
 The plugin is built from source with the system C compiler by ``scripts/setup`` (``python -m
@@ -34,6 +39,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,7 @@ from fph.writelog.base import Words, WriteLog, full_words, words_for
 from fph.writelog.errors import (
     PluginBuildError,
     PluginNotAttachedError,
+    WriteLogArmTimeoutError,
     WriteLogError,
     WriteLogFormatError,
     WriteLogStateError,
@@ -61,11 +68,14 @@ PLUGIN_SOURCE = Path(__file__).with_name("tcg_writelog.c")
 PLUGIN_BUILD_DIR = Path(__file__).with_name("_build")
 """Where scripts/setup builds the plugin (inside the installed package tree; ``*.so`` is gitignored)."""
 CFLAGS = ("-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-std=gnu11")
-MAGIC = b"WLOGv001"
-VERSION = 1
+MAGIC = b"WLOGv002"
+VERSION = 2
 HEADER_SIZE = 4096
-HEADER_FORMAT = "<8sIIQQQQIIQQQQQQQ"
-"""struct wlog_header of tcg_writelog.c (112 bytes, then zeros up to HEADER_SIZE)."""
+HEADER_FORMAT = "<8sIIQQQQIIQQQQQQQQQQ"
+"""struct wlog_header of tcg_writelog.c (136 bytes, then zeros up to HEADER_SIZE)."""
+ARM_TIMEOUT_S = 10.0
+"""How long ``start()`` waits for the plugin to arm. It arms at the next translation block a vCPU runs:
+measured 5-270 ms on an idle 1 GiB guest (bench/writelog_bench.py); a paused guest never does."""
 _HEADER_FIELDS = (
     "magic",
     "version",
@@ -83,15 +93,20 @@ _HEADER_FIELDS = (
     "out_of_range",
     "last_out_of_range_gpa",
     "harvests",
+    "arm_request",
+    "arm_state",
+    "arm_changes",
 )
-_OFF_HARVESTS = struct.calcsize(HEADER_FORMAT) - 8
-assert struct.calcsize(HEADER_FORMAT) == 112
+_OFF_HARVESTS = 104
+_OFF_ARM_REQUEST = 112
+assert struct.calcsize(HEADER_FORMAT) == 136
 
 
 @dataclass(frozen=True)
 class LogHeader:
     """The log file's header. Counters: ``stores`` approximate (flushed per vCPU every 4096 stores),
-    ``lookup_failures`` / ``out_of_range`` exact."""
+    ``lookup_failures`` / ``out_of_range`` exact. ``arm_request`` (fph writes it) is ``(seq << 1) | on``;
+    ``arm_state`` is the request the plugin has put in effect; ``arm_changes`` counts its changes of mode."""
 
     magic: bytes
     version: int
@@ -109,12 +124,20 @@ class LogHeader:
     out_of_range: int
     last_out_of_range_gpa: int
     harvests: int
+    arm_request: int
+    arm_state: int
+    arm_changes: int
+
+    @property
+    def armed(self) -> bool:
+        """The plugin logs every store now (it has put an arming request in effect)."""
+        return bool(self.arm_state & 1)
 
     @classmethod
     def new(cls, ram_span: int) -> LogHeader:
         nbits = (ram_span + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT
         return cls(MAGIC, VERSION, PAGE_SHIFT, nbits, HEADER_SIZE, words_for(nbits) * 8, ram_span,
-                   0, 0, 0, 0, 0, 0, 0, 0, 0)  # fmt: skip
+                   0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)  # fmt: skip
 
     @classmethod
     def parse(cls, data: bytes | bytearray | memoryview) -> LogHeader:
@@ -131,7 +154,7 @@ class LogHeader:
         return self.bitmap_off + self.bitmap_bytes
 
     def validate(self, *, nbits: int | None = None, file_size: int | None = None, what: str = "log") -> None:
-        """Raise WriteLogFormatError unless this header is a version-1 log of ``nbits`` pages whose file
+        """Raise WriteLogFormatError unless this header is a ``VERSION`` log of ``nbits`` pages whose file
         has ``file_size`` bytes (the plugin applies the same rules)."""
         if self.magic != MAGIC:
             raise WriteLogFormatError(
@@ -278,6 +301,9 @@ class _Helpers:
         self.record_store.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, self.LOOKUP,
                                       ctypes.c_void_p]  # fmt: skip
         self.record_store.restype = ctypes.c_int
+        self.cas = lib.fph_wlog_cas
+        self.cas.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64]
+        self.cas.restype = ctypes.c_int
         self.check_file = lib.fph_wlog_check_file
         self.check_file.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t]
         self.check_file.restype = ctypes.c_int
@@ -347,14 +373,20 @@ class TcgWriteLog(WriteLog):
 
     ``log_path``: the shared log file (created unless ``create=False``, then validated); ``layout``: the
     guest's RAM layout (bitmap = its GPA span); ``plugin``: a built .so (default: plugin_path(), the one
-    scripts/setup built).
+    scripts/setup built); ``arm_timeout_s``: how long ``start()`` waits for the plugin to arm.
     """
 
     kind = "tcg-plugin"
     atomic = True
 
     def __init__(
-        self, log_path: str | Path, layout: RamLayout, *, plugin: Path | None = None, create: bool = True
+        self,
+        log_path: str | Path,
+        layout: RamLayout,
+        *,
+        plugin: Path | None = None,
+        create: bool = True,
+        arm_timeout_s: float = ARM_TIMEOUT_S,
     ) -> None:
         super().__init__(layout)
         self.path = Path(log_path)
@@ -374,7 +406,13 @@ class TcgWriteLog(WriteLog):
         self._bits: Words | None = np.frombuffer(
             self._mm, dtype=np.uint64, count=self.nwords, offset=HEADER_SIZE
         )
+        self._header_words: Words | None = np.frombuffer(self._mm, dtype=np.uint64, count=HEADER_SIZE // 8)
         self._failures_seen = 0
+        self.arm_timeout_s = arm_timeout_s
+        self._arm_request: int | None = None
+        self.arm_ms: float | None = None
+        """From the arming request to the plugin's answer (``start()``)."""
+        self._arm_asked = 0.0
 
     @property
     def plugin_arg(self) -> str:
@@ -390,12 +428,53 @@ class TcgWriteLog(WriteLog):
             raise WriteLogStateError("tcg write log is closed")
         return LogHeader.parse(self._mm[: struct.calcsize(HEADER_FORMAT)])
 
-    def _start(self) -> None:
-        h = self.header()
-        if h.attach_count == 0:
+    def _request(self, on: bool) -> int:
+        """Write the next arm request (seq + 1, ``on``); returns it. Only as the request we last made."""
+        current = self.header().arm_request
+        value = (((current >> 1) + 1) << 1) | int(on)
+        if not self._c.cas(self._arm_request_address(), current, value):
+            raise WriteLogStateError(f"{self.path}: another process changed the arm request meanwhile")
+        return value
+
+    def disarm_any(self) -> bool:
+        """Ask the plugin to disarm whatever request is in effect, not only this consumer's: for a
+        restarted daemon, whose dead predecessor may have left a migration's arming behind (the guest
+        would pay the store callbacks until its next migration). True if a request was withdrawn."""
+        self._check_open()
+        while (current := self.header().arm_request) & 1:
+            if self._c.cas(self._arm_request_address(), current, ((current >> 1) + 1) << 1):
+                return True
+        return False
+
+    def _arm_request_address(self) -> int:
+        if self._header_words is None:
+            raise WriteLogStateError("tcg write log is closed")
+        return int(self._header_words.ctypes.data) + _OFF_ARM_REQUEST
+
+    def _prepare(self) -> None:
+        if self._arm_request is None:
+            self._check_attached()
+            self._arm_request = self._request(True)
+            self._arm_asked = time.monotonic()
+
+    def _check_attached(self) -> None:
+        if self.header().attach_count == 0:
             raise PluginNotAttachedError(
                 f"no QEMU plugin attached to {self.path}: start QEMU with -plugin {self.plugin_arg}"
             )
+
+    def _start(self) -> None:
+        self._prepare()
+        deadline = self._arm_asked + self.arm_timeout_s
+        while (h := self.header()).arm_state != self._arm_request:
+            if time.monotonic() > deadline:
+                raise WriteLogArmTimeoutError(
+                    f"{self.path}: the write-log plugin of QEMU pid {h.attach_pid} did not arm within "
+                    f"{self.arm_timeout_s:g} s: no vCPU ran guest code since fph asked (is the guest "
+                    "paused?). Nothing was migrated; resume the guest and retry"
+                )
+            time.sleep(0.001)
+        self.arm_ms = (time.monotonic() - self._arm_asked) * 1e3
         self._failures_seen = h.lookup_failures
         assert self._bits is not None
         harvest_words(self._bits, c=self._c)  # writes before start() are round 0's business
@@ -419,7 +498,11 @@ class TcgWriteLog(WriteLog):
         return words, 0.0
 
     def _close(self) -> None:
+        if self._arm_request is not None and self._header_words is not None:
+            # Disarm only our own request: a later consumer of the same log may have armed it since.
+            self._c.cas(self._arm_request_address(), self._arm_request, ((self._arm_request >> 1) + 1) << 1)
         self._bits = None
+        self._header_words = None
         if self._mm is not None:
             try:
                 self._mm.close()
@@ -443,6 +526,9 @@ class TcgWriteLog(WriteLog):
             "lookup_failures": h.lookup_failures,
             "out_of_range": h.out_of_range,
             "last_out_of_range_gpa": h.last_out_of_range_gpa,
+            "armed": h.armed,
+            "arm_changes": h.arm_changes,
+            "arm_ms": None if self.arm_ms is None else round(self.arm_ms, 1),
         }
 
 

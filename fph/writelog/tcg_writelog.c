@@ -4,6 +4,17 @@
  * x-ignore-shared), so it needs its own record of guest writes; under TCG nothing else gives one.
  *
  * Plugin arguments (QEMU's -plugin): log=<file>,ram=<GPA span, bytes or with K/M/G/T suffix>.
+ *
+ * Armed only while fph asks: a store callback costs the guest several times its store speed (a 1 GiB
+ * guest's hint run, which zeroes every block it hints, ran 6.5-8.2x slower with it), so outside a
+ * migration the translated code carries no store callbacks. fph writes arm_request = (seq << 1) | on in
+ * the header; every translation block starts with a call that compares it with the mode in effect. A
+ * change of mode is a qemu_plugin_reset from that vCPU: QEMU stops every vCPU, flushes all translated
+ * code and calls after_reset, which registers the translator of the new mode and only then publishes
+ * arm_state = the request. So once fph reads arm_state == its arming request, every store any vCPU
+ * executes runs through translated code that logs it. Stores made before that are fph's round 0
+ * business (its bitmap starts all dirty). A vCPU that executes nothing (halted) delays the change until
+ * its next interrupt.
  * The span is the end of the highest guest RAM range, not the RAM size (pc, -m 4608M: ram=5G).
  *
  * Log file (little endian): a 4096-byte header (struct wlog_header) then the bitmap, page p = gpa >> 12
@@ -71,12 +82,17 @@ WEAK extern unsigned int qemu_plugin_mem_size_shift(qemu_plugin_meminfo_t info);
 WEAK extern struct qemu_plugin_hwaddr *qemu_plugin_get_hwaddr(qemu_plugin_meminfo_t info, uint64_t vaddr);
 WEAK extern bool qemu_plugin_hwaddr_is_io(const struct qemu_plugin_hwaddr *haddr);
 WEAK extern uint64_t qemu_plugin_hwaddr_phys_addr(const struct qemu_plugin_hwaddr *haddr);
+typedef void (*wlog_tb_exec_cb_t)(unsigned int vcpu_index, void *userdata);
+typedef void (*wlog_simple_cb_t)(qemu_plugin_id_t id);
+WEAK extern void qemu_plugin_register_vcpu_tb_exec_cb(struct qemu_plugin_tb *tb, wlog_tb_exec_cb_t cb,
+                                                      enum qemu_plugin_cb_flags flags, void *userdata);
+WEAK extern void qemu_plugin_reset(qemu_plugin_id_t id, wlog_simple_cb_t cb);
 
 EXPORT int qemu_plugin_version = 7;
 
 /* ---- log file ---------------------------------------------------------------------------------- */
-#define WLOG_MAGIC "WLOGv001"
-#define WLOG_VERSION 1u
+#define WLOG_MAGIC "WLOGv002"
+#define WLOG_VERSION 2u
 #define WLOG_PAGE_SHIFT 12u
 #define WLOG_HEADER_SIZE 4096u
 
@@ -99,9 +115,12 @@ struct wlog_header {
     uint64_t out_of_range;          /* 88  non-I/O stores beyond nbits (ROM above RAM, or ram= too small) */
     uint64_t last_out_of_range_gpa; /* 96 */
     uint64_t harvests;              /* 104 harvests by fph_wlog_harvest_file */
+    uint64_t arm_request;           /* 112 written by fph: (seq << 1) | 1 to arm, | 0 to disarm */
+    uint64_t arm_state;             /* 120 written by the plugin: the request in effect */
+    uint64_t arm_changes;           /* 128 changes of mode (resets) the plugin has completed */
 };
 
-_Static_assert(sizeof(struct wlog_header) == 112, "header layout");
+_Static_assert(sizeof(struct wlog_header) == 136, "header layout");
 
 struct wlog {
     struct wlog_header *hdr;
@@ -227,7 +246,23 @@ static int wlog_open(struct wlog *w, const char *path, uint64_t ram_span, int cr
 
 /* ---- the plugin -------------------------------------------------------------------------------- */
 static struct wlog g_log;
-static __thread uint64_t t_stores;
+static qemu_plugin_id_t g_id;
+static uint64_t g_mode;       /* the arm_request in effect; its mode bit changes only in after_reset */
+static uint64_t g_target;     /* the request the reset in flight applies */
+static int g_resetting;       /* a qemu_plugin_reset is in flight */
+
+/* Stores counted per vCPU (statistics): a plain counter per vCPU, padded to a cache line, flushed to the
+ * header every 4096 stores. Not a __thread variable: in a dlopen'ed library each access is a call to
+ * __tls_get_addr, which cost about as much as the rest of the fast path. */
+#define WLOG_MAX_COUNTED_VCPUS 256u
+static struct {
+    uint64_t n;
+    char pad[56];
+} g_stores[WLOG_MAX_COUNTED_VCPUS];
+
+/* The widest store TCG makes for an x86 guest is 32 bytes (AVX); 64 leaves room. A store that starts this
+ * far from its page's end cannot reach the next page, so it needs no size (one API call less). */
+#define WLOG_NO_STRADDLE_END (4096u - 64u)
 
 static int qemu_lookup(void *ctx, uint64_t vaddr, uint64_t *gpa, int *is_io)
 {
@@ -241,25 +276,123 @@ static int qemu_lookup(void *ctx, uint64_t vaddr, uint64_t *gpa, int *is_io)
     return 0;
 }
 
-static void vcpu_store(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint64_t vaddr, void *userdata)
+static void count_store(unsigned int vcpu_index)
 {
-    (void)vcpu_index;
-    (void)userdata;
-    uint64_t size = (uint64_t)1 << qemu_plugin_mem_size_shift(info);
-    wlog_record(&g_log, vaddr, size, qemu_lookup, (void *)(uintptr_t)info);
-    if (++t_stores == 4096) {
-        __atomic_fetch_add(&g_log.hdr->stores, t_stores, __ATOMIC_RELAXED);
-        t_stores = 0;
+    if (vcpu_index >= WLOG_MAX_COUNTED_VCPUS) {
+        __atomic_fetch_add(&g_log.hdr->stores, 1, __ATOMIC_RELAXED);
+    } else if (++g_stores[vcpu_index].n == 4096) {
+        __atomic_fetch_add(&g_log.hdr->stores, 4096, __ATOMIC_RELAXED);
+        g_stores[vcpu_index].n = 0;
     }
 }
 
-static void tb_trans(struct qemu_plugin_tb *tb, void *userdata)
+/* The last translation each vCPU looked up, valid only for the next stores of the same instruction in the
+ * same execution of its translation block (tb_exec clears it at every block's start). Such stores are a
+ * REP string instruction's iterations (QEMU >= 10 loops them inside the block: the guest kernel zeroes a
+ * page with `rep stosq`, 512 stores) or the several stores of one instruction (xsave, enter). Between
+ * them nothing can change the softmmu TLB entry that translates the page: flushes requested by other
+ * vCPUs wait until this vCPU leaves the block, this vCPU's own flushes (invlpg, mov to CR3) are other
+ * instructions, and the only other pages the instruction touches (a `rep movs` source, at most two
+ * pages per destination page) cannot push the entry out of QEMU's victim TLB (8 entries), so no page
+ * walk re-translates it. The store still sets its bit with the atomic OR every time: a harvest may
+ * have taken the bit since the previous iteration. The lookup it saves was most of the callback's cost
+ * (bench/writelog_bench.py). */
+static struct {
+    void *insn;
+    uint64_t vpage;
+    uint64_t gpa;
+    char pad[40];
+} g_last[WLOG_MAX_COUNTED_VCPUS];
+
+static void vcpu_store(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint64_t vaddr, void *userdata)
+{
+    if ((vaddr & ((1u << WLOG_PAGE_SHIFT) - 1)) <= WLOG_NO_STRADDLE_END) {
+        if (vcpu_index < WLOG_MAX_COUNTED_VCPUS && g_last[vcpu_index].insn == userdata &&
+            g_last[vcpu_index].vpage == (vaddr >> WLOG_PAGE_SHIFT)) {
+            wlog_set(&g_log, g_last[vcpu_index].gpa);
+            count_store(vcpu_index);
+            return;
+        }
+        struct qemu_plugin_hwaddr *h = qemu_plugin_get_hwaddr(info, vaddr);
+        if (!h) {
+            __atomic_fetch_add(&g_log.hdr->lookup_failures, 1, __ATOMIC_RELAXED);
+        } else if (qemu_plugin_hwaddr_is_io(h)) {
+            __atomic_fetch_add(&g_log.hdr->io_skipped, 1, __ATOMIC_RELAXED);
+        } else {
+            uint64_t gpa = qemu_plugin_hwaddr_phys_addr(h);
+            wlog_set(&g_log, gpa);
+            if (vcpu_index < WLOG_MAX_COUNTED_VCPUS) {
+                g_last[vcpu_index].insn = userdata;
+                g_last[vcpu_index].vpage = vaddr >> WLOG_PAGE_SHIFT;
+                g_last[vcpu_index].gpa = gpa;
+            }
+        }
+    } else {
+        uint64_t size = (uint64_t)1 << qemu_plugin_mem_size_shift(info);
+        wlog_record(&g_log, vaddr, size, qemu_lookup, (void *)(uintptr_t)info);
+    }
+    count_store(vcpu_index);
+}
+
+static void tb_exec(unsigned int vcpu_index, void *userdata);
+
+/* Armed: the block starts with tb_exec, and every instruction's stores call vcpu_store with the
+ * instruction's handle as userdata (unique among one block's instructions, which is all g_last needs). */
+static void tb_trans_armed(struct qemu_plugin_tb *tb, void *userdata)
 {
     (void)userdata;
+    qemu_plugin_register_vcpu_tb_exec_cb(tb, tb_exec, QEMU_PLUGIN_CB_NO_REGS, NULL);
     size_t n = qemu_plugin_tb_n_insns(tb);
     for (size_t i = 0; i < n; i++) {
         struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
-        qemu_plugin_register_vcpu_mem_cb(insn, vcpu_store, QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_MEM_W, NULL);
+        qemu_plugin_register_vcpu_mem_cb(insn, vcpu_store, QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_MEM_W, insn);
+    }
+}
+
+/* Disarmed: only tb_exec, which watches for the next arm request. */
+static void tb_trans_disarmed(struct qemu_plugin_tb *tb, void *userdata)
+{
+    (void)userdata;
+    qemu_plugin_register_vcpu_tb_exec_cb(tb, tb_exec, QEMU_PLUGIN_CB_NO_REGS, NULL);
+}
+
+/* Register the translator of `request`'s mode and publish it. Called at install (no code translated
+ * yet) and from after_reset (every vCPU stopped, the code cache empty). */
+static void enter_mode(uint64_t request)
+{
+    qemu_plugin_register_vcpu_tb_trans_cb(g_id, (request & 1) ? tb_trans_armed : tb_trans_disarmed, NULL);
+    __atomic_store_n(&g_mode, request, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&g_log.hdr->arm_state, request, __ATOMIC_SEQ_CST);
+}
+
+static void after_reset(qemu_plugin_id_t id)
+{
+    (void)id;
+    enter_mode(__atomic_load_n(&g_target, __ATOMIC_SEQ_CST));
+    __atomic_fetch_add(&g_log.hdr->arm_changes, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&g_resetting, 0, __ATOMIC_SEQ_CST);
+}
+
+/* At the start of every translation block: follow fph's arm_request. */
+static void tb_exec(unsigned int vcpu_index, void *userdata)
+{
+    (void)userdata;
+    if (vcpu_index < WLOG_MAX_COUNTED_VCPUS)
+        g_last[vcpu_index].insn = NULL;
+    uint64_t request = __atomic_load_n(&g_log.hdr->arm_request, __ATOMIC_ACQUIRE);
+    uint64_t mode = __atomic_load_n(&g_mode, __ATOMIC_ACQUIRE);
+    if (request == mode || __atomic_load_n(&g_resetting, __ATOMIC_ACQUIRE))
+        return;
+    if ((request & 1) == (mode & 1)) {
+        /* Same mode, a newer request: nothing to retranslate, acknowledge it. */
+        __atomic_store_n(&g_mode, request, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&g_log.hdr->arm_state, request, __ATOMIC_SEQ_CST);
+        return;
+    }
+    int idle = 0;
+    if (__atomic_compare_exchange_n(&g_resetting, &idle, 1, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+        __atomic_store_n(&g_target, request, __ATOMIC_SEQ_CST);
+        qemu_plugin_reset(g_id, after_reset);
     }
 }
 
@@ -317,9 +450,10 @@ EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int
         fprintf(stderr, "fph writelog: not running inside QEMU (no plugin API); log %s is valid\n", path);
         return -2;
     }
+    g_id = id;
     __atomic_store_n(&g_log.hdr->attach_pid, (uint32_t)getpid(), __ATOMIC_RELAXED);
     __atomic_fetch_add(&g_log.hdr->attach_count, 1, __ATOMIC_SEQ_CST);
-    qemu_plugin_register_vcpu_tb_trans_cb(id, tb_trans, NULL);
+    enter_mode(__atomic_load_n(&g_log.hdr->arm_request, __ATOMIC_SEQ_CST));
     return 0;
 }
 
@@ -341,6 +475,13 @@ EXPORT size_t fph_wlog_harvest(uint64_t *log, uint64_t *out, size_t nwords)
     }
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return taken;
+}
+
+/* Replace *word with `desired` if it holds `expected` (fph's arm requests: a consumer disarms only the
+ * request it made). Returns 1 when it did. */
+EXPORT int fph_wlog_cas(uint64_t *word, uint64_t expected, uint64_t desired)
+{
+    return __atomic_compare_exchange_n(word, &expected, desired, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
 
 /* Mark pages[0..n) with the plugin's atomic OR; used by tests as a concurrent writer (GIL released). */
