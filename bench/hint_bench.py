@@ -35,7 +35,7 @@ from fph.ram_layout import RamLayout
 from fph.writelog.tcg import TcgWriteLog
 from fph_lab.provision import Lab, provision
 from fph_lab.sinks import BitmapSink
-from fph_lab.vm import VM, VMConfig
+from fph_lab.vm import VM, VMConfig, run_base
 
 MiB = 1 << 20
 GUEST_MIB = 1024
@@ -102,9 +102,10 @@ def monotone_runs(mib: list[int], step: int = 4) -> list[list[int]]:
 def run_boot(
     lab: Lab, init_on_alloc: int | None, fill_mib: int, raw_dir: Path, *, writelog: bool = False
 ) -> dict[str, Any]:
-    """One boot. ``writelog``: QEMU runs with fph's TCG write-log plugin (RAM in a file), as in an fph
-    migration, so every store the guest's hint run makes (the driver zeroes each block it takes when
-    ``init_on_alloc=1``) pays the plugin's callback: the run's time with and without it."""
+    """One boot, guest RAM in a file under fph_lab.vm.run_base() (as fph migrates it). ``writelog``: QEMU
+    runs with fph's TCG write-log plugin, armed as in an fph migration, so every store the guest's hint run
+    makes (the driver zeroes each block it takes when ``init_on_alloc=1``) pays the plugin's callback: the
+    run's time with and without it."""
     label = "default" if init_on_alloc is None else str(init_on_alloc)
     load_before = os.getloadavg()[0]
     bitmap = DirtyBitmap(RamLayout.pc(GUEST_MIB * MiB))
@@ -120,7 +121,7 @@ def run_boot(
             balloon="fph",
             vhost_user_socket=sock,
             init_on_alloc=init_on_alloc,
-            ram_backend="file" if wlog else "memfd",
+            ram_backend="file",  # as fph migrates it, with or without the plugin: only the plugin differs
             plugins=(wlog.plugin_arg,) if wlog else (),
         )
         vm = VM(lab, config, name=f"hint-bench-{label}{'-wlog' if wlog else ''}")
@@ -226,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kernel": lab.kernel_version,
         "target_per_hint_p99_ms": 1.0,
         "switch_interval_ms": sys.getswitchinterval() * 1e3,
+        "run_base": run_base(),  # where the RAM files were: on a disk filesystem first touches cost more
         "results": results,
     }
     text = json.dumps(out, indent=2)

@@ -24,16 +24,9 @@ from fph.writelog.base import WriteLog
 from fph.writelog.tcg import TcgWriteLog
 from fph_lab.pair import PairBase
 from fph_lab.provision import Lab
-from fph_lab.vm import VM, VMConfig
+from fph_lab.vm import VM, VMConfig, run_base
 
 MiB = 1 << 20
-
-
-def _run_base() -> str:
-    base = os.environ.get("FPH_RUN_DIR")
-    if base:
-        return base
-    return "/dev/shm/fph-run" if os.access("/dev/shm", os.W_OK) else "/tmp/fph-run"
 
 
 @dataclass
@@ -63,7 +56,7 @@ class FphPair(PairBase):
     """A receiver process started by ``prepare_incoming`` and not yet used by a migration."""
 
     def __post_init__(self) -> None:
-        os.environ["FPH_RUN_DIR"] = _run_base()
+        os.environ["FPH_RUN_DIR"] = run_base()
         self.layout = RamLayout.pc(self.mem_mib * MiB)
         self.hints = ThreadedHintReceiver()
         # Two throwaway VMs only to get run directories first: the sockets and log live in src's.
