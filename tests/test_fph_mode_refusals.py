@@ -21,7 +21,7 @@ from fph.migration.fph_mode import (
     FphMigration,
     FphMigrationError,
 )
-from fph.ram_layout import RamLayout
+from fph.ram_layout import GiB, RamLayout
 from fph.transfer.ram_file import RamFile
 from tests.fake_qmp import FakeQMP
 
@@ -158,3 +158,26 @@ def test_a_guest_that_reports_or_poisons_is_migrated_without_a_hint_run(
     )
     reason = asyncio.run(mig._hinting_skipped())
     assert (reason is None) if expected is None else (reason is not None and expected in reason), reason
+
+
+def test_the_migration_wakes_the_guest_with_its_stats_buffer_and_shrugs_off_a_control_without_one(
+    tmp_path: Path,
+) -> None:
+    """The TCG plugin arms at the next block a vCPU runs: handing the guest its stats buffer back wakes a
+    halted vCPU (an interrupt). Only a wake-up: a control that cannot, or fails, changes nothing."""
+
+    class Failing(ViewOnly):
+        async def request_stats_async(self) -> bool:
+            raise ConnectionError("the worker is gone")
+
+    guest = ReportingGuest(100 * MiB, answers=True)
+    for control, woken in ((guest, True), (ViewOnly(F_FREE_PAGE_HINT), False), (Failing(0), False)):
+        mig = FphMigration(
+            src_qmp=str(tmp_path / "src.qmp"), dst_qmp=None, uri="tcp:127.0.0.1:1", layout=RamLayout.pc(GiB),
+            src_ram=tmp_path / "src.ram", receiver_address=("127.0.0.1", 1),
+            writelog=None,  # type: ignore[arg-type]  # never reached
+            balloon=Balloon(control),  # type: ignore[arg-type]
+        )  # fmt: skip
+        before = guest.stats.updated
+        asyncio.run(mig._wake_guest())
+        assert (guest.stats.updated != before) is woken

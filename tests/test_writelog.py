@@ -72,10 +72,12 @@ def fake_attach(path: Path) -> None:
 
 
 def ack_arm_request(path: Path) -> None:
-    """What the plugin does at the next block a vCPU runs: puts fph's arm request in effect."""
+    """What the plugin does at the next block a vCPU runs: puts fph's arm request in effect, and when."""
     with open(path, "r+b") as f:
         f.seek(112)
         request = f.read(8)
+        f.seek(136)
+        f.write(struct.pack("<Q", time.monotonic_ns()))
         f.seek(120)
         f.write(request)
 

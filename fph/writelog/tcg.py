@@ -71,8 +71,8 @@ CFLAGS = ("-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", 
 MAGIC = b"WLOGv002"
 VERSION = 2
 HEADER_SIZE = 4096
-HEADER_FORMAT = "<8sIIQQQQIIQQQQQQQQQQ"
-"""struct wlog_header of tcg_writelog.c (136 bytes, then zeros up to HEADER_SIZE)."""
+HEADER_FORMAT = "<8sIIQQQQIIQQQQQQQQQQQ"
+"""struct wlog_header of tcg_writelog.c (144 bytes, then zeros up to HEADER_SIZE)."""
 ARM_TIMEOUT_S = 10.0
 """How long ``start()`` waits for the plugin to arm. It arms at the next translation block a vCPU runs:
 measured 5-270 ms on an idle 1 GiB guest (bench/writelog_bench.py); a paused guest never does."""
@@ -96,17 +96,19 @@ _HEADER_FIELDS = (
     "arm_request",
     "arm_state",
     "arm_changes",
+    "arm_state_ns",
 )
 _OFF_HARVESTS = 104
 _OFF_ARM_REQUEST = 112
-assert struct.calcsize(HEADER_FORMAT) == 136
+assert struct.calcsize(HEADER_FORMAT) == 144
 
 
 @dataclass(frozen=True)
 class LogHeader:
     """The log file's header. Counters: ``stores`` approximate (flushed per vCPU every 4096 stores),
     ``lookup_failures`` / ``out_of_range`` exact. ``arm_request`` (fph writes it) is ``(seq << 1) | on``;
-    ``arm_state`` is the request the plugin has put in effect; ``arm_changes`` counts its changes of mode."""
+    ``arm_state`` is the request the plugin has put in effect, at ``arm_state_ns`` (CLOCK_MONOTONIC);
+    ``arm_changes`` counts its changes of mode."""
 
     magic: bytes
     version: int
@@ -127,6 +129,7 @@ class LogHeader:
     arm_request: int
     arm_state: int
     arm_changes: int
+    arm_state_ns: int
 
     @property
     def armed(self) -> bool:
@@ -137,7 +140,7 @@ class LogHeader:
     def new(cls, ram_span: int) -> LogHeader:
         nbits = (ram_span + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT
         return cls(MAGIC, VERSION, PAGE_SHIFT, nbits, HEADER_SIZE, words_for(nbits) * 8, ram_span,
-                   0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)  # fmt: skip
+                   0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)  # fmt: skip
 
     @classmethod
     def parse(cls, data: bytes | bytearray | memoryview) -> LogHeader:
@@ -411,8 +414,9 @@ class TcgWriteLog(WriteLog):
         self.arm_timeout_s = arm_timeout_s
         self._arm_request: int | None = None
         self.arm_ms: float | None = None
-        """From the arming request to the plugin's answer (``start()``)."""
-        self._arm_asked = 0.0
+        """From the arming request to the plugin putting it in effect (its own clock, not when start()
+        looked)."""
+        self._arm_asked_ns = 0
 
     @property
     def plugin_arg(self) -> str:
@@ -454,8 +458,8 @@ class TcgWriteLog(WriteLog):
     def _prepare(self) -> None:
         if self._arm_request is None:
             self._check_attached()
+            self._arm_asked_ns = time.monotonic_ns()  # CLOCK_MONOTONIC, the plugin's clock
             self._arm_request = self._request(True)
-            self._arm_asked = time.monotonic()
 
     def _check_attached(self) -> None:
         if self.header().attach_count == 0:
@@ -465,7 +469,7 @@ class TcgWriteLog(WriteLog):
 
     def _start(self) -> None:
         self._prepare()
-        deadline = self._arm_asked + self.arm_timeout_s
+        deadline = self._arm_asked_ns / 1e9 + self.arm_timeout_s
         while (h := self.header()).arm_state != self._arm_request:
             if time.monotonic() > deadline:
                 raise WriteLogArmTimeoutError(
@@ -474,7 +478,7 @@ class TcgWriteLog(WriteLog):
                     "paused?). Nothing was migrated; resume the guest and retry"
                 )
             time.sleep(0.001)
-        self.arm_ms = (time.monotonic() - self._arm_asked) * 1e3
+        self.arm_ms = max(0, h.arm_state_ns - self._arm_asked_ns) / 1e6
         self._failures_seen = h.lookup_failures
         assert self._bits is not None
         harvest_words(self._bits, c=self._c)  # writes before start() are round 0's business

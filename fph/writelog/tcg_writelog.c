@@ -51,6 +51,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default")))
@@ -118,9 +119,10 @@ struct wlog_header {
     uint64_t arm_request;           /* 112 written by fph: (seq << 1) | 1 to arm, | 0 to disarm */
     uint64_t arm_state;             /* 120 written by the plugin: the request in effect */
     uint64_t arm_changes;           /* 128 changes of mode (resets) the plugin has completed */
+    uint64_t arm_state_ns;          /* 136 CLOCK_MONOTONIC when arm_state was last written */
 };
 
-_Static_assert(sizeof(struct wlog_header) == 136, "header layout");
+_Static_assert(sizeof(struct wlog_header) == 144, "header layout");
 
 struct wlog {
     struct wlog_header *hdr;
@@ -356,13 +358,23 @@ static void tb_trans_disarmed(struct qemu_plugin_tb *tb, void *userdata)
     qemu_plugin_register_vcpu_tb_exec_cb(tb, tb_exec, QEMU_PLUGIN_CB_NO_REGS, NULL);
 }
 
+/* Publish `request` as the one in effect, with the time (fph measures its arming latency with it). */
+static void publish_mode(uint64_t request)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    __atomic_store_n(&g_mode, request, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&g_log.hdr->arm_state_ns, (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec,
+                     __ATOMIC_SEQ_CST);
+    __atomic_store_n(&g_log.hdr->arm_state, request, __ATOMIC_SEQ_CST);
+}
+
 /* Register the translator of `request`'s mode and publish it. Called at install (no code translated
  * yet) and from after_reset (every vCPU stopped, the code cache empty). */
 static void enter_mode(uint64_t request)
 {
     qemu_plugin_register_vcpu_tb_trans_cb(g_id, (request & 1) ? tb_trans_armed : tb_trans_disarmed, NULL);
-    __atomic_store_n(&g_mode, request, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&g_log.hdr->arm_state, request, __ATOMIC_SEQ_CST);
+    publish_mode(request);
 }
 
 static void after_reset(qemu_plugin_id_t id)
@@ -385,8 +397,7 @@ static void tb_exec(unsigned int vcpu_index, void *userdata)
         return;
     if ((request & 1) == (mode & 1)) {
         /* Same mode, a newer request: nothing to retranslate, acknowledge it. */
-        __atomic_store_n(&g_mode, request, __ATOMIC_SEQ_CST);
-        __atomic_store_n(&g_log.hdr->arm_state, request, __ATOMIC_SEQ_CST);
+        publish_mode(request);
         return;
     }
     int idle = 0;
