@@ -75,7 +75,8 @@ HEADER_FORMAT = "<8sIIQQQQIIQQQQQQQQQQQ"
 """struct wlog_header of tcg_writelog.c (144 bytes, then zeros up to HEADER_SIZE)."""
 ARM_TIMEOUT_S = 10.0
 """How long ``start()`` waits for the plugin to arm. It arms at the next translation block a vCPU runs:
-measured 5-270 ms on an idle 1 GiB guest (bench/writelog_bench.py); a paused guest never does."""
+31-336 ms on an idle 1 GiB guest (bench/results/writelog_bench.json), 9-25 ms in fph migrations, which
+wake the guest as they ask (twohost_bench-s20-wake, -4g-s20); a paused guest never does."""
 _HEADER_FIELDS = (
     "magic",
     "version",
@@ -433,7 +434,7 @@ class TcgWriteLog(WriteLog):
         return LogHeader.parse(self._mm[: struct.calcsize(HEADER_FORMAT)])
 
     def _request(self, on: bool) -> int:
-        """Write the next arm request (seq + 1, ``on``); returns it. Only as the request we last made."""
+        """Write the next arm request (the current seq + 1, ``on``) by compare-and-swap; returns it."""
         current = self.header().arm_request
         value = (((current >> 1) + 1) << 1) | int(on)
         if not self._c.cas(self._arm_request_address(), current, value):

@@ -4,18 +4,18 @@
  * x-ignore-shared), so it needs its own record of guest writes; under TCG nothing else gives one.
  *
  * Plugin arguments (QEMU's -plugin): log=<file>,ram=<GPA span, bytes or with K/M/G/T suffix>.
+ * The span is the end of the highest guest RAM range, not the RAM size (pc, -m 4608M: ram=5G).
  *
- * Armed only while fph asks: a store callback costs the guest several times its store speed (a 1 GiB
- * guest's hint run, which zeroes every block it hints, ran 6.5-8.2x slower with it), so outside a
- * migration the translated code carries no store callbacks. fph writes arm_request = (seq << 1) | on in
- * the header; every translation block starts with a call that compares it with the mode in effect. A
- * change of mode is a qemu_plugin_reset from that vCPU: QEMU stops every vCPU, flushes all translated
- * code and calls after_reset, which registers the translator of the new mode and only then publishes
- * arm_state = the request. So once fph reads arm_state == its arming request, every store any vCPU
+ * Armed only while fph asks: a store callback costs the guest several times its store speed (with the
+ * plugin of session 19 a 1 GiB guest's first hint run, which zeroes every block it hints, took 3.1-3.9x
+ * as long; bench/results/hint_bench-writelog-ab.json), so outside a migration the translated code carries
+ * no store callbacks. fph writes arm_request = (seq << 1) | on in the header; every translation block
+ * starts with a call that compares it with the mode in effect. A change of mode is a qemu_plugin_reset
+ * from that vCPU: QEMU stops every vCPU, flushes all translated code and calls after_reset, which
+ * registers the translator of the new mode and only then publishes arm_state = the request. So once fph reads arm_state == its arming request, every store any vCPU
  * executes runs through translated code that logs it. Stores made before that are fph's round 0
  * business (its bitmap starts all dirty). A vCPU that executes nothing (halted) delays the change until
- * its next interrupt.
- * The span is the end of the highest guest RAM range, not the RAM size (pc, -m 4608M: ram=5G).
+ * its next interrupt (fph wakes the guest as it asks).
  *
  * Log file (little endian): a 4096-byte header (struct wlog_header) then the bitmap, page p = gpa >> 12
  * at bit p & 63 of u64 word p >> 6 (fph's DirtyBitmap layout). The file normally exists already (fph
