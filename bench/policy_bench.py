@@ -58,9 +58,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fph.migration.first_hint_run import FirstHintRun
 from fph.migration.fph_mode import FphConfig, FphMigration, FphReport
 from fph.migration.native import UNLIMITED_BANDWIDTH, NativeMigration
-from fph.migration.precopy import FirstHintRun
 from fph.migration_hook import MigrationReport
 from fph_lab.fph_mode import FphPair
 from fph_lab.pair import VMPair

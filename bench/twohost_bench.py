@@ -51,12 +51,14 @@ TCP_COUNTERS = ("RetransSegs", "TCPTimeouts", "TCPLossProbes", "TCPLostRetransmi
 MODES = {
     "fph": pb.MODE_FPH,
     "fph-reporting": pb.MODE_FPH,
+    "fph-overlap": pb.MODE_FPH,
     "native": pb.MODE_NATIVE,
     "native-prealloc": pb.MODE_NATIVE,
     "none": pb.MODE_NONE,
 }
 """``fph-reporting``: fph mode with the balloon offering free page reporting (the guest's freed memory is
-punched out of the RAM file before the migration; round 0 skips those holes). ``native-prealloc``: native
+punched out of the RAM file before the migration; round 0 skips those holes). ``fph-overlap``: fph mode with
+``first_hint_run=OVERLAP`` (round 0 sends while the guest hints, as QEMU does). ``native-prealloc``: native
 with the destination QEMU started with ``prealloc=on`` (its RAM allocated before the migration, as fph's
 destination daemon prepares its RAM file at PrepareIncoming; QEMU's default touches each page while it
 loads, on the guest's clock once the source has stopped)."""
@@ -150,9 +152,10 @@ def run_one(rig: TwoHostRig, w: Workload, mode: str, index: int, bandwidth: int)
         tcp0 = rig.link.tcp_counters("src")
         sampler = WireSampler(rig.link, "src").start()
         t0, t_wall = time.monotonic(), time.time()
+        first_run = pb.FIRST_HINT_RUN_OVERLAP if mode == "fph-overlap" else pb.FIRST_HINT_RUN_UNSPECIFIED
         req = pb.MigrateRequest(
             vm=src.name, mode=MODES[mode], destination=target, progress_interval_ms=500,
-            bandwidth_bytes_per_second=bandwidth,
+            bandwidth_bytes_per_second=bandwidth, first_hint_run=first_run,
         )  # fmt: skip
         events = list(rig.src.migrations.Migrate(req, timeout=1800))
         out["migrate_wall_s"] = round(time.monotonic() - t0, 2)
@@ -251,7 +254,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"{m}_max_window_rate_bps"] = max(rates) if rates else None
             over = [r["windows_over_cap"] for r in rs if r.get("windows_over_cap") is not None]
             row[f"{m}_windows_over_cap"] = sum(over) if over else None
-        for fm in ("fph", "fph-reporting"):
+        for fm in ("fph", "fph-reporting", "fph-overlap"):
             for k in ("bytes", "total_s", "resumed_wall_s", "stop_to_resume_ms"):
                 for nm in ("native", "native-prealloc"):
                     f, n = row.get(f"{fm}_{k}_median"), row.get(f"{nm}_{k}_median")

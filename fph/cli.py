@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from fph.daemon.migration_mode import MigrationMode
 from fph.migration.convergence import OutDirtyPolicy
+from fph.migration.first_hint_run import FirstHintRun
 
 MODES = tuple(m.value for m in MigrationMode)
 DEFAULT_SOCKET = "/run/fph/fph.sock"
@@ -208,6 +209,14 @@ def parser() -> argparse.ArgumentParser:
         help="when the guest dirties memory faster than the link carries it: throttle its vCPUs "
         "(native/none: QEMU's auto-converge), iterate until the time budget, or fail at once (fph mode "
         "only); the source keeps running when a migration gives up",
+    )
+    m.add_argument(
+        "--first-hint-run",
+        choices=[r.value for r in FirstHintRun],
+        default=FirstHintRun.AUTO.value,
+        help="fph mode: round 0 waits for the guest's first hint run (wait: fewest bytes), sends while it "
+        "hints (overlap: shortest time; pages hinted after they went are waste), or waits only while the "
+        "run outpaces the bandwidth (auto)",
     )
     m.add_argument(
         "--time-budget-s",

@@ -581,6 +581,8 @@ def test_migrate_bad_inputs(daemon: RunningDaemon, state: Path, qemus: dict[str,
         {"progress_interval_ms": 10},
         {"out_dirty_policy": 7},
         {"out_dirty_policy": pb.OUT_DIRTY_POLICY_FAIL},  # QEMU's own migration has no such policy
+        {"first_hint_run": 9},
+        {"first_hint_run": pb.FIRST_HINT_RUN_WAIT},  # QEMU's own migration always overlaps
         {"time_budget_s": 86401},
         {"destination": None},
         {"destination": pb.IncomingTarget(**{**_fields(target), "migration_uri": "tcp:host.example:5"})},
@@ -604,8 +606,9 @@ def test_migrate_bad_inputs(daemon: RunningDaemon, state: Path, qemus: dict[str,
     ):
         code, msg = migrate(**kw)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (kw, code, msg)
-        if "out_dirty_policy" in kw:
-            assert "out_dirty_policy" in msg, msg
+        for field in ("out_dirty_policy", "first_hint_run"):
+            if field in kw:
+                assert field in msg, msg
     # a destination that wants TLS from a daemon without TLS files
     code, msg = migrate(destination=pb.IncomingTarget(**{**_fields(target), "tls": True}))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "tls_cert" in msg, msg

@@ -21,6 +21,7 @@ from fph.api.v1 import fph_pb2 as pb
 from fph.api.v1 import fph_pb2_grpc as pbg
 from fph.daemon.migration_mode import MigrationMode
 from fph.migration.convergence import OutDirtyPolicy
+from fph.migration.first_hint_run import FirstHintRun
 
 MODE = {
     MigrationMode.FPH.value: pb.MODE_FPH,
@@ -31,6 +32,11 @@ OUT_DIRTY_POLICY = {
     OutDirtyPolicy.THROTTLE.value: pb.OUT_DIRTY_POLICY_THROTTLE,
     OutDirtyPolicy.ITERATE.value: pb.OUT_DIRTY_POLICY_ITERATE,
     OutDirtyPolicy.FAIL.value: pb.OUT_DIRTY_POLICY_FAIL,
+}
+FIRST_HINT_RUN = {
+    FirstHintRun.AUTO.value: pb.FIRST_HINT_RUN_AUTO,
+    FirstHintRun.WAIT.value: pb.FIRST_HINT_RUN_WAIT,
+    FirstHintRun.OVERLAP.value: pb.FIRST_HINT_RUN_OVERLAP,
 }
 MiB = 1 << 20
 
@@ -215,6 +221,7 @@ def migrate(args: argparse.Namespace) -> int:
             max_rounds=a.max_rounds or 0,
             out_dirty_policy=OUT_DIRTY_POLICY[a.out_dirty_policy],
             time_budget_s=a.time_budget_s or 0,
+            first_hint_run=FIRST_HINT_RUN[a.first_hint_run],
         )
         tty = sys.stdout.isatty()
         last = None

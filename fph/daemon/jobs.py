@@ -21,6 +21,7 @@ from typing import Any
 
 from fph.daemon.migration_mode import MigrationMode
 from fph.migration.convergence import DEFAULT_TIME_BUDGET_S, OutDirtyPolicy
+from fph.migration.first_hint_run import FirstHintRun
 from fph.migration.fph_mode import Balloon, FphConfig, FphMigration, FphMigrationError, FphReport, Phase
 from fph.migration.native import DEFAULT_TIMEOUT_S
 from fph.migration_hook import HookEvent, HookPoint, MigrationReport, NativeMigration, job_stats
@@ -73,6 +74,8 @@ class Params:
     time_budget_s: float | None = None
     """None: the mode's default (fph: 300 s of rounds, ``ConvergenceConfig``; native and none: 600 s for
     the whole migration, ``NativeMigration.run``), after which the migration fails with the source running."""
+    first_hint_run: FirstHintRun = FirstHintRun.AUTO
+    """fph mode: how round 0 meets the guest's first hint run (``PrecopyConfig.first_hint_run``)."""
 
 
 @dataclass
@@ -327,6 +330,7 @@ def fph_migration(
             bandwidth=params.bandwidth,
             out_dirty_policy=params.out_dirty_policy,
             time_budget_s=params.time_budget_s or DEFAULT_TIME_BUDGET_S,
+            first_hint_run=params.first_hint_run,
         ),
     )
 

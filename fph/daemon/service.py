@@ -52,6 +52,7 @@ from fph.daemon.vm_state import VmState
 from fph.hint_receiver import HintState
 from fph.migration.convergence import OutDirtyPolicy
 from fph.migration.destination import balloon_queues
+from fph.migration.first_hint_run import FirstHintRun
 from fph.migration.fph_mode import FphReport
 from fph.qmp import QMPConnectError, QMPConnection, QMPError
 from fph.ram_layout import PAGE_SIZE
@@ -71,6 +72,12 @@ OUT_DIRTY_POLICIES: dict[int, OutDirtyPolicy] = {
     pb.OUT_DIRTY_POLICY_THROTTLE: OutDirtyPolicy.THROTTLE,
     pb.OUT_DIRTY_POLICY_ITERATE: OutDirtyPolicy.ITERATE,
     pb.OUT_DIRTY_POLICY_FAIL: OutDirtyPolicy.FAIL,
+}
+FIRST_HINT_RUNS: dict[int, FirstHintRun] = {
+    pb.FIRST_HINT_RUN_UNSPECIFIED: FirstHintRun.AUTO,
+    pb.FIRST_HINT_RUN_AUTO: FirstHintRun.AUTO,
+    pb.FIRST_HINT_RUN_WAIT: FirstHintRun.WAIT,
+    pb.FIRST_HINT_RUN_OVERLAP: FirstHintRun.OVERLAP,
 }
 MAX_TIME_BUDGET_S = 86400
 PHASES: dict[JobPhase, Any] = {
@@ -619,6 +626,14 @@ class MigrationService(pbg.MigrationServiceServicer):
                 f"out_dirty_policy FAIL is fph mode's: QEMU's own migration ({mode.value}) cannot tell when "
                 "the guest out-dirties the link; use THROTTLE (auto-converge) or ITERATE with a time_budget_s"
             )
+        first_run = FIRST_HINT_RUNS.get(request.first_hint_run)
+        if first_run is None:
+            raise InvalidArgument(f"first_hint_run {request.first_hint_run} is not a known FirstHintRun")
+        if first_run is not FirstHintRun.AUTO and mode is not MigrationMode.FPH:
+            raise InvalidArgument(
+                f"first_hint_run {first_run.name} is fph mode's: QEMU's own migration ({mode.value}) always "
+                "sends while the guest hints"
+            )
         budget = request.time_budget_s
         if budget and not 1 <= budget <= MAX_TIME_BUDGET_S:
             raise InvalidArgument(
@@ -632,6 +647,7 @@ class MigrationService(pbg.MigrationServiceServicer):
             (iv or 500) / 1e3,
             out_dirty_policy=policy,
             time_budget_s=float(budget) if budget else None,
+            first_hint_run=first_run,
         )
 
     async def _checks(

@@ -51,6 +51,7 @@ from fph.migration.convergence import (
     RoundMeasure,
     Verdict,
 )
+from fph.migration.first_hint_run import FirstHintRun
 from fph.ram_layout import PAGE_SHIFT, PAGE_SIZE
 from fph.transfer.pagehash import changed_pages, copy_scan
 from fph.transfer.ram_file import RamFile
@@ -74,14 +75,6 @@ class HintPolicy(enum.Enum):
 
     RELEASE_EARLY = "release-early"
     EVERY_ROUND = "every-round"
-
-
-class FirstHintRun(enum.Enum):
-    """How round 0 meets the guest's first hint run (see ``PrecopyConfig.first_hint_run``)."""
-
-    AUTO = "auto"
-    OVERLAP = "overlap"
-    WAIT = "wait"
 
 
 class HintControl(Protocol):

@@ -29,6 +29,13 @@ class OutDirtyPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUT_DIRTY_POLICY_ITERATE: _ClassVar[OutDirtyPolicy]
     OUT_DIRTY_POLICY_FAIL: _ClassVar[OutDirtyPolicy]
 
+class FirstHintRun(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FIRST_HINT_RUN_UNSPECIFIED: _ClassVar[FirstHintRun]
+    FIRST_HINT_RUN_AUTO: _ClassVar[FirstHintRun]
+    FIRST_HINT_RUN_WAIT: _ClassVar[FirstHintRun]
+    FIRST_HINT_RUN_OVERLAP: _ClassVar[FirstHintRun]
+
 class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PHASE_UNSPECIFIED: _ClassVar[Phase]
@@ -51,6 +58,10 @@ OUT_DIRTY_POLICY_UNSPECIFIED: OutDirtyPolicy
 OUT_DIRTY_POLICY_THROTTLE: OutDirtyPolicy
 OUT_DIRTY_POLICY_ITERATE: OutDirtyPolicy
 OUT_DIRTY_POLICY_FAIL: OutDirtyPolicy
+FIRST_HINT_RUN_UNSPECIFIED: FirstHintRun
+FIRST_HINT_RUN_AUTO: FirstHintRun
+FIRST_HINT_RUN_WAIT: FirstHintRun
+FIRST_HINT_RUN_OVERLAP: FirstHintRun
 PHASE_UNSPECIFIED: Phase
 PHASE_PENDING: Phase
 PHASE_PREPARING_TARGET: Phase
@@ -313,7 +324,7 @@ class IncomingTarget(_message.Message):
     def __init__(self, daemon_socket: _Optional[str] = ..., vm: _Optional[str] = ..., qmp_socket: _Optional[str] = ..., ram_file: _Optional[str] = ..., balloon_socket: _Optional[str] = ..., migration_uri: _Optional[str] = ..., data_address: _Optional[str] = ..., credential: _Optional[str] = ..., tls: _Optional[bool] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("vm", "mode", "destination", "bandwidth_bytes_per_second", "downtime_limit_ms", "max_rounds", "progress_interval_ms", "out_dirty_policy", "time_budget_s")
+    __slots__ = ("vm", "mode", "destination", "bandwidth_bytes_per_second", "downtime_limit_ms", "max_rounds", "progress_interval_ms", "out_dirty_policy", "time_budget_s", "first_hint_run")
     VM_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
@@ -323,6 +334,7 @@ class MigrateRequest(_message.Message):
     PROGRESS_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     OUT_DIRTY_POLICY_FIELD_NUMBER: _ClassVar[int]
     TIME_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    FIRST_HINT_RUN_FIELD_NUMBER: _ClassVar[int]
     vm: str
     mode: Mode
     destination: IncomingTarget
@@ -332,7 +344,8 @@ class MigrateRequest(_message.Message):
     progress_interval_ms: int
     out_dirty_policy: OutDirtyPolicy
     time_budget_s: int
-    def __init__(self, vm: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., destination: _Optional[_Union[IncomingTarget, _Mapping]] = ..., bandwidth_bytes_per_second: _Optional[int] = ..., downtime_limit_ms: _Optional[int] = ..., max_rounds: _Optional[int] = ..., progress_interval_ms: _Optional[int] = ..., out_dirty_policy: _Optional[_Union[OutDirtyPolicy, str]] = ..., time_budget_s: _Optional[int] = ...) -> None: ...
+    first_hint_run: FirstHintRun
+    def __init__(self, vm: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., destination: _Optional[_Union[IncomingTarget, _Mapping]] = ..., bandwidth_bytes_per_second: _Optional[int] = ..., downtime_limit_ms: _Optional[int] = ..., max_rounds: _Optional[int] = ..., progress_interval_ms: _Optional[int] = ..., out_dirty_policy: _Optional[_Union[OutDirtyPolicy, str]] = ..., time_budget_s: _Optional[int] = ..., first_hint_run: _Optional[_Union[FirstHintRun, str]] = ...) -> None: ...
 
 class MigrationProgress(_message.Message):
     __slots__ = ("migration_id", "phase", "status", "fph_phase", "time_elapsed_ms", "memory_total", "memory_processed", "memory_remaining", "memory_iteration", "memory_dirty_rate", "memory_bps", "memory_constant", "memory_normal", "hinted_bytes", "stale_hints_dropped", "message")
