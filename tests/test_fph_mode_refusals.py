@@ -20,6 +20,7 @@ from fph.migration.fph_mode import (
     FphConfig,
     FphMigration,
     FphMigrationError,
+    SourceNotRunningError,
 )
 from fph.ram_layout import GiB, RamLayout
 from fph.transfer.ram_file import RamFile
@@ -181,3 +182,34 @@ def test_the_migration_wakes_the_guest_with_its_stats_buffer_and_shrugs_off_a_co
         before = guest.stats.updated
         asyncio.run(mig._wake_guest())
         assert (guest.stats.updated != before) is woken
+
+
+def test_a_paused_source_is_refused_at_once_when_its_write_log_arms_only_on_guest_code(
+    tmp_path: Path,
+) -> None:
+    """The TCG plugin arms at the next block a vCPU runs: a paused guest never would. fph says so before it
+    changes anything, and names what the operator can do."""
+
+    class PluginLog:
+        arms_on_guest_code = True
+
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError(f"the migration must not use the write log of a paused guest ({name})")
+
+    src = FakeQMP(tmp_path / "src.qmp", {"query-status": {"status": "paused", "running": False}})
+    dst = FakeQMP(tmp_path / "dst.qmp", {"query-status": {"status": "inmigrate", "running": False}})
+    try:
+        mig = FphMigration(
+            src_qmp=str(src.path), dst_qmp=str(dst.path), uri=f"unix:{tmp_path / 'mig.sock'}",
+            layout=RamLayout.pc(256 * MiB), src_ram=tmp_path / "src.ram", dst_ram=tmp_path / "dst.ram",
+            writelog=PluginLog(),  # type: ignore[arg-type]
+        )  # fmt: skip
+        with pytest.raises(FphMigrationError) as info:
+            asyncio.run(mig.run())
+        assert isinstance(info.value.cause, SourceNotRunningError)
+        assert "is paused" in str(info.value) and "native mode" in str(info.value)
+        harmless = {"qmp_capabilities", "query-status", "query-migrate", "migrate_cancel"}
+        assert set(src.commands) <= harmless, src.commands
+    finally:
+        src.close()
+        dst.close()

@@ -92,6 +92,10 @@ class BalloonDisconnectedError(RuntimeError):
     """The balloon's back-end connection dropped; unplugging it would abort QEMU (see the message)."""
 
 
+class SourceNotRunningError(RuntimeError):
+    """The source guest is not running and its write log can only arm while it runs (see the message)."""
+
+
 class FphMigrationCancelledError(FphMigrationError):
     """``cancel()`` was asked for: the migration stopped at a round boundary and rolled back."""
 
@@ -317,6 +321,7 @@ class FphMigration:
             t_lap[0] = now
 
         await self._refuse_a_disconnected_balloon()  # before anything on either QEMU changes
+        await self._refuse_a_source_that_cannot_arm(src)
         await self._hook(HookPoint.SETUP)
         self.writelog.prepare()  # the TCG plugin retranslates the guest's code meanwhile; start() waits
         await self._wake_guest()
@@ -551,6 +556,19 @@ class FphMigration:
                 "such a device, so fph will not unplug it and cannot migrate this VM. The VM keeps running; "
                 "shut it down from inside the guest when convenient and start it again with its balloon "
                 "(QEMU cannot re-attach a back-end to a running vhost-user device)"
+            )
+
+    async def _refuse_a_source_that_cannot_arm(self, src: QMPConnection) -> None:
+        """The TCG write-log plugin arms at the next block a vCPU runs: a paused guest never arms it, and
+        ``start()`` would give up after its timeout. Say so at once, with the options."""
+        if not self.writelog.arms_on_guest_code:
+            return
+        status = (await src.execute("query-status")).get("status")
+        if status != "running":
+            raise SourceNotRunningError(
+                f"the source guest is {status}: fph's TCG write log arms only while the guest runs code, so "
+                "fph mode cannot migrate it now. Nothing was changed; resume it (QMP cont) and migrate, or "
+                "migrate it in native mode, which moves a paused guest"
             )
 
     async def _hinting_skipped(self, ram: RamFile | None = None) -> str | None:

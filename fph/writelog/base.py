@@ -94,6 +94,9 @@ class WriteLog(abc.ABC):
     """Short provider name for reports: ``tcg-plugin``, ``soft-dirty``, ``device``, ``combined``."""
     atomic: bool = True
     """True when a harvest is an atomic fetch-and-clear without stopping the guest."""
+    arms_on_guest_code: bool = False
+    """True when arming completes only once a vCPU runs guest code (the TCG plugin): a paused guest's log
+    cannot be armed."""
 
     def __init__(self, layout: RamLayout) -> None:
         self.layout = layout

@@ -35,6 +35,7 @@ class CombinedWriteLog(WriteLog):
                 )
         self.logs = tuple(logs)
         self.atomic = all(lg.atomic for lg in logs)
+        self.arms_on_guest_code = any(lg.arms_on_guest_code for lg in logs)
 
     def _prepare(self) -> None:
         for lg in self.logs:

@@ -382,6 +382,7 @@ class TcgWriteLog(WriteLog):
 
     kind = "tcg-plugin"
     atomic = True
+    arms_on_guest_code = True
 
     def __init__(
         self,
