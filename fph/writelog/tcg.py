@@ -434,11 +434,16 @@ class TcgWriteLog(WriteLog):
             raise WriteLogStateError("tcg write log is closed")
         return LogHeader.parse(self._mm[: struct.calcsize(HEADER_FORMAT)])
 
-    def _request(self, on: bool) -> int:
-        """Write the next arm request (the current seq + 1, ``on``) by compare-and-swap; returns it."""
-        current = self.header().arm_request
+    def _follow(self, current: int, on: bool) -> int | None:
+        """Replace the arm request ``current`` with the next one (seq + 1, ``on``) by compare-and-swap:
+        the new request, or None if the request was no longer ``current``."""
         value = (((current >> 1) + 1) << 1) | int(on)
-        if not self._c.cas(self._arm_request_address(), current, value):
+        return value if self._c.cas(self._arm_request_address(), current, value) else None
+
+    def _request(self, on: bool) -> int:
+        """Write the next arm request; returns it."""
+        value = self._follow(self.header().arm_request, on)
+        if value is None:
             raise WriteLogStateError(f"{self.path}: another process changed the arm request meanwhile")
         return value
 
@@ -448,7 +453,7 @@ class TcgWriteLog(WriteLog):
         would pay the store callbacks until its next migration). True if a request was withdrawn."""
         self._check_open()
         while (current := self.header().arm_request) & 1:
-            if self._c.cas(self._arm_request_address(), current, ((current >> 1) + 1) << 1):
+            if self._follow(current, False) is not None:
                 return True
         return False
 
@@ -506,7 +511,7 @@ class TcgWriteLog(WriteLog):
     def _close(self) -> None:
         if self._arm_request is not None and self._header_words is not None:
             # Disarm only our own request: a later consumer of the same log may have armed it since.
-            self._c.cas(self._arm_request_address(), self._arm_request, ((self._arm_request >> 1) + 1) << 1)
+            self._follow(self._arm_request, False)
         self._bits = None
         self._header_words = None
         if self._mm is not None:
